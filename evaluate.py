@@ -1,0 +1,165 @@
+"""Evaluate an RViT checkpoint on one split, at any mask ratio and strategy.
+
+    python evaluate.py --checkpoint runs/bigearthnet-similarity-m0.6/best.pt --split test
+    torchrun --nproc_per_node=2 evaluate.py --checkpoint ... --device cpu   # sharded, exact
+
+Prints the dataset's metrics and writes them, with the realised kept share, images/s, device and
+commit, as one JSON object. Under torchrun every sample is counted exactly once.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+from contextlib import nullcontext
+from functools import partial
+
+import torch
+from tqdm import tqdm
+
+from rvit import distributed
+from rvit.checkpoint import load_checkpoint, provenance
+from rvit.config import add_masking_args, add_runtime_args, check
+from rvit.data import DeviceTransform, H5Dataset, eval_loader
+from rvit.masking import TokenMasker
+from rvit.metrics import MultiLabelMeter, SegmentationMeter
+from rvit.vit import MODELS
+
+MASK_KEYS = ("mask", "strategy", "score_space", "score_reduce")
+
+
+def autocast(device, amp):
+    if amp == "none":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+@torch.no_grad()
+def evaluate(model, masker, loader, transform, meta, amp, desc="eval"):
+    """Metrics of `model` over every sample that `loader` shards to this rank, all ranks pooled.
+
+    Returns a dict of the dataset's metrics plus `kept_share` (mean share of patch tokens kept),
+    `kept_share_min`, `kept_share_max`, `num_samples` and `images_per_s` (this rank).
+    """
+    model.eval()
+    masker.eval()
+    seg = meta["task"] == "segmentation"
+    meter = SegmentationMeter(len(meta["classes"]), meta.get("ignore_index")) if seg \
+        else MultiLabelMeter()
+    dev = transform.device
+    kept_sum = torch.zeros(1, device=dev)
+    kept_min, kept_max = kept_sum + float("inf"), kept_sum - float("inf")
+    start, seen = time.perf_counter(), 0
+    num_patches = model.patch_embed.num_patches
+    for images, targets, index in tqdm(loader, desc=desc, disable=distributed.rank() != 0,
+                                       leave=False):
+        x, y = transform(images, targets)
+        with autocast(dev, amp):
+            out = model(x, select=partial(masker, index=index))
+        meter.update(out.float(), y)
+        share = masker.kept.float() / num_patches  # (B,) share of patch tokens kept
+        kept_sum += share.sum()
+        kept_min, kept_max = kept_min.minimum(share.min()), kept_max.maximum(share.max())
+        seen += len(images)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    result = meter.compute()
+    result.update(kept_share=float(distributed.all_reduce(kept_sum)) / max(result["num_samples"], 1),
+                  kept_share_min=float(distributed.all_reduce(kept_min, "min")),
+                  kept_share_max=float(distributed.all_reduce(kept_max, "max")),
+                  images_per_s=seen / elapsed if elapsed > 0 else 0.0)
+    return result
+
+
+def build_model(ckpt):
+    """ViT and TokenMasker as described by a checkpoint's config and meta, weights loaded."""
+    cfg, meta = ckpt["config"], ckpt["meta"]
+    model = MODELS[cfg["model"]](img_size=cfg["img_size"], patch_size=cfg["patch_size"],
+                                 in_chans=len(meta["bands"]), num_classes=len(meta["classes"]))
+    model.load_state_dict(ckpt["model"])
+    return model
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Evaluate an RViT checkpoint on one split. Masking "
+                                            "flags left out take the checkpoint's values.")
+    p.add_argument("--checkpoint", required=True, help="RUN/best.pt or RUN/last.pt")
+    p.add_argument("--data-dir", default=None,
+                   help="folder with SPLIT.h5 (default: the one the checkpoint was trained on)")
+    p.add_argument("--split", default="test", help="split file name without .h5")
+    p.add_argument("--out", default=None,
+                   help="JSON file for the results (default: beside the checkpoint)")
+    add_masking_args(p)
+    add_runtime_args(p)
+    return p.parse_args(argv)
+
+
+def main(args):
+    ckpt = load_checkpoint(args.checkpoint)
+    if not isinstance(ckpt, dict) or not {"config", "meta", "model"} <= ckpt.keys():
+        raise ValueError(f"{args.checkpoint}: not an RViT training checkpoint")
+    cfg, meta = ckpt["config"], ckpt["meta"]
+    for key in MASK_KEYS:
+        if getattr(args, key) is None:
+            setattr(args, key, cfg[key])
+    check(args)
+    device_name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    amp = args.amp or ("bf16" if device_name == "cuda" else "none")
+    rank, world, device = distributed.setup(device_name)
+    data_dir = args.data_dir or cfg["data_dir"]
+    ds = H5Dataset(os.path.join(data_dir, f"{args.split}.h5"), cfg["dataset"])
+    for key in ("bands", "classes"):
+        if ds.meta[key] != meta[key]:
+            raise ValueError(f"{ds.path}: {key} {ds.meta[key]} differ from the checkpoint's "
+                             f"{meta[key]} ({args.checkpoint})")
+    model = build_model(ckpt).to(device)
+    masker = TokenMasker(args.strategy, args.mask, cfg["patch_size"], args.score_space,
+                         args.score_reduce).to(device)
+    if args.strategy == "dynamic" and cfg["strategy"] == "dynamic":
+        masker.load_state_dict(ckpt["masker"])
+    loader = eval_loader(ds, args.batch_size or cfg["batch_size"],
+                         cfg["workers"] if args.workers is None else args.workers, device)
+    transform = DeviceTransform(meta["mean"], meta["std"], cfg["img_size"], device)
+    result = evaluate(model, masker, loader, transform, meta, amp, desc=args.split)
+    record = {"dataset": cfg["dataset"], "split": args.split, "checkpoint": args.checkpoint,
+              "mask_ratio": args.mask, "train_mask_ratio": cfg["mask"],
+              "strategy": args.strategy, "amp": amp, "world_size": world, **result,
+              **provenance(device)}
+    if rank == 0:
+        print_table(record, cfg.get("metrics", []))
+        out = args.out or os.path.join(os.path.dirname(args.checkpoint),
+                                       f"eval-{args.split}-{args.strategy}-m{args.mask:g}.json")
+        write_json(record, out)
+        print(f"wrote {out}")
+    distributed.cleanup()
+
+
+def print_table(record, metrics):
+    print(f"{record['dataset']} {record['split']}: {record['num_samples']} samples, "
+          f"mask {record['mask_ratio']:g} ({record['strategy']}), "
+          f"kept share {record['kept_share']:.3f}")
+    for key in list(metrics) + [k for k in record if k.startswith(("mAP", "F1", "mIoU", "OA",
+                                                                   "jaccard"))
+                                if k not in metrics]:
+        print(f"  {key:<18} {100 * record[key]:7.2f}")
+
+
+def write_json(obj, path):
+    """Write JSON atomically (temporary file, then rename)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    args = parse_args()
+    try:
+        main(args)
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        if args.debug:
+            raise
+        print(f"evaluate.py: error: {e}", file=sys.stderr)
+        sys.exit(1)

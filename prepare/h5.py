@@ -1,0 +1,142 @@
+"""Writing RViT's HDF5 split files safely: a temporary file per split, renamed when complete.
+
+Schema (read by rvit/data.py, version `SCHEMA_VERSION`): `images` (N, C, H, W) native dtype,
+chunked one sample per chunk; `labels` (N, classes) uint8 or `masks` (N, H, W) uint8; `names`
+(N,) str; attrs dataset, task, bands, classes, mean, std (per band, from the train split, native
+units), schema_version, source.
+"""
+import csv
+import os
+
+import h5py
+import numpy as np
+from tqdm import tqdm
+
+from prepare.splits import SPLITS
+from rvit.data import SCHEMA_VERSION
+
+
+class BandStats:
+    """Per-band mean and standard deviation over many images, merged exactly (Chan et al. 1979)
+    in float64, so large archives lose no precision."""
+
+    def __init__(self):
+        self.n, self.mean, self.m2 = 0, None, None
+
+    def add(self, image):
+        """image: (C, H, W) any real dtype."""
+        x = image.reshape(image.shape[0], -1).astype(np.float64)
+        n_b, mean_b = x.shape[1], x.mean(1)
+        m2_b = ((x - mean_b[:, None]) ** 2).sum(1)
+        if self.n == 0:
+            self.n, self.mean, self.m2 = n_b, mean_b, m2_b
+            return
+        n = self.n + n_b
+        delta = mean_b - self.mean
+        self.mean = self.mean + delta * n_b / n
+        self.m2 = self.m2 + m2_b + delta ** 2 * self.n * n_b / n
+        self.n = n
+
+    def result(self):
+        """(mean (C,), std (C,)) float64; std floored at 1e-6 so normalising never divides by 0."""
+        if self.n == 0:
+            raise ValueError("no training images to compute band statistics from")
+        return self.mean, np.maximum(np.sqrt(self.m2 / self.n), 1e-6)
+
+
+class SplitWriter:
+    """Appends samples to `<path>.tmp`; `finish` sets the attrs and renames it to `path`.
+
+    Args:
+        path: final file, e.g. OUT/train.h5.
+        target_key: "labels" (multi-label) or "masks" (segmentation).
+    """
+
+    def __init__(self, path, target_key):
+        self.path, self.tmp, self.target_key = path, path + ".tmp", target_key
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self.f = h5py.File(self.tmp, "w")
+        self.n = 0
+
+    def _create(self, image, target):
+        self.f.create_dataset("images", shape=(0, *image.shape), maxshape=(None, *image.shape),
+                              dtype=image.dtype, chunks=(1, *image.shape))
+        self.f.create_dataset(self.target_key, shape=(0, *target.shape),
+                              maxshape=(None, *target.shape), dtype=np.uint8,
+                              chunks=(1, *target.shape))
+        self.f.create_dataset("names", shape=(0,), maxshape=(None,),
+                              dtype=h5py.string_dtype(), chunks=(1024,))
+
+    def append(self, image, target, name):
+        """image (C, H, W) native dtype; target (classes,) or (H, W) uint8; name str."""
+        if self.n == 0 and "images" not in self.f:
+            self._create(image, target)
+        for key, value in (("images", image), (self.target_key, target), ("names", name)):
+            ds = self.f[key]
+            ds.resize(self.n + 1, axis=0)
+            ds[self.n] = value
+        self.n += 1
+
+    def finish(self, attrs, image_shape, image_dtype, target_shape):
+        """Write attrs (and empty datasets for an empty split), close, rename into place."""
+        if "images" not in self.f:
+            self._create(np.zeros(image_shape, image_dtype), np.zeros(target_shape, np.uint8))
+        for key, value in {**attrs, "schema_version": SCHEMA_VERSION}.items():
+            self.f.attrs[key] = value
+        self.f.close()
+        os.replace(self.tmp, self.path)
+
+    def abort(self):
+        """Close and delete the temporary file; the final path is left untouched."""
+        if self.f.id.valid:
+            self.f.close()
+        if os.path.exists(self.tmp):
+            os.remove(self.tmp)
+
+
+def write_splits(samples, read, out, attrs, target_key="labels", on_error="stop"):
+    """Write OUT/{train,val,test}.h5 from samples, all or nothing.
+
+    Args:
+        samples: list of dicts with "name", "split" (train / val / test) and "target" (uint8).
+        read: function sample -> (C, H, W) image in its native dtype; raises ValueError,
+            FileNotFoundError or OSError on bad input.
+        attrs: file attributes (dataset, task, bands, classes, source); mean / std are added
+            from the train split.
+        on_error: "stop" (raise, leaving no new file) or "skip" (leave the sample out and list
+            it with its reason in OUT/skipped.csv).
+
+    Returns:
+        {split: number of samples written}.
+    """
+    writers = {s: SplitWriter(os.path.join(out, f"{s}.h5"), target_key) for s in SPLITS}
+    stats, skipped, first = BandStats(), [], None
+    try:
+        for split in SPLITS:
+            for sample in tqdm([s for s in samples if s["split"] == split], desc=split):
+                try:
+                    image = read(sample)
+                except (ValueError, OSError) as e:  # FileNotFoundError is an OSError
+                    if on_error == "stop":
+                        raise
+                    skipped.append((sample["name"], str(e)))
+                    continue
+                first = first if first is not None else (image, sample["target"])
+                writers[split].append(image, sample["target"], sample["name"])
+                if split == "train":
+                    stats.add(image)
+        mean, std = stats.result()
+        for split, w in writers.items():
+            if w.n == 0:
+                print(f"warning: split {split!r} has no samples; {w.path} is written empty")
+            w.finish({**attrs, "mean": mean, "std": std}, first[0].shape, first[0].dtype,
+                     first[1].shape)
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        raise
+    if skipped:
+        with open(os.path.join(out, "skipped.csv"), "w", newline="") as f:
+            csv.writer(f).writerows([("name", "reason"), *skipped])
+        print(f"skipped {len(skipped)} sample(s); names and reasons in {out}/skipped.csv")
+    return {split: w.n for split, w in writers.items()}

@@ -1,0 +1,131 @@
+"""Convert a dataset from its published format into RViT's HDF5 files, one per split.
+
+    python prepare_data.py --dataset bigearthnet --example --out data/bigearthnet
+    python prepare_data.py --dataset bigearthnet --root BigEarthNet-v1.0 \\
+        --s1-root BigEarthNet-S1-v1.0 --modality s2 --splits splits/ --out data/bigearthnet
+
+Writes OUT/train.h5, OUT/val.h5, OUT/test.h5 (schema in prepare/h5.py). Each file is written
+under a temporary name and renamed only when complete, so an interrupted run leaves no partial
+file. Raw-format readers need requirements-data.txt (rasterio, pyarrow).
+"""
+import argparse
+import os
+import subprocess
+import sys
+import tarfile
+import zipfile
+
+from prepare import bigearthnet
+from prepare.h5 import write_splits
+from prepare.splits import official_splits, read_list, seeded_split, write_split_csv
+
+EXAMPLE_WHEEL = "bigearthnet-common==2.8.0"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dataset", required=True, choices=("bigearthnet",), help="which dataset")
+    p.add_argument("--out", required=True, help="output folder for train.h5, val.h5, test.h5")
+    p.add_argument("--root", help="the dataset's root folder (BigEarthNet v1: the S2 patch "
+                                  "folders; v2: the folder holding BigEarthNet-S2/, -S1/)")
+    p.add_argument("--s1-root", help="BigEarthNet v1: folder of the Sentinel-1 patch folders")
+    p.add_argument("--version", choices=("v1", "v2"), default="v1",
+                   help="BigEarthNet v1.0 layout, or v2.0 (reBEN) with metadata.parquet")
+    p.add_argument("--metadata", help="v2: metadata.parquet (default ROOT/metadata.parquet)")
+    p.add_argument("--modality", choices=("s2", "s1", "s1s2"), default="s2",
+                   help="Sentinel-2 (12 bands), Sentinel-1 (VV, VH) or both (14 bands)")
+    p.add_argument("--splits", help="v1: folder with the official train.csv, val.csv, test.csv; "
+                                    "without it a seeded 80/10/10 split is written to OUT")
+    p.add_argument("--exclude", nargs="+", default=[],
+                   help="v1: lists of patches to leave out (official cloud/shadow and snow CSVs)")
+    p.add_argument("--keep-cloudy", action="store_true",
+                   help="v2: keep patches flagged for seasonal snow or cloud/shadow")
+    p.add_argument("--example", action="store_true",
+                   help=f"fetch the six real example patches inside the PyPI wheel "
+                        f"{EXAMPLE_WHEEL} (pip download, cached) and convert them")
+    p.add_argument("--cache-dir", default=os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "rvit"),
+        help="where --example keeps the wheel and its unpacked patches")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split when none is given")
+    p.add_argument("--on-error", choices=("stop", "skip"), default="stop",
+                   help="on a bad sample: stop with an error, or skip it and list it in "
+                        "OUT/skipped.csv")
+    return p.parse_args(argv)
+
+
+def fetch_example(cache_dir):
+    """Unpack the BigEarthNet-S2/S1 example archives of the bigearthnet-common wheel.
+
+    The wheel is only downloaded (pip download --no-deps) and read as a zip, never installed.
+    Returns (s2_root, s1_root). Raises RuntimeError when pip cannot fetch it.
+    """
+    folder = os.path.join(cache_dir, "bigearthnet-example")
+    s2, s1 = (os.path.join(folder, f"BigEarthNet-{s}-Example") for s in ("S2", "S1"))
+    if os.path.isdir(s2) and os.path.isdir(s1):
+        return s2, s1
+    os.makedirs(cache_dir, exist_ok=True)
+    wheels = [f for f in os.listdir(cache_dir) if f.startswith("bigearthnet_common-2.8.0")]
+    if not wheels:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", EXAMPLE_WHEEL,
+               "-d", cache_dir]
+        if subprocess.run(cmd).returncode != 0:
+            raise RuntimeError(f"could not download {EXAMPLE_WHEEL} with pip")
+        wheels = [f for f in os.listdir(cache_dir) if f.startswith("bigearthnet_common-2.8.0")]
+    tmp = folder + ".tmp"
+    with zipfile.ZipFile(os.path.join(cache_dir, wheels[0])) as z:
+        for s in ("S2", "S1"):
+            with z.open(f"bigearthnet_common/BigEarthNet-{s}-Example.tar.bz2") as raw, \
+                    tarfile.open(fileobj=raw, mode="r:bz2") as tar:
+                tar.extractall(tmp, filter="data")
+    os.replace(tmp, folder)
+    return s2, s1
+
+
+def bigearthnet_samples(args):
+    """Patches with their split, for --version v1 or v2."""
+    if args.version == "v2":
+        meta = args.metadata or os.path.join(args.root, "metadata.parquet")
+        return bigearthnet.patches_v2(args.root, meta, args.keep_cloudy)
+    patches = bigearthnet.patches_v1(args.root, args.s1_root)
+    excluded = set().union(*(read_list(p) for p in args.exclude))
+    patches = [p for p in patches if p["name"] not in excluded]
+    if args.splits:
+        where = official_splits(args.splits)
+        patches = [p for p in patches if p["name"] in where]
+    else:
+        where = seeded_split([p["name"] for p in patches], args.seed)
+        os.makedirs(args.out, exist_ok=True)
+        write_split_csv(where, os.path.join(args.out, "split.csv"))
+    for p in patches:
+        p["split"] = where[p["name"]]
+    return patches
+
+
+def main(args):
+    if args.example:
+        args.root, args.s1_root = fetch_example(args.cache_dir)
+        args.version = "v1"
+    if not args.root:
+        raise ValueError("--root is required (or --example)")
+    if args.modality != "s2" and args.version == "v1" and not args.s1_root:
+        raise ValueError(f"--modality {args.modality} needs --s1-root")
+    samples = bigearthnet_samples(args)
+    if not samples:
+        raise ValueError(f"{args.root}: no BigEarthNet patches found")
+    for s in samples:
+        s["target"] = s["labels"]
+    attrs = {"dataset": "bigearthnet", "task": "multilabel",
+             "bands": list(bigearthnet.bands(args.modality)),
+             "classes": list(bigearthnet.CLASSES),
+             "source": f"BigEarthNet {args.version} {args.modality} from {args.root}"}
+    counts = write_splits(samples, lambda s: bigearthnet.read_image(
+        s["s2_dir"], s["s1_dir"], args.modality), args.out, attrs, "labels", args.on_error)
+    print(f"wrote {args.out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args())
+    except (ValueError, OSError, RuntimeError, ImportError) as e:
+        print(f"prepare_data.py: error: {e}", file=sys.stderr)
+        sys.exit(1)

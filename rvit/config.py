@@ -1,0 +1,125 @@
+"""Command-line flags (the one list of them) and the per-dataset defaults of config.yaml.
+
+A flag left out on the command line takes the dataset's value in config.yaml, else the file's
+`defaults`. Unknown YAML keys, unknown datasets and out-of-range values are errors that name the
+file, key or flag.
+"""
+import argparse
+import os
+
+import yaml
+
+from rvit.masking import SCORE_REDUCES, SCORE_SPACES, STRATEGIES, num_keep
+from rvit.vit import MODELS
+
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                              "config.yaml")
+TRAIN_KEYS = {"model", "img_size", "patch_size", "mask", "strategy", "score_space",
+              "score_reduce", "epochs", "batch_size", "lr", "weight_decay", "warmup_epochs",
+              "workers", "seed"}
+DATASET_KEYS = TRAIN_KEYS | {"task", "main_metric", "metrics"}
+
+
+def load_config(path) -> dict:
+    """Parse and check config.yaml. Raises FileNotFoundError or ValueError naming file and key."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such config file")
+    with open(path) as f:
+        cfg = yaml.safe_load(f) or {}
+    for key in cfg:
+        if key not in ("defaults", "datasets"):
+            raise ValueError(f"{path}: unknown key {key!r} (expected 'defaults', 'datasets')")
+    for key in cfg.get("defaults", {}):
+        if key not in TRAIN_KEYS:
+            raise ValueError(f"{path}: unknown key 'defaults.{key}'")
+    for name, section in cfg.get("datasets", {}).items():
+        for key in section:
+            if key not in DATASET_KEYS:
+                raise ValueError(f"{path}: unknown key 'datasets.{name}.{key}'")
+    return cfg
+
+
+def dataset_config(cfg, dataset, path="config.yaml") -> dict:
+    """`defaults` overlaid with the dataset's section. Raises ValueError for an unknown dataset."""
+    datasets = cfg.get("datasets", {})
+    if dataset not in datasets:
+        raise ValueError(f"{path}: unknown dataset {dataset!r}; known: {sorted(datasets)}")
+    return {**cfg.get("defaults", {}), **datasets[dataset]}
+
+
+def add_masking_args(p, default=None):
+    p.add_argument("--mask", type=float, default=default,
+                   help="mask ratio m in [0, 1): share of patch tokens dropped per image; "
+                        "0 runs the plain ViT")
+    p.add_argument("--strategy", choices=STRATEGIES, default=default,
+                   help="which tokens to drop: similarity (the most redundant), dynamic "
+                        "(those above a learned redundancy threshold), random")
+    p.add_argument("--score-space", choices=SCORE_SPACES, default=default,
+                   help="redundancy scored on patch embeddings or on standardised pixels")
+    p.add_argument("--score-reduce", choices=SCORE_REDUCES, default=default,
+                   help="redundancy = mean or max cosine similarity to the image's other patches")
+
+
+def add_runtime_args(p):
+    p.add_argument("--batch-size", type=int, default=None, help="images per step per process")
+    p.add_argument("--device", choices=("cuda", "cpu"), default=None,
+                   help="default: cuda when available, else cpu")
+    p.add_argument("--amp", choices=("bf16", "fp16", "none"), default=None,
+                   help="autocast precision; default bf16 on CUDA, none on CPU")
+    p.add_argument("--workers", type=int, default=None, help="DataLoader worker processes")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+
+
+def train_parser():
+    p = argparse.ArgumentParser(
+        description="Train a redundancy-aware ViT (RViT). Flags left out take the dataset's "
+                    "defaults from config.yaml.")
+    p.add_argument("--dataset", required=True, help="dataset name, a section of config.yaml")
+    p.add_argument("--data-dir", default=None,
+                   help="folder with train.h5 / val.h5 from prepare_data.py (default data/DATASET)")
+    p.add_argument("--out", default=None,
+                   help="run folder for config.yaml, log.jsonl, last.pt, best.pt "
+                        "(default runs/DATASET-STRATEGY-mMASK)")
+    p.add_argument("--config", default=DEFAULT_CONFIG, help="per-dataset defaults (YAML)")
+    p.add_argument("--model", choices=sorted(MODELS), default=None, help="ViT size")
+    p.add_argument("--img-size", type=int, default=None, help="input side in pixels (resized)")
+    p.add_argument("--patch-size", type=int, default=None, help="patch side in pixels")
+    add_masking_args(p)
+    p.add_argument("--epochs", type=int, default=None, help="training epochs")
+    p.add_argument("--lr", type=float, default=None, help="peak AdamW learning rate")
+    p.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay")
+    p.add_argument("--warmup-epochs", type=float, default=None,
+                   help="linear warm-up length in epochs, then cosine decay to 0")
+    p.add_argument("--seed", type=int, default=None, help="seed for weights, order, masks")
+    p.add_argument("--pretrained", default=None,
+                   help="local timm/DeiT/Google ViT weights (.pth .pt .bin .npz .safetensors)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    add_runtime_args(p)
+    return p
+
+
+def resolve(args, cfg_path) -> argparse.Namespace:
+    """Fill flags left as None from config.yaml and check ranges. Raises ValueError."""
+    ds = dataset_config(load_config(cfg_path), args.dataset, cfg_path)
+    for key, value in ds.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    check(args)
+    args.data_dir = args.data_dir or os.path.join("data", args.dataset)
+    args.out = args.out or os.path.join("runs", f"{args.dataset}-{args.strategy}-m{args.mask:g}")
+    return args
+
+
+def check(args):
+    """Range checks shared by train.py and evaluate.py; ValueError names the flag."""
+    try:
+        num_keep(1, args.mask)
+    except ValueError as e:
+        raise ValueError(f"--mask {args.mask}: {e}") from e
+    for flag in ("batch_size", "epochs", "img_size", "patch_size"):
+        value = getattr(args, flag, None)
+        if value is not None and value <= 0:
+            raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {value}")
+    if getattr(args, "img_size", None) and args.img_size % args.patch_size:
+        raise ValueError(f"--img-size {args.img_size} is not a multiple of "
+                         f"--patch-size {args.patch_size}")

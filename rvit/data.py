@@ -1,0 +1,147 @@
+"""HDF5 splits written by prepare_data.py, and the on-device input pipeline.
+
+A split file holds `images` (N, C, H, W) in the sensor's native dtype (uint8, uint16 or float32),
+`labels` (N, classes) uint8 for multi-label data or `masks` (N, H, W) uint8 for segmentation, and
+`names` (N,) str, with attrs `dataset`, `task`, `bands`, `classes`, per-band `mean` / `std` of the
+train split (native units), `schema_version` and `source`. Samples travel in their native dtype;
+casting, normalisation, resizing and augmentation happen on the training device.
+"""
+import os
+
+import h5py
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+
+from rvit import distributed
+
+SCHEMA_VERSION = 1
+
+
+def read_meta(path, dataset=None) -> dict:
+    """Attributes of a split file, checked.
+
+    Raises:
+        FileNotFoundError: no file at `path`.
+        ValueError: not an RViT HDF5 split, another schema version, or another dataset.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file (write it with prepare_data.py)")
+    try:
+        with h5py.File(path, "r") as f:
+            meta = {k: _plain(v) for k, v in f.attrs.items()}
+            meta["length"] = len(f["names"]) if "names" in f else -1
+    except OSError as e:
+        raise ValueError(f"{path}: not a readable HDF5 file ({e})") from e
+    if meta.get("schema_version") != SCHEMA_VERSION:
+        raise ValueError(f"{path}: schema_version {meta.get('schema_version')!r}, "
+                         f"this RViT reads {SCHEMA_VERSION} (rerun prepare_data.py)")
+    if dataset is not None and meta.get("dataset") != dataset:
+        raise ValueError(f"{path}: holds dataset {meta.get('dataset')!r}, not {dataset!r}")
+    return meta
+
+
+def _plain(v):
+    if isinstance(v, np.ndarray):
+        return [_plain(x) for x in v]
+    if isinstance(v, bytes):
+        return v.decode()
+    return v.item() if isinstance(v, np.generic) else v
+
+
+class H5Dataset(torch.utils.data.Dataset):
+    """One split file. Item i: (image (C, H, W) native dtype, target, i).
+
+    target: (classes,) uint8 multi-hot, or (H, W) uint8 class map. The file is opened lazily in
+    each DataLoader worker (h5py handles must not cross a fork).
+
+    Raises:
+        see `read_meta`.
+    """
+
+    def __init__(self, path, dataset=None):
+        self.path = path
+        self.meta = read_meta(path, dataset)
+        self.target_key = "masks" if self.meta["task"] == "segmentation" else "labels"
+        self._file = None
+
+    def __len__(self):
+        return self.meta["length"]
+
+    def __getitem__(self, i):
+        if self._file is None:
+            self._file = h5py.File(self.path, "r")
+        image = torch.from_numpy(self._file["images"][i])
+        target = torch.from_numpy(self._file[self.target_key][i])
+        return image, target, i
+
+
+def train_loader(ds, batch_size, workers, seed, device):
+    """Shuffled loader over this rank's share (DistributedSampler, seeded, tail dropped so every
+    rank takes the same number of steps); call `loader.sampler.set_epoch(e)` each epoch."""
+    sampler = DistributedSampler(ds, distributed.world_size(), distributed.rank(),
+                                 shuffle=True, seed=seed, drop_last=True)
+    return DataLoader(ds, batch_size, sampler=sampler, num_workers=workers, drop_last=True,
+                      pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+
+
+def eval_loader(ds, batch_size, workers, device):
+    """Loader over samples rank, rank + world, ...: every sample of the split exactly once."""
+    return DataLoader(Subset(ds, distributed.shard(len(ds))), batch_size, num_workers=workers,
+                      pin_memory=device.type == "cuda")
+
+
+class DeviceTransform:
+    """Moves a native-dtype batch to the device, normalises per band, resizes, augments.
+
+    Args:
+        mean, std: per-band statistics (C,), native units (e.g. reflectance x 10000).
+        img_size: side in pixels the model expects; images are resized bilinearly (masks: nearest).
+        device: torch device.
+    """
+
+    def __init__(self, mean, std, img_size, device):
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=device)[:, None, None]
+        self.std = torch.tensor(std, dtype=torch.float32, device=device)[:, None, None]
+        self.img_size, self.device = img_size, device
+
+    def __call__(self, images, targets, train=False):
+        """images (B, C, H, W) native dtype; targets (B, classes) or (B, H, W).
+
+        Returns float32 images (B, C, S, S) and targets on the device (class maps as int64).
+        """
+        x = images.to(self.device, non_blocking=True).float()
+        x = (x - self.mean) / self.std
+        y = targets.to(self.device, non_blocking=True)
+        seg = y.dim() == 3
+        if x.shape[-1] != self.img_size or x.shape[-2] != self.img_size:
+            x = F.interpolate(x, size=(self.img_size,) * 2, mode="bilinear", align_corners=False)
+            if seg:  # nearest keeps class ids; (B, H, W) -> (B, 1, H, W) and back
+                y = F.interpolate(y[:, None].float(), size=(self.img_size,) * 2,
+                                  mode="nearest")[:, 0]
+        if train and seg:
+            x, y = augment(x, y)
+        elif train:
+            x = augment(x)
+        return x, (y.long() if seg else y.float())
+
+
+def augment(x, mask=None):
+    """Random per-sample flips and 90-degree rotations (the dihedral group of the square).
+
+    x: (B, C, S, S); mask: (B, S, S) or None, transformed like its image. Returns x, or (x, mask).
+    """
+    B = x.shape[0]
+    g = torch.randint(0, 2, (3, B), device=x.device).bool()
+    stack = x if mask is None else torch.cat([x, mask[:, None].to(x.dtype)], dim=1)
+
+    def where(cond, a, b):
+        return torch.where(cond[:, None, None, None], a, b)
+
+    stack = where(g[0], stack.flip(-1), stack)
+    stack = where(g[1], stack.flip(-2), stack)
+    stack = where(g[2], stack.transpose(-1, -2), stack)  # with the flips: all 8 symmetries
+    if mask is None:
+        return stack
+    return stack[:, :-1], stack[:, -1].to(mask.dtype)

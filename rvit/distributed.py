@@ -1,0 +1,88 @@
+"""torchrun set-up and tear-down, `print0`, and exact reductions for distributed evaluation.
+
+Works unchanged without torchrun (one process, no process group). Under torchrun
+(`RANK`, `LOCAL_RANK`, `WORLD_SIZE` set) it joins the group: NCCL on CUDA, gloo on CPU.
+Evaluation shards samples as `range(rank, n, world)`, with no padding and no dropped tail, so
+every sample is counted exactly once; counts are summed, scores gathered.
+"""
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def setup(device: str):
+    """Join the torchrun process group if there is one; returns (rank, world_size, torch.device).
+
+    Args:
+        device: "cuda" or "cpu". Under torchrun on CUDA each process takes GPU LOCAL_RANK.
+
+    Raises:
+        RuntimeError: device "cuda" asked for but CUDA is not available.
+    """
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda: CUDA is not available on this machine")
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device(device)
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if device == "cuda":
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", device_id=dev
+                            if device == "cuda" else None)
+    return dist.get_rank(), dist.get_world_size(), dev
+
+
+def cleanup():
+    if is_initialized():
+        dist.destroy_process_group()
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def print0(*args, **kwargs):
+    """print on rank 0 only."""
+    if rank() == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def shard(n: int) -> range:
+    """This rank's sample indices: every world_size-th, so each of n samples is seen once."""
+    return range(rank(), n, world_size())
+
+
+def _comm_device():
+    on_nccl = is_initialized() and dist.get_backend() == "nccl"
+    return torch.device("cuda", torch.cuda.current_device()) if on_nccl else torch.device("cpu")
+
+
+def all_reduce(t, op="sum"):
+    """Sum (exact for integers), "min" or "max" of a tensor over ranks, on t's device."""
+    if not is_initialized():
+        return t
+    out = t.to(_comm_device())
+    dist.all_reduce(out, {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN,
+                          "max": dist.ReduceOp.MAX}[op])
+    return out.to(t.device)
+
+
+def gather_cat(t):
+    """Concatenate along dim 0 every rank's tensor (rows in rank order), on CPU."""
+    if not is_initialized():
+        return t.cpu()
+    parts = [None] * world_size()
+    dist.all_gather_object(parts, t.cpu())
+    parts = [p for p in parts if p.numel()]
+    return torch.cat(parts) if parts else t.cpu()

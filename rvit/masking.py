@@ -1,0 +1,210 @@
+"""Redundancy-aware token selection: which patch tokens of each image a ViT keeps.
+
+After "Hide and Seek: Investigating Redundancy in Earth Observation Imagery" (Papazafeiropoulos
+et al., arXiv 2603.13524). The paper's exact selection rules are not public; the rules below are
+RViT's own. Per-sample selection by argsort then `gather` follows MAE (He et al. 2022); cosine
+similarity as a normalised dot product under `no_grad` follows ToMe (Bolya et al. 2023).
+
+Notation: N patch tokens z_i (the output of `patch_embed`, before `pos_embed`), mask ratio m,
+K = max(1, round((1 - m) * N)) kept tokens, rounding half up. The class token is never scored and
+always kept (the ViT prepends it after selection).
+
+Redundancy score r_i of patch i: its mean cosine similarity to every other patch of the same image,
+r_i = (u_i . s - 1) / (N - 1) with u_i = z_i / |z_i| and s = sum_j u_j: O(N D), no N x N matrix.
+A patch like all the others (sea, forest) scores near 1 and is dropped first.
+
+Strategies:
+    similarity: keep the K patches with the lowest r_i (ties by index), at training and evaluation.
+    dynamic: keep patch i iff r_i < tau, and at least max(1, ceil(0.02 N)) patches. tau tracks the
+        m-quantile of r over training batches as an EMA (momentum 0.99) and is frozen at evaluation,
+        so the mean kept share is about 1 - m while uniform scenes keep fewer tokens. Variable K
+        is padded to the batch's largest K, with `valid` marking real tokens.
+    random: uniform per sample; at evaluation the noise of sample i comes from a generator seeded
+        with i, so scores are repeatable.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from rvit import distributed
+
+STRATEGIES = ("similarity", "dynamic", "random")
+SCORE_SPACES = ("embedding", "pixel")
+SCORE_REDUCES = ("mean", "max")
+
+
+def num_keep(num_patches: int, mask_ratio: float) -> int:
+    """K = max(1, round((1 - m) * N)), rounding half up. Raises ValueError unless 0 <= m < 1."""
+    if not 0.0 <= mask_ratio < 1.0:
+        raise ValueError(f"mask ratio must be in [0, 1), got {mask_ratio}")
+    return max(1, math.floor((1.0 - mask_ratio) * num_patches + 0.5))
+
+
+@torch.no_grad()
+def redundancy_score(z, reduce: str = "mean"):
+    """Per-patch redundancy: cosine similarity to the other patches of the same image.
+
+    Args:
+        z: (B, N, F) patch features (embeddings, or flattened pixels), any float dtype.
+        reduce: "mean" (mean similarity to every other patch, O(N F)) or "max" (highest
+            similarity to any other patch, O(N^2 F)).
+
+    Returns:
+        (B, N) float32 scores in [-1, 1]; zeros when N == 1.
+    """
+    B, N, _ = z.shape
+    if N == 1:
+        return z.new_zeros(B, 1, dtype=torch.float32)
+    u = F.normalize(z.float(), dim=-1)
+    if reduce == "mean":
+        s = u.sum(dim=1, keepdim=True)  # (B, 1, F)
+        return ((u * s).sum(-1) - 1.0) / (N - 1)
+    if reduce == "max":
+        sim = u @ u.transpose(1, 2)  # (B, N, N)
+        sim.diagonal(dim1=1, dim2=2).fill_(-float("inf"))
+        return sim.amax(dim=-1)
+    raise ValueError(f"unknown score reduce {reduce!r}; choose from {SCORE_REDUCES}")
+
+
+@torch.no_grad()
+def pixel_patches(x, patch_size: int):
+    """Flattened patches of a per-image, per-band standardised image, for pixel-space scores.
+
+    Args:
+        x: (B, C, H, W) float image, H and W multiples of `patch_size`.
+
+    Returns:
+        (B, N, C * p * p) float32, patches in the row-major order of `PatchEmbed`.
+    """
+    x = x.float()
+    mean = x.mean(dim=(2, 3), keepdim=True)
+    std = x.std(dim=(2, 3), keepdim=True).clamp_min(1e-6)
+    x = (x - mean) / std
+    B, C, H, W = x.shape
+    p = patch_size
+    x = x.reshape(B, C, H // p, p, W // p, p)  # (B, C, h, p, w, p)
+    return x.permute(0, 2, 4, 1, 3, 5).reshape(B, (H // p) * (W // p), C * p * p)
+
+
+@torch.no_grad()
+def keep_lowest(score, k: int):
+    """Indices of the k lowest scores per row, ties broken by index, sorted ascending.
+
+    score: (B, N) float. Returns (B, k) int64.
+    """
+    order = torch.argsort(score, dim=1, stable=True)
+    return order[:, :k].sort(dim=1).values
+
+
+@torch.no_grad()
+def keep_below(score, tau: float, min_keep: int):
+    """Patches with score < tau (at least the `min_keep` lowest), padded to the longest row.
+
+    Args:
+        score: (B, N) float. tau: threshold, a float or 0-d tensor.
+        min_keep: floor on the kept patches per row.
+
+    Returns:
+        ids_keep (B, K_max) int64, kept indices ascending then padding;
+        valid (B, K_max) bool, False at padding.
+    """
+    B, N = score.shape
+    rank = torch.argsort(torch.argsort(score, dim=1, stable=True), dim=1)  # rank of each patch
+    keep = (score < tau) | (rank < min_keep)
+    idx = torch.arange(N, device=score.device).expand(B, N)
+    # kept patches first, in index order, then dropped ones: one sort gives both
+    ids = torch.argsort(torch.where(keep, idx, idx + N), dim=1)
+    k_max = int(keep.sum(dim=1).max())
+    ids_keep = ids[:, :k_max]
+    return ids_keep, torch.gather(keep, 1, ids_keep)
+
+
+@torch.no_grad()
+def random_noise(batch: int, num_patches: int, device, index=None):
+    """(B, N) uniform noise: the global RNG, or one generator seeded per sample index (B,)."""
+    if index is None:
+        return torch.rand(batch, num_patches, device=device)
+    rows = []
+    for i in index.tolist():
+        g = torch.Generator().manual_seed(int(i))
+        rows.append(torch.rand(num_patches, generator=g))
+    return torch.stack(rows).to(device)
+
+
+class TokenMasker(nn.Module):
+    """Chooses the kept patch tokens of each image; pass it as the ViT's `select` hook.
+
+    Args:
+        strategy: "similarity", "dynamic" or "random".
+        mask_ratio: m in [0, 1); 0 keeps every token and runs the plain ViT.
+        patch_size: p in pixels, for pixel-space scores.
+        score_space: "embedding" (patch embeddings) or "pixel" (standardised pixels).
+        score_reduce: "mean" or "max", see `redundancy_score`.
+        momentum: EMA momentum of the dynamic threshold.
+
+    Buffers:
+        tau: () float32, the dynamic threshold (NaN until the first training batch).
+
+    Raises:
+        ValueError: on an unknown strategy, score space or reduce, or m outside [0, 1).
+    """
+
+    def __init__(self, strategy="similarity", mask_ratio=0.0, patch_size=16,
+                 score_space="embedding", score_reduce="mean", momentum=0.99):
+        super().__init__()
+        for name, value, choices in (("strategy", strategy, STRATEGIES),
+                                     ("score space", score_space, SCORE_SPACES),
+                                     ("score reduce", score_reduce, SCORE_REDUCES)):
+            if value not in choices:
+                raise ValueError(f"unknown {name} {value!r}; choose from {choices}")
+        num_keep(1, mask_ratio)  # validates the range
+        self.strategy, self.mask_ratio, self.patch_size = strategy, mask_ratio, patch_size
+        self.score_space, self.score_reduce, self.momentum = score_space, score_reduce, momentum
+        self.register_buffer("tau", torch.tensor(float("nan")))
+        self.kept = None  # (B,) int64 kept patch count of the last batch
+
+    def score(self, z, x):
+        feats = z if self.score_space == "embedding" else pixel_patches(x, self.patch_size)
+        return redundancy_score(feats, self.score_reduce)
+
+    @torch.no_grad()
+    def update_tau(self, score):
+        """EMA of the m-quantile of this batch's scores (averaged over DDP ranks)."""
+        q = torch.quantile(score.flatten(), self.mask_ratio)
+        q = distributed.all_reduce(q) / distributed.world_size()
+        tau = q if torch.isnan(self.tau) else self.momentum * self.tau + (1 - self.momentum) * q
+        self.tau.copy_(tau)
+
+    @torch.no_grad()
+    def forward(self, z, x, index=None):
+        """z: (B, N, D) patch embeddings; x: (B, C, H, W) image; index: (B,) sample indices
+        (random strategy at evaluation: seeds each sample's noise), or None.
+
+        Returns:
+            None when m == 0 (plain ViT), else (ids_keep (B, K) int64, valid (B, K) bool or None).
+
+        Raises:
+            RuntimeError: dynamic strategy at evaluation with a threshold never calibrated.
+        """
+        B, N, _ = z.shape
+        if self.mask_ratio == 0:
+            self.kept = torch.full((B,), N, device=z.device)
+            return None
+        k = num_keep(N, self.mask_ratio)
+        if self.strategy == "random":
+            noise = random_noise(B, N, z.device, None if self.training else index)
+            ids_keep, valid = keep_lowest(noise, k), None
+        elif self.strategy == "similarity":
+            ids_keep, valid = keep_lowest(self.score(z, x), k), None
+        else:
+            score = self.score(z, x)
+            if self.training:
+                self.update_tau(score)
+            elif torch.isnan(self.tau):
+                raise RuntimeError("dynamic strategy: the threshold tau was never calibrated "
+                                   "(train with --strategy dynamic first)")
+            ids_keep, valid = keep_below(score, self.tau, max(1, math.ceil(0.02 * N)))
+        self.kept = ids_keep.new_full((B,), ids_keep.shape[1]) if valid is None else valid.sum(1)
+        return ids_keep, valid

@@ -1,0 +1,216 @@
+"""Train a redundancy-aware ViT (RViT) on one dataset prepared by prepare_data.py.
+
+    python train.py --dataset bigearthnet --mask 0.6 --strategy similarity
+    torchrun --nproc_per_node=4 train.py --dataset bigearthnet --mask 0.6
+
+Writes RUN/config.yaml (resolved flags, versions, commit, device), RUN/log.jsonl (one line per
+epoch), RUN/last.pt (every epoch) and RUN/best.pt (best validation score of the dataset's main
+metric); `--resume` continues from RUN/last.pt. AdamW with linear warm-up and cosine decay, AMP
+(bf16 by default on CUDA), DDP under torchrun.
+"""
+import json
+import math
+import os
+import random
+import resource
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from evaluate import autocast, evaluate
+from rvit import distributed
+from rvit.checkpoint import atomic_save, load_checkpoint, load_pretrained, provenance
+from rvit.config import resolve, train_parser
+from rvit.data import DeviceTransform, H5Dataset, eval_loader, train_loader
+from rvit.masking import TokenMasker
+from rvit.vit import MODELS
+
+
+def lr_lambda(warmup_steps, total_steps):
+    """Multiplier of the peak lr at a step: linear warm-up, then cosine decay to 0."""
+    def f(step):
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+    return f
+
+
+def param_groups(model, weight_decay):
+    """No weight decay on biases, norms, positions and the class token (1-d or token params)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.dim() < 2 or name in ("pos_embed", "cls_token") else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def rng_state():
+    np_state = np.random.get_state()
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(s):
+    random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
+    np.random.set_state((s["numpy"][0], np.array(s["numpy"][1], dtype=np.uint32), *s["numpy"][2:]))
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def peak_memory_mb(device):
+    """Peak allocated CUDA memory, or on CPU the process's peak resident set, in MiB."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def check_resume(ckpt, args, meta, path):
+    """A checkpoint must match the dataset, classes and bands it is resumed on."""
+    cfg = ckpt.get("config", {})
+    if cfg.get("dataset") != args.dataset:
+        raise ValueError(f"{path}: trained on {cfg.get('dataset')!r}, not {args.dataset!r}")
+    for key in ("bands", "classes"):
+        if ckpt["meta"][key] != meta[key]:
+            raise ValueError(f"{path}: {key} differ from {args.data_dir}'s")
+
+
+def main(args):
+    resolve(args, args.config)
+    device_name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    amp = args.amp or ("bf16" if device_name == "cuda" else "none")
+    rank, world, device = distributed.setup(device_name)
+    torch.manual_seed(args.seed)  # same initial weights on every rank
+    train_ds = H5Dataset(os.path.join(args.data_dir, "train.h5"), args.dataset)
+    val_ds = H5Dataset(os.path.join(args.data_dir, "val.h5"), args.dataset)
+    meta = {k: train_ds.meta[k] for k in ("dataset", "task", "bands", "classes", "mean", "std")}
+    if len(train_ds) < args.batch_size * world:
+        raise ValueError(f"{train_ds.path}: {len(train_ds)} samples, fewer than one batch of "
+                         f"{args.batch_size} x {world} processes (lower --batch-size)")
+    model = MODELS[args.model](img_size=args.img_size, patch_size=args.patch_size,
+                               in_chans=len(meta["bands"]), num_classes=len(meta["classes"]))
+    if args.pretrained and not args.resume:
+        for note in load_pretrained(model, args.pretrained):
+            distributed.print0(f"pretrained: {note}")
+    model.to(device)
+    masker = TokenMasker(args.strategy, args.mask, args.patch_size, args.score_space,
+                         args.score_reduce).to(device)
+    loader = train_loader(train_ds, args.batch_size, args.workers, args.seed, device)
+    val = eval_loader(val_ds, args.batch_size, args.workers, device)
+    transform = DeviceTransform(meta["mean"], meta["std"], args.img_size, device)
+    opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr,
+                            fused=device.type == "cuda")
+    steps = len(loader)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lr_lambda(int(args.warmup_epochs * steps), args.epochs * steps))
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+    start_epoch, best = 0, -math.inf
+    last_path, best_path = os.path.join(args.out, "last.pt"), os.path.join(args.out, "best.pt")
+    if args.resume:
+        ckpt = load_checkpoint(last_path)
+        check_resume(ckpt, args, meta, last_path)
+        model.load_state_dict(ckpt["model"])
+        masker.load_state_dict(ckpt["masker"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
+        start_epoch, best = ckpt["epoch"], ckpt["best"]
+        distributed.print0(f"resumed from {last_path} at epoch {start_epoch}")
+    else:
+        torch.manual_seed(args.seed + rank)  # masks and augmentation differ across ranks
+    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if world > 1 else model
+    info = provenance(device)
+    config = {k: v for k, v in vars(args).items()}
+    if rank == 0:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "config.yaml"), "w") as f:
+            yaml.safe_dump({**config, "amp": amp, "world_size": world, **info}, f, sort_keys=False)
+        print(f"RViT {args.model} on {args.dataset}: {len(train_ds)} train / {len(val_ds)} val, "
+              f"mask {args.mask:g} ({args.strategy}), {info['device']}, torch {info['torch']}, "
+              f"commit {info['commit']}, {world} process(es), amp {amp}", flush=True)
+    for epoch in range(start_epoch, args.epochs):
+        loader.sampler.set_epoch(epoch)
+        stats = train_one_epoch(ddp, model, masker, loader, transform, opt, sched, scaler,
+                                amp, epoch)
+        metrics = evaluate(model, masker, val, transform, meta, amp, desc="val")
+        score = metrics[args.main_metric]
+        is_best = score > best
+        best = max(best, score)
+        rngs = [None] * world
+        if world > 1:
+            torch.distributed.all_gather_object(rngs, rng_state())
+        else:
+            rngs = [rng_state()]
+        if rank == 0:
+            log = {"epoch": epoch + 1, **stats, "val": metrics,
+                   "peak_memory_mb": peak_memory_mb(device), **info}
+            with open(os.path.join(args.out, "log.jsonl"), "a") as f:
+                f.write(json.dumps(log) + "\n")
+            ckpt = {"model": model.state_dict(), "masker": masker.state_dict(),
+                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                    "scaler": scaler.state_dict(), "epoch": epoch + 1, "best": best,
+                    "config": config, "meta": meta, "rng": rngs, **info}
+            atomic_save(ckpt, last_path)
+            if is_best:
+                atomic_save(ckpt, best_path)
+            print(f"epoch {epoch + 1}/{args.epochs}: loss {stats['loss']:.4f}, "
+                  f"val {args.main_metric} {100 * score:.2f}{' (best)' if is_best else ''}, "
+                  f"kept {stats['kept_share']:.3f}, {stats['images_per_s']:.0f} img/s", flush=True)
+    distributed.cleanup()
+
+
+def train_one_epoch(ddp, model, masker, loader, transform, opt, sched, scaler, amp, epoch):
+    """One pass over this rank's shard. Returns mean loss, lr, kept share and images/s."""
+    ddp.train()
+    masker.train()
+    dev = transform.device
+    loss_sum, kept_sum = torch.zeros((), device=dev), torch.zeros((), device=dev)
+    n, start = 0, time.perf_counter()
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}", disable=distributed.rank() != 0, leave=False)
+    for step, (images, targets, _) in enumerate(bar):
+        x, y = transform(images, targets, train=True)
+        with autocast(dev, amp):
+            logits = ddp(x, select=masker)
+            loss = F.binary_cross_entropy_with_logits(logits.float(), y)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        sched.step()
+        loss_sum += loss.detach()
+        kept_sum += masker.kept.float().mean() / model.patch_embed.num_patches
+        n += 1
+        if step % 20 == 0:  # .item() syncs the device: not every step
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            if not math.isfinite(loss.item()):
+                raise FloatingPointError(f"epoch {epoch + 1}, step {step}: loss is {loss.item()}")
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    world = distributed.world_size()
+    return {"loss": float(distributed.all_reduce(loss_sum)) / (n * world),
+            "lr": sched.get_last_lr()[0],
+            "kept_share": float(distributed.all_reduce(kept_sum)) / (n * world),
+            "images_per_s": n * loader.batch_size * world / elapsed,
+            "seconds": elapsed}
+
+
+if __name__ == "__main__":
+    args = train_parser().parse_args()
+    try:
+        main(args)
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        if args.debug:
+            raise
+        print(f"train.py: error: {e}", file=sys.stderr)
+        sys.exit(1)
