@@ -16,9 +16,11 @@ A patch like all the others (sea, forest) scores near 1 and is dropped first.
 Strategies:
     similarity: keep the K patches with the lowest r_i (ties by index), at training and evaluation.
     dynamic: keep patch i iff r_i < tau, and at least max(1, ceil(0.02 N)) patches. tau tracks the
-        m-quantile of r over training batches as an EMA (momentum 0.99) and is frozen at evaluation,
-        so the mean kept share is about 1 - m while uniform scenes keep fewer tokens. Variable K
-        is padded to the batch's largest K, with `valid` marking real tokens.
+        (1 - m)-quantile of r over training batches as an EMA (momentum 0.99) and is frozen at
+        evaluation, so the mean kept share is about 1 - m while uniform scenes keep fewer tokens.
+        (Issue 2 calls tau "the m-quantile", which would keep a share m; the (1 - m)-quantile is
+        what gives the kept share 1 - m it asks for.) Variable K is padded to the batch's largest
+        K, with `valid` marking real tokens.
     random: uniform per sample; at evaluation the noise of sample i comes from a generator seeded
         with i, so scores are repeatable.
 """
@@ -171,8 +173,8 @@ class TokenMasker(nn.Module):
 
     @torch.no_grad()
     def update_tau(self, score):
-        """EMA of the m-quantile of this batch's scores (averaged over DDP ranks)."""
-        q = torch.quantile(score.flatten(), self.mask_ratio)
+        """EMA of the (1 - m)-quantile of this batch's scores (averaged over DDP ranks)."""
+        q = torch.quantile(score.flatten(), 1.0 - self.mask_ratio)
         q = distributed.all_reduce(q) / distributed.world_size()
         tau = q if torch.isnan(self.tau) else self.momentum * self.tau + (1 - self.momentum) * q
         self.tau.copy_(tau)
