@@ -5,13 +5,16 @@
 
 For each strategy and mask ratio: images/s (median of timed steps after warm-up), speed-up over
 the same strategy at mask 0, the token-count ideal (1 + N) / (1 + K), and peak memory (CUDA:
-allocated; CPU: the process's resident set, model and Python included). Prints the
+allocated; CPU: the peak resident set of a fresh process per setting, model and Python
+included). Prints the
 device, torch version and settings first and a Markdown table last. Timings are figures to read,
 not tests: nothing here asserts a speed.
 """
 import argparse
+import multiprocessing
 import statistics
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 import torch
 import torch.nn.functional as F
@@ -115,25 +118,39 @@ def measure(model, select, args, device, train):
     return args.batch_size / seconds, peak_mib(device)
 
 
-def rvit_runs(args, device, train):
+def rvit_setting(args, strategy, m, train):
+    """(images/s, peak MiB, mean kept tokens) of RViT at one strategy and mask ratio."""
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    model = MODELS[args.model](img_size=args.img_size, patch_size=args.patch_size,
+                               in_chans=args.in_chans, num_classes=args.classes).to(device)
+    masker = TokenMasker(strategy, m, args.patch_size).to(device)
+    if strategy == "dynamic" and m > 0:  # calibrate tau before any timing
+        with torch.no_grad():
+            for _ in range(20):
+                model.embed(torch.randn(64, args.in_chans, args.img_size, args.img_size,
+                                        device=device), masker)
+    masker.train(train)
+    run = torch.compile(model) if args.compile else model
+    ips, peak = measure(run, masker, args, device, train)
+    return ips, peak, float(masker.kept.float().mean())
+
+
+def isolated(fn, *args):
+    """Run fn in a fresh process on CPU, so each setting's peak resident set is its own."""
+    if args[0].device != "cpu":
+        return fn(*args)
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=ctx) as pool:
+        return pool.submit(fn, *args).result()
+
+
+def rvit_runs(args, train):
     rows = []
     n = (args.img_size // args.patch_size) ** 2
     for strategy in args.strategies.split(","):
         for m in (float(v) for v in args.masks.split(",")):
-            torch.manual_seed(0)
-            model = MODELS[args.model](img_size=args.img_size, patch_size=args.patch_size,
-                                       in_chans=args.in_chans, num_classes=args.classes)
-            model = model.to(device)
-            masker = TokenMasker(strategy, m, args.patch_size).to(device)
-            if strategy == "dynamic" and m > 0:  # calibrate tau before any timing
-                with torch.no_grad():
-                    for _ in range(20):
-                        model.embed(torch.randn(64, args.in_chans, args.img_size, args.img_size,
-                                                device=device), masker)
-            masker.train(train)
-            run = torch.compile(model) if args.compile else model
-            ips, peak = measure(run, masker, args, device, train)
-            kept = float(masker.kept.float().mean())
+            ips, peak, kept = isolated(rvit_setting, args, strategy, m, train)
             rows.append({"impl": "rvit", "strategy": strategy, "mask": m, "ips": ips,
                          "peak": peak, "ideal": (1 + n) / (1 + kept)})
             print(f"  rvit {strategy:<10} mask {m:<5} {ips:10.0f} img/s  kept {kept:6.1f}/{n}"
@@ -141,17 +158,23 @@ def rvit_runs(args, device, train):
     return rows
 
 
-def timm_runs(args, device, train):
+def timm_setting(args, m, train):
+    """(images/s, peak MiB, timm version) of timm's ViT with patch_drop_rate m."""
     import timm
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    model = timm.create_model(f"{args.model}_patch{args.patch_size}_224", pretrained=False,
+                              img_size=args.img_size, in_chans=args.in_chans,
+                              num_classes=args.classes, patch_drop_rate=m).to(device)
+    run = torch.compile(model) if args.compile else model
+    return (*measure(run, None, args, device, train), timm.__version__)
+
+
+def timm_runs(args, train):
     rows = []
     for m in (float(v) for v in args.masks.split(",")):
-        torch.manual_seed(0)
-        model = timm.create_model(f"{args.model}_patch{args.patch_size}_224", pretrained=False,
-                                  img_size=args.img_size, in_chans=args.in_chans,
-                                  num_classes=args.classes, patch_drop_rate=m).to(device)
-        run = torch.compile(model) if args.compile else model
-        ips, peak = measure(run, None, args, device, train)
-        rows.append({"impl": f"timm {timm.__version__}", "strategy": "patch_drop", "mask": m,
+        ips, peak, version = isolated(timm_setting, args, m, train)
+        rows.append({"impl": f"timm {version}", "strategy": "patch_drop", "mask": m,
                      "ips": ips, "peak": peak, "ideal": float("nan")})
         print(f"  timm patch_drop mask {m:<5} {ips:10.0f} img/s  peak {peak:8.0f} MiB", flush=True)
     return rows
@@ -181,9 +204,9 @@ def main():
     results = {}
     for mode in modes:
         print(f"{mode}:", flush=True)
-        rows = rvit_runs(args, device, mode == "train")
+        rows = rvit_runs(args, mode == "train")
         if args.timm:
-            rows += timm_runs(args, device, mode == "train")
+            rows += timm_runs(args, mode == "train")
         results[mode] = rows
     for mode, rows in results.items():
         table(rows, mode)

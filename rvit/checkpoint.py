@@ -195,6 +195,7 @@ def provenance(device) -> dict:
                                 capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = ""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"{os.cpu_count()} {platform.machine()} cores"
     return {"commit": commit or "unknown", "torch": str(torch.__version__),
-            "python": platform.python_version(), "device": f"{device.type}: {name or 'cpu'}"}
+            "python": platform.python_version(), "device": f"{device.type}: {name}"}
