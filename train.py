@@ -170,11 +170,13 @@ def main(args):
 
 
 def train_one_epoch(ddp, model, masker, loader, transform, opt, sched, scaler, amp, epoch):
-    """One pass over this rank's shard. Returns mean loss, lr, kept share and images/s."""
+    """One pass over this rank's shard. Returns mean loss, lr, kept share (mean, min, max over
+    images) and images/s, pooled over ranks."""
     ddp.train()
     masker.train()
     dev = transform.device
     loss_sum, kept_sum = torch.zeros((), device=dev), torch.zeros((), device=dev)
+    kept_min, kept_max = kept_sum + math.inf, kept_sum - math.inf
     n, start = 0, time.perf_counter()
     bar = tqdm(loader, desc=f"epoch {epoch + 1}", disable=distributed.rank() != 0, leave=False)
     for step, (images, targets, _) in enumerate(bar):
@@ -188,7 +190,9 @@ def train_one_epoch(ddp, model, masker, loader, transform, opt, sched, scaler, a
         scaler.update()
         sched.step()
         loss_sum += loss.detach()
-        kept_sum += masker.kept.float().mean() / model.patch_embed.num_patches
+        share = masker.kept.float() / model.patch_embed.num_patches  # (B,)
+        kept_sum += share.mean()
+        kept_min, kept_max = kept_min.minimum(share.min()), kept_max.maximum(share.max())
         n += 1
         if step % 20 == 0:  # .item() syncs the device: not every step
             bar.set_postfix(loss=f"{loss.item():.4f}")
@@ -201,6 +205,8 @@ def train_one_epoch(ddp, model, masker, loader, transform, opt, sched, scaler, a
     return {"loss": float(distributed.all_reduce(loss_sum)) / (n * world),
             "lr": sched.get_last_lr()[0],
             "kept_share": float(distributed.all_reduce(kept_sum)) / (n * world),
+            "kept_share_min": float(distributed.all_reduce(kept_min, "min")),
+            "kept_share_max": float(distributed.all_reduce(kept_max, "max")),
             "images_per_s": n * loader.batch_size * world / elapsed,
             "seconds": elapsed}
 

@@ -126,6 +126,21 @@ def test_sharded_evaluation_counts_every_sample_once(ben_v2_s2, tmp_path, strate
             assert many[key] == pytest.approx(one[key], abs=1e-6)
 
 
+def test_ddp_training_on_two_cpu_processes(ben_v2_s2, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", "29511", os.path.join(ROOT, "train.py"), "--dataset", "bigearthnet",
+           "--data-dir", str(ben_v2_s2), "--out", str(tmp_path), "--mask", "0.6", "--strategy",
+           "dynamic", "--epochs", "2", *SMALL]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    logs = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    assert len(logs) == 2 and all(entry["val"]["num_samples"] == 5 for entry in logs)
+    assert 0 < logs[-1]["kept_share_min"] <= logs[-1]["kept_share"] <= logs[-1]["kept_share_max"]
+    ckpt = load_checkpoint(str(tmp_path / "last.pt"))
+    assert len(ckpt["rng"]) == 2 and torch.isfinite(ckpt["masker"]["tau"])
+    assert not any(k.startswith("module.") for k in ckpt["model"])
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--mask", "1.0"], "--mask 1.0"),
     (["--data-dir", "/nonexistent"], "/nonexistent/train.h5: no such file"),
