@@ -23,11 +23,11 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from evaluate import autocast, evaluate
 from rvit import distributed
 from rvit.checkpoint import atomic_save, load_checkpoint, load_pretrained, provenance
 from rvit.config import resolve, train_parser
 from rvit.data import DeviceTransform, H5Dataset, eval_loader, train_loader
+from rvit.evaluation import autocast, evaluate
 from rvit.masking import TokenMasker
 from rvit.vit import MODELS
 

@@ -19,7 +19,7 @@ from concurrent.futures import ProcessPoolExecutor
 import torch
 import torch.nn.functional as F
 
-from rvit.masking import TokenMasker, num_keep
+from rvit.masking import TokenMasker
 from rvit.vit import MODELS
 
 
@@ -181,8 +181,8 @@ def timm_runs(args, train):
 
 
 def table(rows, mode):
-    print(f"\n| mode | impl | strategy | mask | images/s | speed-up vs mask 0 | token ideal "
-          f"| peak MiB |\n|---|---|---|---|---|---|---|---|")
+    print("\n| mode | impl | strategy | mask | images/s | speed-up vs mask 0 | token ideal "
+          "| peak MiB |\n|---|---|---|---|---|---|---|---|")
     base = {(r["impl"], r["strategy"]): r["ips"] for r in rows if r["mask"] == 0}
     for r in rows:
         b = base.get((r["impl"], r["strategy"]))

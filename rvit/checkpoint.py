@@ -82,7 +82,8 @@ def _npz_to_state_dict(path):
         sd[o + "attn.proj.weight"] = t(att + "out/kernel").flatten(0, 1).T
         sd[o + "attn.proj.bias"] = t(att + "out/bias")
         for ln, name in (("LayerNorm_0", "norm1"), ("LayerNorm_2", "norm2")):
-            sd[o + name + ".weight"], sd[o + name + ".bias"] = t(b + ln + "/scale"), t(b + ln + "/bias")
+            sd[o + name + ".weight"] = t(b + ln + "/scale")
+            sd[o + name + ".bias"] = t(b + ln + "/bias")
         for j in (0, 1):
             sd[o + f"mlp.fc{j + 1}.weight"] = t(b + f"MlpBlock_3/Dense_{j}/kernel").T
             sd[o + f"mlp.fc{j + 1}.bias"] = t(b + f"MlpBlock_3/Dense_{j}/bias")

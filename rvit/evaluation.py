@@ -1,0 +1,70 @@
+"""The evaluation loop shared by train.py (validation) and evaluate.py, and autocast set-up.
+
+Every sample a loader yields is counted once; under torchrun the loaders shard without padding
+(rvit/data.py), and the meters pool counts and scores over ranks (rvit/metrics.py).
+"""
+import time
+from contextlib import nullcontext
+from functools import partial
+
+import torch
+from tqdm import tqdm
+
+from rvit import distributed
+from rvit.metrics import MultiLabelMeter, SegmentationMeter
+from rvit.vit import MODELS
+
+
+def autocast(device, amp):
+    """Autocast context for "bf16" or "fp16" on `device`, or a no-op for "none"."""
+    if amp == "none":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+@torch.no_grad()
+def evaluate(model, masker, loader, transform, meta, amp, desc="eval"):
+    """Metrics of `model` over every sample that `loader` shards to this rank, all ranks pooled.
+
+    Returns a dict of the dataset's metrics plus `kept_share` (mean share of patch tokens kept),
+    `kept_share_min`, `kept_share_max`, `num_samples` and `images_per_s` (this rank).
+    """
+    model.eval()
+    masker.eval()
+    seg = meta["task"] == "segmentation"
+    meter = SegmentationMeter(len(meta["classes"]), meta.get("ignore_index")) if seg \
+        else MultiLabelMeter()
+    dev = transform.device
+    kept_sum = torch.zeros(1, device=dev)
+    kept_min, kept_max = kept_sum + float("inf"), kept_sum - float("inf")
+    start, seen = time.perf_counter(), 0
+    num_patches = model.patch_embed.num_patches
+    for images, targets, index in tqdm(loader, desc=desc, disable=distributed.rank() != 0,
+                                       leave=False):
+        x, y = transform(images, targets)
+        with autocast(dev, amp):
+            out = model(x, select=partial(masker, index=index))
+        meter.update(out.float(), y)
+        share = masker.kept.float() / num_patches  # (B,) share of patch tokens kept
+        kept_sum += share.sum()
+        kept_min, kept_max = kept_min.minimum(share.min()), kept_max.maximum(share.max())
+        seen += len(images)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    result = meter.compute()
+    kept_total = float(distributed.all_reduce(kept_sum))
+    result.update(kept_share=kept_total / max(result["num_samples"], 1),
+                  kept_share_min=float(distributed.all_reduce(kept_min, "min")),
+                  kept_share_max=float(distributed.all_reduce(kept_max, "max")),
+                  images_per_s=seen / elapsed if elapsed > 0 else 0.0)
+    return result
+
+
+def build_model(ckpt):
+    """ViT and TokenMasker as described by a checkpoint's config and meta, weights loaded."""
+    cfg, meta = ckpt["config"], ckpt["meta"]
+    model = MODELS[cfg["model"]](img_size=cfg["img_size"], patch_size=cfg["patch_size"],
+                                 in_chans=len(meta["bands"]), num_classes=len(meta["classes"]))
+    model.load_state_dict(ckpt["model"])
+    return model
