@@ -17,8 +17,9 @@ from rvit import distributed
 from rvit.checkpoint import load_checkpoint, provenance
 from rvit.config import add_masking_args, add_runtime_args, check
 from rvit.data import DeviceTransform, H5Dataset, eval_loader
-from rvit.evaluation import build_model, evaluate
+from rvit.evaluation import evaluate
 from rvit.masking import TokenMasker
+from rvit.models import build_model
 
 MASK_KEYS = ("mask", "strategy", "score_space", "score_reduce")
 
@@ -55,7 +56,9 @@ def main(args):
         if ds.meta[key] != meta[key]:
             raise ValueError(f"{ds.path}: {key} {ds.meta[key]} differ from the checkpoint's "
                              f"{meta[key]} ({args.checkpoint})")
-    model = build_model(ckpt).to(device)
+    model = build_model(cfg, meta)
+    model.load_state_dict(ckpt["model"])
+    model.to(device)
     masker = TokenMasker(args.strategy, args.mask, cfg["patch_size"], args.score_space,
                          args.score_reduce).to(device)
     if args.strategy == "dynamic" and cfg["strategy"] == "dynamic":

@@ -3,6 +3,8 @@
     python prepare_data.py --dataset bigearthnet --example --out data/bigearthnet
     python prepare_data.py --dataset bigearthnet --root BigEarthNet-v1.0 \\
         --s1-root BigEarthNet-S1-v1.0 --modality s2 --splits splits/ --out data/bigearthnet
+    python prepare_data.py --dataset woody --root woody_zenodo/ --out data/woody
+    python prepare_data.py --dataset flair --root FLAIR/ --out data/flair
 
 Writes OUT/train.h5, OUT/val.h5, OUT/test.h5 (schema in prepare/h5.py). Each file is written
 under a temporary name and renamed only when complete, so an interrupted run leaves no partial
@@ -15,7 +17,7 @@ import sys
 import tarfile
 import zipfile
 
-from prepare import bigearthnet
+from prepare import bigearthnet, flair, woody
 from prepare.h5 import write_splits
 from prepare.splits import official_splits, read_list, seeded_split, write_split_csv
 
@@ -24,10 +26,13 @@ EXAMPLE_WHEEL = "bigearthnet-common==2.8.0"
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--dataset", required=True, choices=("bigearthnet",), help="which dataset")
+    p.add_argument("--dataset", required=True, choices=("bigearthnet", "woody", "flair"),
+                   help="which dataset")
     p.add_argument("--out", required=True, help="output folder for train.h5, val.h5, test.h5")
     p.add_argument("--root", help="the dataset's root folder (BigEarthNet v1: the S2 patch "
-                                  "folders; v2: the folder holding BigEarthNet-S2/, -S1/)")
+                                  "folders; v2: the folder holding BigEarthNet-S2/, -S1/; "
+                                  "Woody: the sites' files, searched recursively; FLAIR: the "
+                                  "folder holding flair_aerial_train/ etc.)")
     p.add_argument("--s1-root", help="BigEarthNet v1: folder of the Sentinel-1 patch folders")
     p.add_argument("--version", choices=("v1", "v2"), default="v1",
                    help="BigEarthNet v1.0 layout, or v2.0 (reBEN) with metadata.parquet")
@@ -46,6 +51,12 @@ def parse_args(argv=None):
     p.add_argument("--cache-dir", default=os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "rvit"),
         help="where --example keeps the wheel and its unpacked patches")
+    p.add_argument("--tile-size", type=int, default=224, help="Woody: tile side in pixels")
+    p.add_argument("--test-sites", nargs="+", default=list(woody.TEST_SITES),
+                   help="Woody: sites held out whole for test (FoMo-Bench's by default)")
+    p.add_argument("--flair-classes", type=int, choices=(19, 13), default=19,
+                   help="FLAIR: all 19 classes, or 13 with 12..18 merged into 'other' "
+                        "(the FLAIR-1 challenge baseline)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split when none is given")
     p.add_argument("--on-error", choices=("stop", "skip"), default="stop",
                    help="on a bad sample: stop with an error, or skip it and list it in "
@@ -101,25 +112,74 @@ def bigearthnet_samples(args):
     return patches
 
 
-def main(args):
+def bigearthnet_main(args):
     if args.example:
         args.root, args.s1_root = fetch_example(args.cache_dir)
         args.version = "v1"
-    if not args.root:
-        raise ValueError("--root is required (or --example)")
     if args.modality != "s2" and args.version == "v1" and not args.s1_root:
         raise ValueError(f"--modality {args.modality} needs --s1-root")
     samples = bigearthnet_samples(args)
     if not samples:
         raise ValueError(f"{args.root}: no BigEarthNet patches found")
-    for s in samples:
-        s["target"] = s["labels"]
     attrs = {"dataset": "bigearthnet", "task": "multilabel",
              "bands": list(bigearthnet.bands(args.modality)),
              "classes": list(bigearthnet.CLASSES),
              "source": f"BigEarthNet {args.version} {args.modality} from {args.root}"}
-    counts = write_splits(samples, lambda s: bigearthnet.read_image(
-        s["s2_dir"], s["s1_dir"], args.modality), args.out, attrs, "labels", args.on_error)
+
+    def read(s):
+        return bigearthnet.read_image(s["s2_dir"], s["s1_dir"], args.modality), s["labels"]
+    return write_splits(samples, read, args.out, attrs, "labels", args.on_error)
+
+
+def woody_main(args):
+    found = woody.find_sites(args.root)
+    if not found:
+        raise ValueError(f"{args.root}: no Woody <site>_ortho.tif found")
+    unknown = set(args.test_sites) - set(found)
+    if unknown:
+        print(f"warning: --test-sites {sorted(unknown)} not found under {args.root}")
+    sites = {name: woody.Site(name, *paths) for name, paths in found.items()}
+    samples = [{"name": f"{name}/r{row}_c{col}", "site": name, "row": row, "col": col}
+               for name, site in sites.items() for row, col in site.tile_origins(args.tile_size)]
+    held = [s["name"] for s in samples if s["site"] not in args.test_sites]
+    where = seeded_split(held, args.seed, val_fraction=0.1, test_fraction=0.0)
+    for s in samples:
+        s["split"] = "test" if s["site"] in args.test_sites else where[s["name"]]
+    os.makedirs(args.out, exist_ok=True)
+    write_split_csv({s["name"]: s["split"] for s in samples}, os.path.join(args.out, "split.csv"))
+    attrs = {"dataset": "woody", "task": "segmentation", "bands": ["R", "G", "B"],
+             "classes": list(woody.CLASSES), "ignore_index": woody.IGNORE,
+             "source": f"Woody (Kattenborn et al. 2019) sites {sorted(sites)} from {args.root}"}
+
+    def read(s):
+        return sites[s["site"]].read_tile(s["row"], s["col"], args.tile_size)
+    return write_splits(samples, read, args.out, attrs, "masks", args.on_error)
+
+
+def flair_main(args):
+    train = flair.find_pairs(args.root, "flair_aerial_train", "flair_labels_train")
+    test = flair.find_pairs(args.root, "flair_1_aerial_test", "flair_1_labels_test")
+    if not train:
+        raise ValueError(f"{args.root}: no flair_aerial_train/<domain>/<zone>/img/IMG_*.tif")
+    where = seeded_split([name for name, _, _ in train], args.seed, 0.1, 0.0)
+    samples = [{"name": n, "img": i, "msk": m, "split": where[n]} for n, i, m in train] + \
+        [{"name": n, "img": i, "msk": m, "split": "test"} for n, i, m in test]
+    os.makedirs(args.out, exist_ok=True)
+    write_split_csv({s["name"]: s["split"] for s in samples}, os.path.join(args.out, "split.csv"))
+    attrs = {"dataset": "flair", "task": "segmentation", "bands": list(flair.BANDS),
+             "classes": list(flair.classes(args.flair_classes)),
+             "source": f"FLAIR #1 ({args.flair_classes} classes) from {args.root}"}
+
+    def read(s):
+        return flair.read_sample(s["img"], s["msk"], args.flair_classes)
+    return write_splits(samples, read, args.out, attrs, "masks", args.on_error)
+
+
+def main(args):
+    if not args.root and not args.example:
+        raise ValueError("--root is required (or --example for BigEarthNet)")
+    run = {"bigearthnet": bigearthnet_main, "woody": woody_main, "flair": flair_main}
+    counts = run[args.dataset](args)
     print(f"wrote {args.out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
 
 

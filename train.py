@@ -18,6 +18,7 @@ import time
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 import yaml
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -29,7 +30,8 @@ from rvit.config import resolve, train_parser
 from rvit.data import DeviceTransform, H5Dataset, eval_loader, train_loader
 from rvit.evaluation import autocast, evaluate
 from rvit.masking import TokenMasker
-from rvit.vit import MODELS
+from rvit.models import build_model, encoder
+from rvit.upernet import segmentation_loss
 
 
 def lr_lambda(warmup_steps, total_steps):
@@ -92,13 +94,13 @@ def main(args):
     train_ds = H5Dataset(os.path.join(args.data_dir, "train.h5"), args.dataset)
     val_ds = H5Dataset(os.path.join(args.data_dir, "val.h5"), args.dataset)
     meta = {k: train_ds.meta[k] for k in ("dataset", "task", "bands", "classes", "mean", "std")}
+    meta["ignore_index"] = train_ds.meta.get("ignore_index")
     if len(train_ds) < args.batch_size * world:
         raise ValueError(f"{train_ds.path}: {len(train_ds)} samples, fewer than one batch of "
                          f"{args.batch_size} x {world} processes (lower --batch-size)")
-    model = MODELS[args.model](img_size=args.img_size, patch_size=args.patch_size,
-                               in_chans=len(meta["bands"]), num_classes=len(meta["classes"]))
+    model = build_model(vars(args), meta)
     if args.pretrained and not args.resume:
-        for note in load_pretrained(model, args.pretrained):
+        for note in load_pretrained(encoder(model), args.pretrained):
             distributed.print0(f"pretrained: {note}")
     model.to(device)
     masker = TokenMasker(args.strategy, args.mask, args.patch_size, args.score_space,
@@ -127,8 +129,15 @@ def main(args):
         distributed.print0(f"resumed from {last_path} at epoch {start_epoch}")
     else:
         torch.manual_seed(args.seed + rank)  # masks and augmentation differ across ranks
-    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if world > 1 else model
+    ddp = model
+    if world > 1:
+        if device.type == "cuda":  # BatchNorm statistics over the global batch (decoder)
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        # blocks after the last tapped one get no gradient in segmentation
+        unused = meta["task"] == "segmentation" and max(args.out_indices) < len(
+            encoder(model).blocks) - 1
+        ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                  find_unused_parameters=unused)
     info = provenance(device)
     config = {k: v for k, v in vars(args).items()}
     if rank == 0:
@@ -141,7 +150,7 @@ def main(args):
     for epoch in range(start_epoch, args.epochs):
         loader.sampler.set_epoch(epoch)
         stats = train_one_epoch(ddp, model, masker, loader, transform, opt, sched, scaler,
-                                amp, epoch)
+                                amp, epoch, meta["ignore_index"])
         metrics = evaluate(model, masker, val, transform, meta, amp, desc="val")
         score = metrics[args.main_metric]
         is_best = score > best
@@ -169,7 +178,8 @@ def main(args):
     distributed.cleanup()
 
 
-def train_one_epoch(ddp, model, masker, loader, transform, opt, sched, scaler, amp, epoch):
+def train_one_epoch(ddp, model, masker, loader, transform, opt, sched, scaler, amp, epoch,
+                    ignore_index=None):
     """One pass over this rank's shard. Returns mean loss, lr, kept share (mean, min, max over
     images) and images/s, pooled over ranks."""
     ddp.train()
@@ -182,15 +192,16 @@ def train_one_epoch(ddp, model, masker, loader, transform, opt, sched, scaler, a
     for step, (images, targets, _) in enumerate(bar):
         x, y = transform(images, targets, train=True)
         with autocast(dev, amp):
-            logits = ddp(x, select=masker)
-            loss = F.binary_cross_entropy_with_logits(logits.float(), y)
+            out = ddp(x, select=masker)
+            loss = segmentation_loss(out, y, ignore_index) if y.dim() == 3 else \
+                F.binary_cross_entropy_with_logits(out.float(), y)
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
         sched.step()
         loss_sum += loss.detach()
-        share = masker.kept.float() / model.patch_embed.num_patches  # (B,)
+        share = masker.kept.float() / encoder(model).patch_embed.num_patches  # (B,)
         kept_sum += share.mean()
         kept_min, kept_max = kept_min.minimum(share.min()), kept_max.maximum(share.max())
         n += 1

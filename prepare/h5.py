@@ -98,9 +98,9 @@ def write_splits(samples, read, out, attrs, target_key="labels", on_error="stop"
     """Write OUT/{train,val,test}.h5 from samples, all or nothing.
 
     Args:
-        samples: list of dicts with "name", "split" (train / val / test) and "target" (uint8).
-        read: function sample -> (C, H, W) image in its native dtype; raises ValueError,
-            FileNotFoundError or OSError on bad input.
+        samples: list of dicts with at least "name" and "split" (train / val / test).
+        read: function sample -> (image (C, H, W) native dtype, target uint8 (classes,) or
+            (H, W)); raises ValueError, FileNotFoundError or OSError on bad input.
         attrs: file attributes (dataset, task, bands, classes, source); mean / std are added
             from the train split.
         on_error: "stop" (raise, leaving no new file) or "skip" (leave the sample out and list
@@ -115,14 +115,14 @@ def write_splits(samples, read, out, attrs, target_key="labels", on_error="stop"
         for split in SPLITS:
             for sample in tqdm([s for s in samples if s["split"] == split], desc=split):
                 try:
-                    image = read(sample)
+                    image, target = read(sample)
                 except (ValueError, OSError) as e:  # FileNotFoundError is an OSError
                     if on_error == "stop":
                         raise
                     skipped.append((sample["name"], str(e)))
                     continue
-                first = first if first is not None else (image, sample["target"])
-                writers[split].append(image, sample["target"], sample["name"])
+                first = first if first is not None else (image, target)
+                writers[split].append(image, target, sample["name"])
                 if split == "train":
                     stats.add(image)
         mean, std = stats.result()

@@ -9,14 +9,14 @@ import os
 
 import yaml
 
-from rvit.masking import SCORE_REDUCES, SCORE_SPACES, STRATEGIES, num_keep
+from rvit.masking import FILLS, SCORE_REDUCES, SCORE_SPACES, STRATEGIES, num_keep
 from rvit.vit import MODELS
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                               "config.yaml")
 TRAIN_KEYS = {"model", "img_size", "patch_size", "mask", "strategy", "score_space",
               "score_reduce", "epochs", "batch_size", "lr", "weight_decay", "warmup_epochs",
-              "workers", "seed"}
+              "workers", "seed", "fill", "decoder_channels", "aux", "out_indices"}
 DATASET_KEYS = TRAIN_KEYS | {"task", "main_metric", "metrics"}
 
 
@@ -85,6 +85,15 @@ def train_parser():
     p.add_argument("--img-size", type=int, default=None, help="input side in pixels (resized)")
     p.add_argument("--patch-size", type=int, default=None, help="patch side in pixels")
     add_masking_args(p)
+    seg = p.add_argument_group("segmentation (RUPerNet)")
+    seg.add_argument("--fill", choices=FILLS, default=None,
+                     help="dropped grid positions take the feature of the most similar kept "
+                          "patch (nearest), a learned mask token, or zeros")
+    seg.add_argument("--decoder-channels", type=int, default=None, help="UPerHead width")
+    seg.add_argument("--aux", action=argparse.BooleanOptionalAction, default=None,
+                     help="auxiliary FCN head on the stride-16 map (loss weight 0.4)")
+    seg.add_argument("--out-indices", type=int, nargs=4, default=None,
+                     help="the four ViT blocks (0-based) that feed the pyramid")
     p.add_argument("--epochs", type=int, default=None, help="training epochs")
     p.add_argument("--lr", type=float, default=None, help="peak AdamW learning rate")
     p.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay")

@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from rvit import distributed
 from rvit.metrics import MultiLabelMeter, SegmentationMeter
-from rvit.vit import MODELS
+from rvit.models import encoder
 
 
 def autocast(device, amp):
@@ -38,7 +38,7 @@ def evaluate(model, masker, loader, transform, meta, amp, desc="eval"):
     kept_sum = torch.zeros(1, device=dev)
     kept_min, kept_max = kept_sum + float("inf"), kept_sum - float("inf")
     start, seen = time.perf_counter(), 0
-    num_patches = model.patch_embed.num_patches
+    num_patches = encoder(model).patch_embed.num_patches
     for images, targets, index in tqdm(loader, desc=desc, disable=distributed.rank() != 0,
                                        leave=False):
         x, y = transform(images, targets)
@@ -59,12 +59,3 @@ def evaluate(model, masker, loader, transform, meta, amp, desc="eval"):
                   kept_share_max=float(distributed.all_reduce(kept_max, "max")),
                   images_per_s=seen / elapsed if elapsed > 0 else 0.0)
     return result
-
-
-def build_model(ckpt):
-    """ViT and TokenMasker as described by a checkpoint's config and meta, weights loaded."""
-    cfg, meta = ckpt["config"], ckpt["meta"]
-    model = MODELS[cfg["model"]](img_size=cfg["img_size"], patch_size=cfg["patch_size"],
-                                 in_chans=len(meta["bands"]), num_classes=len(meta["classes"]))
-    model.load_state_dict(ckpt["model"])
-    return model

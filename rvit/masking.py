@@ -1,4 +1,5 @@
-"""Redundancy-aware token selection: which patch tokens of each image a ViT keeps.
+"""Redundancy-aware token selection: which patch tokens of each image a ViT keeps, and how a
+dense model puts the kept tokens back on the full patch grid.
 
 After "Hide and Seek: Investigating Redundancy in Earth Observation Imagery" (Papazafeiropoulos
 et al., arXiv 2603.13524). The paper's exact selection rules are not public; the rules below are
@@ -210,3 +211,50 @@ class TokenMasker(nn.Module):
             ids_keep, valid = keep_below(score, self.tau, max(1, math.ceil(0.02 * N)))
         self.kept = ids_keep.new_full((B,), ids_keep.shape[1]) if valid is None else valid.sum(1)
         return ids_keep, valid
+
+
+FILLS = ("nearest", "mask_token", "zeros")
+
+
+@torch.no_grad()
+def restore_index(ids_keep, valid, num_patches: int, z=None):
+    """For each of the N grid positions, the kept-token slot whose feature goes there.
+
+    Kept positions take their own slot. A dropped position takes, with `z` given ("nearest"
+    fill), the slot of the kept patch whose embedding is most cosine-similar to its own; without
+    `z`, slot K, i.e. a fill vector appended after the K kept tokens ("mask_token", "zeros").
+    Computed once per batch and reused at every tapped block.
+
+    Args:
+        ids_keep: (B, K) int64 kept patch indices. valid: (B, K) bool (False at padding) or None.
+        num_patches: N. z: (B, N, D) patch embeddings, or None.
+
+    Returns:
+        (B, N) int64 slots in [0, K].
+    """
+    B, K = ids_keep.shape
+    if valid is None:
+        valid = torch.ones_like(ids_keep, dtype=torch.bool)
+    if z is None:
+        src = ids_keep.new_full((B, num_patches), K)
+    else:
+        u = F.normalize(z.float(), dim=-1)
+        u_kept = torch.gather(u, 1, ids_keep[..., None].expand(-1, -1, u.shape[-1]))  # (B, K, D)
+        sim = (u @ u_kept.transpose(1, 2)).masked_fill(~valid[:, None, :], -float("inf"))
+        src = sim.argmax(dim=-1)  # (B, N)
+    # kept positions point at their own slot; padding scatters into a spare column N
+    target = torch.where(valid, ids_keep, torch.full_like(ids_keep, num_patches))
+    slots = torch.arange(K, device=ids_keep.device).expand(B, K)
+    src = torch.cat([src, src.new_zeros(B, 1)], dim=1).scatter(1, target, slots)
+    return src[:, :num_patches]
+
+
+def restore_grid(kept, src, fill=None):
+    """Put kept tokens back on the grid: (B, K, D) tokens and (B, N) slots -> (B, N, D).
+
+    fill: (D,) vector for slot K (a learned mask token, or zeros), or None when every slot
+    is below K ("nearest").
+    """
+    if fill is not None:
+        kept = torch.cat([kept, fill.to(kept.dtype).expand(kept.shape[0], 1, -1)], dim=1)
+    return torch.gather(kept, 1, src[..., None].expand(-1, -1, kept.shape[-1]))

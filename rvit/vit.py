@@ -128,7 +128,8 @@ class VisionTransformer(nn.Module):
                 indices, valid (B, K) bool (False for padding) or None.
 
         Returns:
-            tokens (B, 1 + K, D), key_mask (B, 1 + K) bool or None, ids_keep (B, K) or None.
+            tokens (B, 1 + K, D); key_mask (B, 1 + K) bool or None; ids_keep (B, K) int64 or
+            None; z (B, N, D), the patch embeddings before positions (for restoring the grid).
         """
         z = self.patch_embed(x)  # (B, N, D)
         keep = select(z, x) if select is not None else None
@@ -142,11 +143,11 @@ class VisionTransformer(nn.Module):
             if valid is not None:
                 key_mask = F.pad(valid, (1, 0), value=True)  # the class token is always real
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(tokens.shape[0], -1, -1)
-        return torch.cat([cls, tokens], dim=1), key_mask, ids_keep
+        return torch.cat([cls, tokens], dim=1), key_mask, ids_keep, z
 
     def forward_features(self, x, select=None):
         """(B, C, H, W) -> normed tokens (B, 1 + K, D); see `embed` for `select`."""
-        x, key_mask, _ = self.embed(x, select)
+        x, key_mask, _, _ = self.embed(x, select)
         for blk in self.blocks:
             x = blk(x, key_mask)
         return self.norm(x)

@@ -61,7 +61,7 @@ def test_identical_patches_are_dropped_first(space):
     distinct = [[0, 5, 10, 15], [1, 2, 3, 12]]
     x = torch.stack([redundant_image(d, seed=i) for i, d in enumerate(distinct)])
     masker = TokenMasker("similarity", 0.75, 16, score_space=space).eval()  # K = 4 of 16
-    _, _, ids_keep = model.embed(x, masker)
+    _, _, ids_keep, _ = model.embed(x, masker)
     assert ids_keep.tolist() == distinct  # per sample: each image keeps its own distinct patches
 
 
@@ -69,7 +69,7 @@ def test_class_token_kept_and_kept_tokens_keep_their_positions():
     torch.manual_seed(0)
     model = vit_tiny(img_size=64, num_classes=2)
     x = torch.randn(4, 3, 64, 64)
-    tokens, key_mask, ids = model.embed(x, TokenMasker("similarity", 0.5).eval())
+    tokens, key_mask, ids, _ = model.embed(x, TokenMasker("similarity", 0.5).eval())
     assert tokens.shape == (4, 1 + 8, 192) and key_mask is None
     assert_close(tokens[:, 0], (model.cls_token + model.pos_embed[:, 0]).expand(4, -1, -1)[:, 0])
     full = model.patch_embed(x) + model.pos_embed[:, 1:]
@@ -82,7 +82,7 @@ def test_selection_is_per_sample_and_independent_of_the_batch():
     model = vit_tiny(img_size=64, num_classes=2)
     x = torch.randn(5, 3, 64, 64)
     masker = TokenMasker("similarity", 0.6).eval()
-    _, _, together = model.embed(x, masker)
+    together = model.embed(x, masker)[2]
     alone = torch.cat([model.embed(x[i:i + 1], masker)[2] for i in range(5)])
     assert torch.equal(together, alone)
     assert len({tuple(r) for r in together.tolist()}) > 1
