@@ -33,6 +33,10 @@ def parse_args(argv=None):
     p.add_argument("--split", default="test", help="split file name without .h5")
     p.add_argument("--out", default=None,
                    help="JSON file for the results (default: beside the checkpoint)")
+    p.add_argument("--save-examples", default=None, metavar="DIR",
+                   help="write PNGs of a few samples (image, kept tokens, prediction, "
+                        "reference) to DIR; needs Pillow")
+    p.add_argument("--num-examples", type=int, default=4, help="how many with --save-examples")
     add_masking_args(p)
     add_runtime_args(p)
     return p.parse_args(argv)
@@ -66,13 +70,14 @@ def main(args):
     loader = eval_loader(ds, args.batch_size or cfg["batch_size"],
                          cfg["workers"] if args.workers is None else args.workers, device)
     transform = DeviceTransform(meta["mean"], meta["std"], cfg["img_size"], device)
-    result = evaluate(model, masker, loader, transform, meta, amp, desc=args.split)
+    result = evaluate(model, masker, loader, transform, meta, amp, desc=args.split,
+                      examples_dir=args.save_examples, num_examples=args.num_examples)
     record = {"dataset": cfg["dataset"], "split": args.split, "checkpoint": args.checkpoint,
               "mask_ratio": args.mask, "train_mask_ratio": cfg["mask"],
               "strategy": args.strategy, "amp": amp, "world_size": world, **result,
               **provenance(device)}
     if rank == 0:
-        print_table(record, cfg.get("metrics", []))
+        print_table(record, cfg.get("metrics", []), meta["classes"])
         out = args.out or os.path.join(os.path.dirname(args.checkpoint),
                                        f"eval-{args.split}-{args.strategy}-m{args.mask:g}.json")
         write_json(record, out)
@@ -80,7 +85,7 @@ def main(args):
     distributed.cleanup()
 
 
-def print_table(record, metrics):
+def print_table(record, metrics, classes):
     print(f"{record['dataset']} {record['split']}: {record['num_samples']} samples, "
           f"mask {record['mask_ratio']:g} ({record['strategy']}), "
           f"kept share {record['kept_share']:.3f}")
@@ -88,6 +93,8 @@ def print_table(record, metrics):
                                                                    "jaccard"))
                                 if k not in metrics]:
         print(f"  {key:<18} {100 * record[key]:7.2f}")
+    for name, iou in zip(classes, record.get("IoU_per_class", [])):
+        print(f"  IoU {name:<28} {100 * iou:7.2f}")
 
 
 def write_json(obj, path):

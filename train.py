@@ -98,6 +98,9 @@ def main(args):
     if len(train_ds) < args.batch_size * world:
         raise ValueError(f"{train_ds.path}: {len(train_ds)} samples, fewer than one batch of "
                          f"{args.batch_size} x {world} processes (lower --batch-size)")
+    if meta["task"] == "segmentation" and args.batch_size < 2:
+        raise ValueError("--batch-size must be at least 2 for segmentation: the decoder's "
+                         "BatchNorm needs more than one value per channel")
     model = build_model(vars(args), meta)
     if args.pretrained and not args.resume:
         for note in load_pretrained(encoder(model), args.pretrained):

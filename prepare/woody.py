@@ -91,7 +91,7 @@ class Site:
         if not self.aoi:
             return []
         rows, cols = -(-self.height // tile), -(-self.width // tile)
-        coarse = self.transform * self.transform.scale(tile, tile)  # one pixel per tile
+        coarse = self.transform @ self.transform.scale(tile, tile)  # one pixel per tile
         touched = rasterize([(g, 1) for g in self.aoi], out_shape=(rows, cols),
                             transform=coarse, all_touched=True, dtype="uint8")
         return [(int(r) * tile, int(c) * tile) for r, c in zip(*np.nonzero(touched))]

@@ -11,6 +11,7 @@ import torch
 from tqdm import tqdm
 
 from rvit import distributed
+from rvit.figures import save_examples
 from rvit.metrics import MultiLabelMeter, SegmentationMeter
 from rvit.models import encoder
 
@@ -23,8 +24,12 @@ def autocast(device, amp):
 
 
 @torch.no_grad()
-def evaluate(model, masker, loader, transform, meta, amp, desc="eval"):
+def evaluate(model, masker, loader, transform, meta, amp, desc="eval", examples_dir=None,
+             num_examples=4):
     """Metrics of `model` over every sample that `loader` shards to this rank, all ranks pooled.
+
+    With `examples_dir`, rank 0 also writes PNGs of its first `num_examples` samples
+    (rvit/figures.py).
 
     Returns a dict of the dataset's metrics plus `kept_share` (mean share of patch tokens kept),
     `kept_share_min`, `kept_share_max`, `num_samples` and `images_per_s` (this rank).
@@ -45,6 +50,9 @@ def evaluate(model, masker, loader, transform, meta, amp, desc="eval"):
         with autocast(dev, amp):
             out = model(x, select=partial(masker, index=index))
         meter.update(out.float(), y)
+        if examples_dir and seen < num_examples and distributed.rank() == 0:
+            write_examples(examples_dir, model, masker, x, y, out, index, meta,
+                           num_examples - seen)
         share = masker.kept.float() / num_patches  # (B,) share of patch tokens kept
         kept_sum += share.sum()
         kept_min, kept_max = kept_min.minimum(share.min()), kept_max.maximum(share.max())
@@ -59,3 +67,14 @@ def evaluate(model, masker, loader, transform, meta, amp, desc="eval"):
                   kept_share_max=float(distributed.all_reduce(kept_max, "max")),
                   images_per_s=seen / elapsed if elapsed > 0 else 0.0)
     return result
+
+
+def write_examples(folder, model, masker, x, y, out, index, meta, n):
+    """PNGs of the first n samples of a batch: image, kept tokens, prediction, reference."""
+    vit = encoder(model)
+    x, index = x[:n], index[:n]
+    keep = masker(vit.patch_embed(x), x, index)
+    seg = meta["task"] == "segmentation"
+    save_examples(folder, x, keep, meta, vit.patch_embed.patch_size,
+                  [f"{meta['dataset']}_{int(i):06d}" for i in index],
+                  out[:n].argmax(1) if seg else None, y[:n] if seg else None)

@@ -38,3 +38,58 @@ def ben_v1(tmp_path_factory):
         os.path.join(ex, "patches_with_seasonal_snow.csv"),
         os.path.join(ex, "patches_with_cloud_and_shadow.csv"), "--out", out)
     return out
+
+
+def write_woody_site(folder, site, size=(300, 260), canopy_px=((40, 60, 140, 150),),
+                     aoi_px=(0, 0, 200, 260), alpha_hole=None, seed=0):
+    """Write one Woody site in its Zenodo form: `<site>_ortho.tif` (RGB + alpha, uint8, UTM 19S,
+    5 cm pixels), `<site>_canopy.shp` in WGS84 lon/lat (so the reader must reproject) and
+    `<site>_AOI.shp` in the ortho's CRS. Boxes are (col0, row0, col1, row1) in pixels.
+    """
+    import numpy as np
+    import rasterio
+    import shapefile
+    from rasterio.crs import CRS
+    from rasterio.transform import from_origin
+    from rasterio.warp import transform_geom
+
+    crs = CRS.from_epsg(32719)
+    transform = from_origin(300000.0, 5900000.0, 0.05, 0.05)
+    h, w = size
+    rng = np.random.default_rng(seed)
+    rgba = rng.integers(0, 256, (4, h, w), dtype=np.uint8)
+    rgba[3] = 255
+    if alpha_hole:
+        c0, r0, c1, r1 = alpha_hole
+        rgba[3, r0:r1, c0:c1] = 0
+    with rasterio.open(os.path.join(folder, f"{site}_ortho.tif"), "w", driver="GTiff",
+                       width=w, height=h, count=4, dtype="uint8", crs=crs,
+                       transform=transform) as dst:
+        dst.write(rgba)
+
+    def box(c0, r0, c1, r1):
+        pts = [transform @ (c, r) for c, r in ((c0, r0), (c1, r0), (c1, r1), (c0, r1), (c0, r0))]
+        return {"type": "Polygon", "coordinates": [pts]}
+
+    def write_shp(name, geoms, shp_crs):
+        with shapefile.Writer(os.path.join(folder, f"{site}_{name}"), shapeType=shapefile.POLYGON) as wr:
+            wr.field("id", "N")
+            for i, g in enumerate(geoms):
+                wr.poly([list(map(tuple, g["coordinates"][0]))])
+                wr.record(i)
+        with open(os.path.join(folder, f"{site}_{name}.prj"), "w") as f:
+            f.write(shp_crs.to_wkt())
+
+    wgs84 = CRS.from_epsg(4326)
+    write_shp("canopy", [transform_geom(crs, wgs84, box(*b)) for b in canopy_px], wgs84)
+    write_shp("AOI", [box(*aoi_px)], crs)
+
+
+@pytest.fixture(scope="session")
+def woody_root(tmp_path_factory):
+    """Three synthetic sites in Woody's published form (no real Woody data is available)."""
+    root = tmp_path_factory.mktemp("woody_raw")
+    write_woody_site(str(root), "acacia_f1", seed=1)  # a FoMo-Bench test site
+    write_woody_site(str(root), "pinus_f1", seed=2, alpha_hole=(0, 200, 60, 260))
+    write_woody_site(str(root), "ulex_f2", seed=3, aoi_px=(100, 100, 300, 260))
+    return root
