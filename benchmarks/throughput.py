@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from rvit.masking import TokenMasker
+from rvit.models import build_model, encoder
+from rvit.upernet import segmentation_loss
 from rvit.vit import MODELS
 
 
@@ -30,7 +32,10 @@ def parse_args():
     p.add_argument("--img-size", type=int, default=224, help="input side in pixels")
     p.add_argument("--patch-size", type=int, default=16, help="patch side in pixels")
     p.add_argument("--in-chans", type=int, default=3, help="input bands")
-    p.add_argument("--classes", type=int, default=19, help="multi-label classes")
+    p.add_argument("--classes", type=int, default=19, help="classes")
+    p.add_argument("--task", choices=("multilabel", "segmentation"), default="multilabel",
+                   help="ViT classifier, or RUPerNet (nearest fill, auxiliary head)")
+    p.add_argument("--decoder-channels", type=int, default=256, help="RUPerNet UPerHead width")
     p.add_argument("--masks", default="0,0.25,0.5,0.6,0.75,0.85", help="comma-separated ratios")
     p.add_argument("--strategies", default="similarity,dynamic,random",
                    help="comma-separated strategies")
@@ -93,8 +98,11 @@ def peak_mib(device):
 
 def measure(model, select, args, device, train):
     """(images/s, peak MiB) of training steps or inference forwards on a fixed random batch."""
-    x = torch.randn(args.batch_size, args.in_chans, args.img_size, args.img_size, device=device)
-    y = (torch.rand(args.batch_size, args.classes, device=device) < 0.2).float()
+    B, S = args.batch_size, args.img_size
+    x = torch.randn(B, args.in_chans, S, S, device=device)
+    seg = args.task == "segmentation"
+    y = torch.randint(0, args.classes, (B, S, S), device=device) if seg else \
+        (torch.rand(B, args.classes, device=device) < 0.2).float()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[args.amp]
     amp = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
@@ -102,7 +110,9 @@ def measure(model, select, args, device, train):
 
     def train_step():
         with amp:
-            loss = F.binary_cross_entropy_with_logits(model(x, **kwargs).float(), y)
+            out = model(x, **kwargs)
+            loss = segmentation_loss(out, y) if seg else \
+                F.binary_cross_entropy_with_logits(out.float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -122,13 +132,17 @@ def rvit_setting(args, strategy, m, train):
     """(images/s, peak MiB, mean kept tokens) of RViT at one strategy and mask ratio."""
     device = torch.device(args.device)
     torch.manual_seed(0)
-    model = MODELS[args.model](img_size=args.img_size, patch_size=args.patch_size,
-                               in_chans=args.in_chans, num_classes=args.classes).to(device)
+    cfg = {"model": args.model, "img_size": args.img_size, "patch_size": args.patch_size,
+           "out_indices": (3, 5, 7, 11), "decoder_channels": args.decoder_channels,
+           "fill": "nearest", "aux": True}
+    meta = {"task": args.task, "bands": [None] * args.in_chans, "classes": [None] * args.classes}
+    model = build_model(cfg, meta).to(device)
+    vit = encoder(model)
     masker = TokenMasker(strategy, m, args.patch_size).to(device)
     if strategy == "dynamic" and m > 0:  # calibrate tau before any timing
         with torch.no_grad():
             for _ in range(20):
-                model.embed(torch.randn(64, args.in_chans, args.img_size, args.img_size,
+                vit.embed(torch.randn(64, args.in_chans, args.img_size, args.img_size,
                                         device=device), masker)
     masker.train(train)
     run = torch.compile(model) if args.compile else model
@@ -188,7 +202,7 @@ def table(rows, mode):
         b = base.get((r["impl"], r["strategy"]))
         up = f"{r['ips'] / b:.2f}x" if b else "n/a"
         ideal = "" if r["ideal"] != r["ideal"] else f"{r['ideal']:.2f}x"
-        print(f"| {mode} | {r['impl']} | {r['strategy']} | {r['mask']:g} | {r['ips']:,.0f} | "
+        print(f"| {mode} | {r['impl']} | {r['strategy']} | {r['mask']:g} | {r['ips']:,.{0 if r['ips'] >= 100 else 1}f} | "
               f"{up} | {ideal} | {r['peak']:,.0f} |")
 
 
@@ -196,7 +210,8 @@ def main():
     args = parse_args()
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"device {name}, torch {torch.__version__}, {args.model}/{args.patch_size} at "
+    model = args.model + ("+UPerNet" if args.task == "segmentation" else "")
+    print(f"device {name}, torch {torch.__version__}, {model}/{args.patch_size} at "
           f"{args.img_size} px, batch {args.batch_size}, amp {args.amp}, "
           f"{'compiled' if args.compile else 'eager'}, {args.steps} timed steps after "
           f"{args.warmup} warm-up", flush=True)
@@ -205,7 +220,7 @@ def main():
     for mode in modes:
         print(f"{mode}:", flush=True)
         rows = rvit_runs(args, mode == "train")
-        if args.timm:
+        if args.timm and args.task == "multilabel":
             rows += timm_runs(args, mode == "train")
         results[mode] = rows
     for mode, rows in results.items():
