@@ -1,6 +1,7 @@
-"""Evaluate an RViT checkpoint on one split, at any mask ratio and strategy.
+"""Evaluate an RViT checkpoint on one split, at one or several mask ratios and a strategy.
 
     python evaluate.py --checkpoint runs/bigearthnet-similarity-m0.6/best.pt --split test
+    python evaluate.py --checkpoint ... --mask 0,0.25,0.5,0.6,0.75,0.85 --strategy similarity
     torchrun --nproc_per_node=2 evaluate.py --checkpoint ... --device cpu   # sharded, exact
 
 Prints the dataset's metrics and writes them, with the realised kept share, images/s, device and
@@ -15,9 +16,9 @@ import torch
 
 from rvit import distributed
 from rvit.checkpoint import load_checkpoint, provenance
-from rvit.config import add_masking_args, add_runtime_args, check
+from rvit.config import add_masking_args, add_runtime_args, check, mask_list
 from rvit.data import DeviceTransform, H5Dataset, eval_loader
-from rvit.evaluation import evaluate
+from rvit.evaluation import calibrate_dynamic, evaluate
 from rvit.masking import TokenMasker
 from rvit.models import build_model
 
@@ -25,21 +26,41 @@ MASK_KEYS = ("mask", "strategy", "score_space", "score_reduce")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Evaluate an RViT checkpoint on one split. Masking "
-                                            "flags left out take the checkpoint's values.")
+    p = argparse.ArgumentParser(description="Evaluate an RViT checkpoint on one split, at one "
+                                            "or several mask ratios. Masking flags left out "
+                                            "take the checkpoint's values.")
     p.add_argument("--checkpoint", required=True, help="RUN/best.pt or RUN/last.pt")
     p.add_argument("--data-dir", default=None,
                    help="folder with SPLIT.h5 (default: the one the checkpoint was trained on)")
     p.add_argument("--split", default="test", help="split file name without .h5")
     p.add_argument("--out", default=None,
-                   help="JSON file for the results (default: beside the checkpoint)")
+                   help="JSON file for the results: one object, or a list of one per mask "
+                        "ratio for a sweep (default: beside the checkpoint)")
     p.add_argument("--save-examples", default=None, metavar="DIR",
                    help="write PNGs of a few samples (image, kept tokens, prediction, "
                         "reference) to DIR; needs Pillow")
     p.add_argument("--num-examples", type=int, default=4, help="how many with --save-examples")
-    add_masking_args(p)
+    add_masking_args(p, mask_list)
     add_runtime_args(p)
     return p.parse_args(argv)
+
+
+def make_masker(args, m, ckpt, model, data_dir, transform, device):
+    """TokenMasker for ratio m; a dynamic threshold comes from the checkpoint when it was trained
+    at m, else it is calibrated on the train split. Returns (masker, where tau came from)."""
+    cfg = ckpt["config"]
+    masker = TokenMasker(args.strategy, m, cfg["patch_size"], args.score_space,
+                         args.score_reduce).to(device)
+    if args.strategy != "dynamic" or m == 0:
+        return masker, None
+    if cfg["strategy"] == "dynamic" and cfg["mask"] == m:
+        masker.load_state_dict(ckpt["masker"])
+        return masker, "checkpoint"
+    train = H5Dataset(os.path.join(data_dir, "train.h5"), cfg["dataset"])
+    batches = calibrate_dynamic(model, masker, eval_loader(train, args.batch_size or
+                                                           cfg["batch_size"], 0, device),
+                                transform)
+    return masker, f"train split, {batches} batches"
 
 
 def main(args):
@@ -49,7 +70,7 @@ def main(args):
     cfg, meta = ckpt["config"], ckpt["meta"]
     for key in MASK_KEYS:
         if getattr(args, key) is None:
-            setattr(args, key, cfg[key])
+            setattr(args, key, [cfg[key]] if key == "mask" else cfg[key])
     check(args)
     device_name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     amp = args.amp or ("bf16" if device_name == "cuda" else "none")
@@ -63,24 +84,29 @@ def main(args):
     model = build_model(cfg, meta)
     model.load_state_dict(ckpt["model"])
     model.to(device)
-    masker = TokenMasker(args.strategy, args.mask, cfg["patch_size"], args.score_space,
-                         args.score_reduce).to(device)
-    if args.strategy == "dynamic" and cfg["strategy"] == "dynamic":
-        masker.load_state_dict(ckpt["masker"])
     loader = eval_loader(ds, args.batch_size or cfg["batch_size"],
                          cfg["workers"] if args.workers is None else args.workers, device)
     transform = DeviceTransform(meta["mean"], meta["std"], cfg["img_size"], device)
-    result = evaluate(model, masker, loader, transform, meta, amp, desc=args.split,
-                      examples_dir=args.save_examples, num_examples=args.num_examples)
-    record = {"dataset": cfg["dataset"], "split": args.split, "checkpoint": args.checkpoint,
-              "mask_ratio": args.mask, "train_mask_ratio": cfg["mask"],
-              "strategy": args.strategy, "amp": amp, "world_size": world, **result,
-              **provenance(device)}
+    rows = []
+    for m in args.mask:
+        masker, tau_source = make_masker(args, m, ckpt, model, data_dir, transform, device)
+        examples = args.save_examples
+        if examples and len(args.mask) > 1:
+            examples = os.path.join(examples, f"m{m:g}")
+        result = evaluate(model, masker, loader, transform, meta, amp, desc=f"{args.split} m{m:g}",
+                          examples_dir=examples, num_examples=args.num_examples)
+        rows.append({"dataset": cfg["dataset"], "split": args.split,
+                     "checkpoint": args.checkpoint, "mask_ratio": m,
+                     "train_mask_ratio": cfg["mask"], "strategy": args.strategy,
+                     "train_strategy": cfg["strategy"], "tau_source": tau_source, "amp": amp,
+                     "world_size": world, **result, **provenance(device)})
+        if rank == 0:
+            print_table(rows[-1], cfg.get("metrics", []), meta["classes"])
     if rank == 0:
-        print_table(record, cfg.get("metrics", []), meta["classes"])
+        tag = f"m{args.mask[0]:g}" if len(args.mask) == 1 else "sweep"
         out = args.out or os.path.join(os.path.dirname(args.checkpoint),
-                                       f"eval-{args.split}-{args.strategy}-m{args.mask:g}.json")
-        write_json(record, out)
+                                       f"eval-{args.split}-{args.strategy}-{tag}.json")
+        write_json(rows[0] if len(rows) == 1 else rows, out)
         print(f"wrote {out}")
     distributed.cleanup()
 
@@ -88,7 +114,8 @@ def main(args):
 def print_table(record, metrics, classes):
     print(f"{record['dataset']} {record['split']}: {record['num_samples']} samples, "
           f"mask {record['mask_ratio']:g} ({record['strategy']}), "
-          f"kept share {record['kept_share']:.3f}")
+          f"kept share {record['kept_share']:.3f}, {record['gflops']:.3f} GFLOPs/image, "
+          f"{record['images_per_s']:.1f} img/s")
     for key in list(metrics) + [k for k in record if k.startswith(("mAP", "F1", "mIoU", "OA",
                                                                    "jaccard"))
                                 if k not in metrics]:

@@ -12,7 +12,6 @@ import json
 import math
 import os
 import random
-import resource
 import sys
 import time
 
@@ -28,9 +27,10 @@ from rvit import distributed
 from rvit.checkpoint import atomic_save, load_checkpoint, load_pretrained, provenance
 from rvit.config import resolve, train_parser
 from rvit.data import DeviceTransform, H5Dataset, eval_loader, train_loader
-from rvit.evaluation import autocast, evaluate
+from rvit.evaluation import autocast, evaluate, peak_memory_mb
 from rvit.masking import TokenMasker
-from rvit.models import build_model, encoder
+from rvit.flops import vit_flops
+from rvit.models import build_model, encoder, encoder_depth
 from rvit.upernet import segmentation_loss
 
 
@@ -66,13 +66,6 @@ def set_rng_state(s):
     torch.set_rng_state(s["torch"])
     if s["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
-
-
-def peak_memory_mb(device):
-    """Peak allocated CUDA memory, or on CPU the process's peak resident set, in MiB."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def check_resume(ckpt, args, meta, path):
@@ -164,7 +157,8 @@ def main(args):
         else:
             rngs = [rng_state()]
         if rank == 0:
-            log = {"epoch": epoch + 1, **stats, "val": metrics,
+            log = {"epoch": epoch + 1, "dataset": args.dataset, "strategy": args.strategy,
+                   "train_mask_ratio": args.mask, **stats, "val": metrics,
                    "peak_memory_mb": peak_memory_mb(device), **info}
             with open(os.path.join(args.out, "log.jsonl"), "a") as f:
                 f.write(json.dumps(log) + "\n")
@@ -184,12 +178,14 @@ def main(args):
 def train_one_epoch(ddp, model, masker, loader, transform, opt, sched, scaler, amp, epoch,
                     ignore_index=None):
     """One pass over this rank's shard. Returns mean loss, lr, kept share (mean, min, max over
-    images) and images/s, pooled over ranks."""
+    images), encoder GFLOPs per image and images/s, pooled over ranks."""
     ddp.train()
     masker.train()
     dev = transform.device
     loss_sum, kept_sum = torch.zeros((), device=dev), torch.zeros((), device=dev)
     kept_min, kept_max = kept_sum + math.inf, kept_sum - math.inf
+    flops_sum = torch.zeros((), device=dev, dtype=torch.float64)
+    vit, depth = encoder(model), encoder_depth(model)
     n, start = 0, time.perf_counter()
     bar = tqdm(loader, desc=f"epoch {epoch + 1}", disable=distributed.rank() != 0, leave=False)
     for step, (images, targets, _) in enumerate(bar):
@@ -204,7 +200,8 @@ def train_one_epoch(ddp, model, masker, loader, transform, opt, sched, scaler, a
         scaler.update()
         sched.step()
         loss_sum += loss.detach()
-        share = masker.kept.float() / encoder(model).patch_embed.num_patches  # (B,)
+        share = masker.kept.float() / vit.patch_embed.num_patches  # (B,)
+        flops_sum += vit_flops(vit, masker.kept.double(), depth).mean()
         kept_sum += share.mean()
         kept_min, kept_max = kept_min.minimum(share.min()), kept_max.maximum(share.max())
         n += 1
@@ -221,6 +218,7 @@ def train_one_epoch(ddp, model, masker, loader, transform, opt, sched, scaler, a
             "kept_share": float(distributed.all_reduce(kept_sum)) / (n * world),
             "kept_share_min": float(distributed.all_reduce(kept_min, "min")),
             "kept_share_max": float(distributed.all_reduce(kept_max, "max")),
+            "gflops": float(distributed.all_reduce(flops_sum)) / (n * world) / 1e9,
             "images_per_s": n * loader.batch_size * world / elapsed,
             "seconds": elapsed}
 

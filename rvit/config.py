@@ -47,16 +47,25 @@ def dataset_config(cfg, dataset, path="config.yaml") -> dict:
     return {**cfg.get("defaults", {}), **datasets[dataset]}
 
 
-def add_masking_args(p, default=None):
-    p.add_argument("--mask", type=float, default=default,
+def mask_list(text):
+    """'0,0.5,0.75' -> [0.0, 0.5, 0.75] (argparse type of evaluate.py's --mask)."""
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of ratios: {text!r}")
+
+
+def add_masking_args(p, mask_type=float):
+    p.add_argument("--mask", type=mask_type, default=None,
                    help="mask ratio m in [0, 1): share of patch tokens dropped per image; "
-                        "0 runs the plain ViT")
-    p.add_argument("--strategy", choices=STRATEGIES, default=default,
+                        "0 runs the plain ViT" + (" (several, comma-separated: one row each)"
+                                                  if mask_type is mask_list else ""))
+    p.add_argument("--strategy", choices=STRATEGIES, default=None,
                    help="which tokens to drop: similarity (the most redundant), dynamic "
                         "(those above a learned redundancy threshold), random")
-    p.add_argument("--score-space", choices=SCORE_SPACES, default=default,
+    p.add_argument("--score-space", choices=SCORE_SPACES, default=None,
                    help="redundancy scored on patch embeddings or on standardised pixels")
-    p.add_argument("--score-reduce", choices=SCORE_REDUCES, default=default,
+    p.add_argument("--score-reduce", choices=SCORE_REDUCES, default=None,
                    help="redundancy = mean or max cosine similarity to the image's other patches")
 
 
@@ -121,10 +130,11 @@ def resolve(args, cfg_path) -> argparse.Namespace:
 
 def check(args):
     """Range checks shared by train.py and evaluate.py; ValueError names the flag."""
-    try:
-        num_keep(1, args.mask)
-    except ValueError as e:
-        raise ValueError(f"--mask {args.mask}: {e}") from e
+    for m in args.mask if isinstance(args.mask, list) else [args.mask]:
+        try:
+            num_keep(1, m)
+        except ValueError as e:
+            raise ValueError(f"--mask {m}: {e}") from e
     for flag in ("batch_size", "epochs", "img_size", "patch_size"):
         value = getattr(args, flag, None)
         if value is not None and value <= 0:

@@ -3,6 +3,7 @@
 Every sample a loader yields is counted once; under torchrun the loaders shard without padding
 (rvit/data.py), and the meters pool counts and scores over ranks (rvit/metrics.py).
 """
+import resource
 import time
 from contextlib import nullcontext
 from functools import partial
@@ -13,7 +14,8 @@ from tqdm import tqdm
 from rvit import distributed
 from rvit.figures import save_examples
 from rvit.metrics import MultiLabelMeter, SegmentationMeter
-from rvit.models import encoder
+from rvit.flops import vit_flops
+from rvit.models import encoder, encoder_depth
 
 
 def autocast(device, amp):
@@ -21,6 +23,34 @@ def autocast(device, amp):
     if amp == "none":
         return nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def peak_memory_mb(device):
+    """Peak allocated CUDA memory, or on CPU the process's peak resident set, in MiB."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@torch.no_grad()
+def calibrate_dynamic(model, masker, loader, transform, max_batches=20):
+    """Set a dynamic masker's tau to the (1 - m)-quantile of the redundancy scores of up to
+    `max_batches` batches (no labels are used). Returns the number of batches read."""
+    vit = encoder(model)
+    scores = []
+    for i, (images, targets, _) in enumerate(loader):
+        if i == max_batches:
+            break
+        x, _ = transform(images, targets)
+        scores.append(masker.score(vit.patch_embed(x), x).flatten())
+    if not scores:
+        raise ValueError("cannot calibrate the dynamic threshold: the train split is empty")
+    flat = torch.cat(scores)
+    if flat.numel() > 2**24:  # torch.quantile's input limit
+        flat = flat[torch.randperm(flat.numel(), device=flat.device)[:2**24]]
+    q = torch.quantile(flat, 1.0 - masker.mask_ratio)
+    masker.tau.copy_(distributed.all_reduce(q) / distributed.world_size())
+    return len(scores)
 
 
 @torch.no_grad()
@@ -32,7 +62,8 @@ def evaluate(model, masker, loader, transform, meta, amp, desc="eval", examples_
     (rvit/figures.py).
 
     Returns a dict of the dataset's metrics plus `kept_share` (mean share of patch tokens kept),
-    `kept_share_min`, `kept_share_max`, `num_samples` and `images_per_s` (this rank).
+    `kept_share_min`, `kept_share_max`, `gflops` (mean encoder GFLOPs per image at the kept
+    counts, rvit/flops.py), `num_samples`, `images_per_s` (this rank) and `peak_memory_mb`.
     """
     model.eval()
     masker.eval()
@@ -41,9 +72,13 @@ def evaluate(model, masker, loader, transform, meta, amp, desc="eval", examples_
         else MultiLabelMeter()
     dev = transform.device
     kept_sum = torch.zeros(1, device=dev)
+    flops_sum = torch.zeros(1, device=dev, dtype=torch.float64)
     kept_min, kept_max = kept_sum + float("inf"), kept_sum - float("inf")
     start, seen = time.perf_counter(), 0
-    num_patches = encoder(model).patch_embed.num_patches
+    vit, depth = encoder(model), encoder_depth(model)
+    num_patches = vit.patch_embed.num_patches
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
     for images, targets, index in tqdm(loader, desc=desc, disable=distributed.rank() != 0,
                                        leave=False):
         x, y = transform(images, targets)
@@ -55,6 +90,7 @@ def evaluate(model, masker, loader, transform, meta, amp, desc="eval", examples_
                            num_examples - seen)
         share = masker.kept.float() / num_patches  # (B,) share of patch tokens kept
         kept_sum += share.sum()
+        flops_sum += vit_flops(vit, masker.kept.double(), depth).sum()
         kept_min, kept_max = kept_min.minimum(share.min()), kept_max.maximum(share.max())
         seen += len(images)
     if dev.type == "cuda":
@@ -62,7 +98,10 @@ def evaluate(model, masker, loader, transform, meta, amp, desc="eval", examples_
     elapsed = time.perf_counter() - start
     result = meter.compute()
     kept_total = float(distributed.all_reduce(kept_sum))
-    result.update(kept_share=kept_total / max(result["num_samples"], 1),
+    n = max(result["num_samples"], 1)
+    result.update(kept_share=kept_total / n,
+                  gflops=float(distributed.all_reduce(flops_sum)) / n / 1e9,
+                  peak_memory_mb=peak_memory_mb(dev),
                   kept_share_min=float(distributed.all_reduce(kept_min, "min")),
                   kept_share_max=float(distributed.all_reduce(kept_max, "max")),
                   images_per_s=seen / elapsed if elapsed > 0 else 0.0)

@@ -24,6 +24,11 @@ def build_model(cfg, meta):
                     cfg["decoder_channels"], cfg["fill"], cfg["aux"])
 
 
+def encoder_depth(model):
+    """Blocks the encoder runs: all for a classifier, up to the last tapped one in RUPerNet."""
+    return max(model.out_indices) + 1 if hasattr(model, "out_indices") else len(model.blocks)
+
+
 def encoder(model):
     """The ViT inside a model (itself for a classifier): pretrained weights load into it."""
     return getattr(model, "backbone", model)
