@@ -17,7 +17,7 @@ import sys
 import tarfile
 import zipfile
 
-from prepare import bigearthnet, flair, woody
+from prepare import bigearthnet, flair, mlrsnet, woody
 from prepare.h5 import write_splits
 from prepare.splits import official_splits, read_list, seeded_split, write_split_csv
 
@@ -26,11 +26,13 @@ EXAMPLE_WHEEL = "bigearthnet-common==2.8.0"
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--dataset", required=True, choices=("bigearthnet", "woody", "flair"),
+    p.add_argument("--dataset", required=True,
+                   choices=("bigearthnet", "mlrsnet", "woody", "flair"),
                    help="which dataset")
     p.add_argument("--out", required=True, help="output folder for train.h5, val.h5, test.h5")
     p.add_argument("--root", help="the dataset's root folder (BigEarthNet v1: the S2 patch "
                                   "folders; v2: the folder holding BigEarthNet-S2/, -S1/; "
+                                  "MLRSNet: the folder holding Images/ and labels/; "
                                   "Woody: the sites' files, searched recursively; FLAIR: the "
                                   "folder holding flair_aerial_train/ etc.)")
     p.add_argument("--s1-root", help="BigEarthNet v1: folder of the Sentinel-1 patch folders")
@@ -51,6 +53,10 @@ def parse_args(argv=None):
     p.add_argument("--cache-dir", default=os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "rvit"),
         help="where --example keeps the wheel and its unpacked patches")
+    p.add_argument("--train-fraction", type=float, default=0.4,
+                   help="MLRSNet: share of images for training (the paper's largest ratio)")
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="MLRSNet: share for validation; the rest is the test split")
     p.add_argument("--tile-size", type=int, default=224, help="Woody: tile side in pixels")
     p.add_argument("--test-sites", nargs="+", default=list(woody.TEST_SITES),
                    help="Woody: sites held out whole for test (FoMo-Bench's by default)")
@@ -131,6 +137,31 @@ def bigearthnet_main(args):
     return write_splits(samples, read, args.out, attrs, "labels", args.on_error)
 
 
+def mlrsnet_main(args):
+    if not (args.train_fraction > 0 and args.val_fraction >= 0
+            and args.train_fraction + args.val_fraction < 1):
+        raise ValueError("--train-fraction and --val-fraction must be positive and sum below 1")
+    rows, names = mlrsnet.read_labels(os.path.join(args.root, "labels"))
+    paths, unlabelled = mlrsnet.match_images(os.path.join(args.root, "Images"), rows,
+                                             strict=args.on_error == "stop")
+    if unlabelled:
+        print(f"warning: {unlabelled} image(s) under {args.root}/Images have no label row; "
+              "left out")
+    ids = [f"{category}/{name}" for category, name, _ in rows]
+    where = seeded_split(ids, args.seed, val_fraction=args.val_fraction,
+                         test_fraction=1 - args.train_fraction - args.val_fraction)
+    os.makedirs(args.out, exist_ok=True)
+    write_split_csv(where, os.path.join(args.out, "split.csv"))
+    samples = [{"name": i, "path": p, "labels": y, "split": where[i]}
+               for i, p, (_, _, y) in zip(ids, paths, rows)]
+    attrs = {"dataset": "mlrsnet", "task": "multilabel", "bands": ["R", "G", "B"],
+             "classes": names, "source": f"MLRSNet (Qi et al. 2020) from {args.root}"}
+
+    def read(s):
+        return mlrsnet.read_image(s["path"]), s["labels"]
+    return write_splits(samples, read, args.out, attrs, "labels", args.on_error)
+
+
 def woody_main(args):
     found = woody.find_sites(args.root)
     if not found:
@@ -178,7 +209,8 @@ def flair_main(args):
 def main(args):
     if not args.root and not args.example:
         raise ValueError("--root is required (or --example for BigEarthNet)")
-    run = {"bigearthnet": bigearthnet_main, "woody": woody_main, "flair": flair_main}
+    run = {"bigearthnet": bigearthnet_main, "mlrsnet": mlrsnet_main, "woody": woody_main,
+           "flair": flair_main}
     counts = run[args.dataset](args)
     print(f"wrote {args.out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
 

@@ -20,7 +20,8 @@ def need(path):
 
 def run(script, *args, env=None, check=True):
     """Run one of the project's entry points in a fresh interpreter; returns CompletedProcess."""
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)],
+    target = [script] if script == "-m" else [os.path.join(ROOT, script)]
+    proc = subprocess.run([sys.executable, *target, *map(str, args)],
                           cwd=ROOT, capture_output=True, text=True, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")

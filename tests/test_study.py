@@ -1,0 +1,147 @@
+"""The study's pieces: MLRSNet reader, analytic GFLOPs, evaluation sweeps and the report."""
+import csv
+import json
+import os
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from conftest import SHARED, need, run
+from rvit import vit_tiny
+from rvit.flops import vit_flops
+from rvit.report import load_records, table
+from rvit.upernet import RUPerNet
+
+MLRS_LABELS = os.path.join(SHARED, "mlrsnet", "labels")
+CPU = ["--workers", "0", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def mlrsnet_root(tmp_path_factory):
+    """Real label rows of four categories, with JPEGs written for them in the published layout
+    (MLRSNet's images are not available here)."""
+    from PIL import Image
+    need(MLRS_LABELS)
+    root = tmp_path_factory.mktemp("mlrsnet")
+    rng = np.random.default_rng(0)
+    for category in ("airplane", "forest", "harbor&port", "river"):
+        with open(os.path.join(MLRS_LABELS, f"{category}.csv"), newline="") as f:
+            table_rows = list(csv.reader(f))[:6]  # header + 5 real rows
+        (root / "labels").mkdir(exist_ok=True)
+        with open(root / "labels" / f"{category}.csv", "w", newline="") as f:
+            csv.writer(f).writerows(table_rows)
+        (root / "Images" / category).mkdir(parents=True)
+        for row in table_rows[1:]:
+            pixels = rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / "Images" / category / row[0], quality=90)
+    return root
+
+
+def test_mlrsnet_conversion_matches_label_rows_and_jpegs(mlrsnet_root, tmp_path):
+    from PIL import Image
+    run("prepare_data.py", "--dataset", "mlrsnet", "--root", mlrsnet_root, "--out", tmp_path)
+    n = {s: len(h5py.File(tmp_path / f"{s}.h5")["names"]) for s in ("train", "val", "test")}
+    assert n == {"train": 8, "val": 2, "test": 10}  # 20 images: 0.4 / 0.1 / rest
+    with open(tmp_path / "split.csv") as f:
+        assert len(f.readlines()) == 21
+    with h5py.File(tmp_path / "train.h5") as f:
+        assert len(f.attrs["classes"]) == 60 and f["images"].shape[1:] == (3, 256, 256)
+        name, labels, image = f["names"][0].decode(), f["labels"][0], f["images"][0]
+    category, file = name.split("/")
+    with open(mlrsnet_root / "labels" / f"{category}.csv") as f:
+        row = next(r for r in csv.reader(f) if r[0] == file)
+    assert labels.tolist() == [int(v) for v in row[1:]]
+    with Image.open(mlrsnet_root / "Images" / category / file) as im:
+        assert np.array_equal(image, np.asarray(im.convert("RGB")).transpose(2, 0, 1))
+
+
+def test_mlrsnet_row_without_image_is_an_error_naming_it(mlrsnet_root, tmp_path):
+    missing = next((mlrsnet_root / "Images" / "river").iterdir())
+    moved = tmp_path / missing.name
+    missing.rename(moved)
+    try:
+        proc = run("prepare_data.py", "--dataset", "mlrsnet", "--root", mlrsnet_root, "--out",
+                   tmp_path / "out", check=False)
+        assert proc.returncode == 1 and missing.name in proc.stderr
+        assert not (tmp_path / "out" / "train.h5").exists()
+        run("prepare_data.py", "--dataset", "mlrsnet", "--root", mlrsnet_root, "--out",
+            tmp_path / "skip", "--on-error", "skip")
+        with open(tmp_path / "skip" / "skipped.csv") as f:
+            assert missing.name in f.read()
+    finally:
+        moved.rename(missing)
+
+
+@pytest.mark.parametrize("img_size,patch,in_chans", [(224, 16, 3), (120, 8, 12)])
+def test_gflops_at_mask_zero_match_a_flop_count_of_the_model(img_size, patch, in_chans):
+    vit = vit_tiny(num_classes=0, img_size=img_size, patch_size=patch, in_chans=in_chans).eval()
+    # the math backend spells attention out as matrix products, which the counter sees
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        vit(torch.randn(1, in_chans, img_size, img_size))
+    assert vit_flops(vit, vit.patch_embed.num_patches) == counter.get_total_flops()
+
+
+def test_gflops_of_rupernet_encoder_and_kept_tokens():
+    vit = vit_tiny(num_classes=0, img_size=64).eval()
+    seg = RUPerNet(vit, 4, out_indices=(1, 3, 5, 7)).eval()
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        seg.encode(torch.randn(1, 3, 64, 64))
+    assert vit_flops(vit, 16, depth=8) == counter.get_total_flops()
+    assert vit_flops(vit, 4) < vit_flops(vit, 8) < vit_flops(vit, 16)
+
+
+@pytest.fixture(scope="module")
+def trained(mlrsnet_root, tmp_path_factory):
+    base = tmp_path_factory.mktemp("study")
+    run("prepare_data.py", "--dataset", "mlrsnet", "--root", mlrsnet_root, "--out",
+        base / "data")
+    run("train.py", "--dataset", "mlrsnet", "--data-dir", base / "data", "--out", base / "run",
+        "--epochs", "1", "--batch-size", "4", "--img-size", "64", *CPU)
+    return base
+
+
+def test_sweep_rows_match_plain_evaluations_and_report_reads_them(trained, tmp_path):
+    ckpt, data = trained / "run" / "best.pt", trained / "data"
+    sweep = tmp_path / "eval-test-sweep.json"
+    run("evaluate.py", "--checkpoint", ckpt, "--data-dir", data, "--mask", "0,0.5,0.75",
+        "--strategy", "similarity", "--out", sweep, *CPU)
+    rows = json.loads(sweep.read_text())
+    assert [r["mask_ratio"] for r in rows] == [0, 0.5, 0.75]
+    assert rows[0]["gflops"] > rows[1]["gflops"] > rows[2]["gflops"]
+    plain = tmp_path / "eval-test-plain.json"
+    run("evaluate.py", "--checkpoint", ckpt, "--data-dir", data, "--mask", "0", "--out", plain,
+        *CPU)
+    single = json.loads(plain.read_text())
+    for key in ("mAP_micro", "mAP_macro", "F1_micro", "F1_weighted", "kept_share", "gflops",
+                "num_samples"):
+        assert rows[0][key] == single[key]
+    dyn = tmp_path / "eval-test-dyn.json"
+    run("evaluate.py", "--checkpoint", ckpt, "--data-dir", data, "--mask", "0.5",
+        "--strategy", "dynamic", "--out", dyn, *CPU)
+    d = json.loads(dyn.read_text())
+    assert d["tau_source"].startswith("train split") and 0 < d["kept_share"] < 1
+
+    records = load_records([tmp_path])
+    assert len(records) == 5
+    md = table(records, "mlrsnet", ["mAP_micro", "F1_micro"]).splitlines()
+    body = [[c.strip() for c in line.strip("|").split("|")] for line in md[2:]]
+    assert len(body) == 5
+    for r in rows:
+        cells = next(c for c in body if c[1] == "similarity" and float(c[3]) == r["mask_ratio"]
+                     and c[4] == f"{r['kept_share']:.3f}")
+        assert cells[5].startswith(f"{100 * r['mAP_micro']:.2f}")
+        assert cells[5].endswith(f"({100 * r['mAP_micro'] / rows[0]['mAP_micro']:.1f}%)")
+        assert cells[7] == f"{r['gflops']:.3f}"
+        assert cells[8] == f"{rows[0]['gflops'] / r['gflops']:.2f}x"
+
+
+def test_report_command_writes_markdown(trained, tmp_path):
+    run("evaluate.py", "--checkpoint", trained / "run" / "best.pt", "--data-dir",
+        trained / "data", "--mask", "0,0.6", "--out", tmp_path / "runs" / "eval-x.json", *CPU)
+    proc = run("-m", "rvit.report", tmp_path / "runs", "--out", tmp_path / "report")
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "## mlrsnet" in text and "mAP_micro (% of full)" in text and proc.stdout.strip()
