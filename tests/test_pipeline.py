@@ -51,6 +51,11 @@ def test_v2_conversion_uses_metadata_split(tmp_path):
         assert list(f.attrs["bands"])[-2:] == ["VV", "VH"]
     total = sum(len(h5py.File(tmp_path / f"{s}.h5")["names"]) for s in ("train", "val", "test"))
     assert total == 12  # the complete S1 + S2 pairs
+    run("prepare_data.py", "--dataset", "bigearthnet", "--version", "v2", "--root", BEN_V2,
+        "--modality", "s1", "--on-error", "skip", "--out", tmp_path / "s1")
+    with h5py.File(tmp_path / "s1" / "train.h5") as f:
+        assert f["images"].shape[1:] == (2, 120, 120) and list(f.attrs["bands"]) == ["VV", "VH"]
+        assert f.attrs["mean"].max() < 0  # backscatter in dB
 
 
 def train(data, out, *extra):

@@ -145,3 +145,8 @@ def test_report_command_writes_markdown(trained, tmp_path):
     proc = run("-m", "rvit.report", tmp_path / "runs", "--out", tmp_path / "report")
     text = (tmp_path / "report" / "report.md").read_text()
     assert "## mlrsnet" in text and "mAP_micro (% of full)" in text and proc.stdout.strip()
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    assert (tmp_path / "report" / "mlrsnet_mAP_micro.png").stat().st_size > 1000
