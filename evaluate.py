@@ -10,6 +10,7 @@ commit, as one JSON object. Under torchrun every sample is counted exactly once.
 import argparse
 import json
 import os
+import re
 import sys
 
 import torch
@@ -31,7 +32,8 @@ def parse_args(argv=None):
                                             "take the checkpoint's values.")
     p.add_argument("--checkpoint", required=True, help="RUN/best.pt or RUN/last.pt")
     p.add_argument("--data-dir", default=None,
-                   help="folder with SPLIT.h5 (default: the one the checkpoint was trained on)")
+                   help="folder with SPLIT.h5 (default data/DATASET; paths stored in a "
+                        "checkpoint are never used)")
     p.add_argument("--split", default="test", help="split file name without .h5")
     p.add_argument("--out", default=None,
                    help="JSON file for the results: one object, or a list of one per mask "
@@ -75,7 +77,10 @@ def main(args):
     device_name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     amp = args.amp or ("bf16" if device_name == "cuda" else "none")
     rank, world, device = distributed.setup(device_name)
-    data_dir = args.data_dir or cfg["data_dir"]
+    dataset = cfg["dataset"]
+    if not re.fullmatch(r"[a-z0-9_]+", str(dataset)):  # it becomes part of a path below
+        raise ValueError(f"{args.checkpoint}: odd dataset name {dataset!r}")
+    data_dir = args.data_dir or os.path.join("data", dataset)
     ds = H5Dataset(os.path.join(data_dir, f"{args.split}.h5"), cfg["dataset"])
     for key in ("bands", "classes"):
         if ds.meta[key] != meta[key]:
@@ -137,7 +142,7 @@ if __name__ == "__main__":
     args = parse_args()
     try:
         main(args)
-    except (ValueError, FileNotFoundError, ImportError) as e:
+    except (ValueError, OSError, ImportError, RuntimeError) as e:
         if args.debug:
             raise
         print(f"evaluate.py: error: {e}", file=sys.stderr)

@@ -110,7 +110,7 @@ def main(args):
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lr_lambda(int(args.warmup_epochs * steps), args.epochs * steps))
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
-    start_epoch, best = 0, -math.inf
+    start_epoch, skip, best = 0, 0, -math.inf
     last_path, best_path = os.path.join(args.out, "last.pt"), os.path.join(args.out, "best.pt")
     if args.resume:
         ckpt = load_checkpoint(last_path)
@@ -121,8 +121,9 @@ def main(args):
         sched.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
-        start_epoch, best = ckpt["epoch"], ckpt["best"]
-        distributed.print0(f"resumed from {last_path} at epoch {start_epoch}")
+        start_epoch, skip, best = ckpt["epoch"], ckpt["step_in_epoch"], ckpt["best"]
+        distributed.print0(f"resumed from {last_path} at epoch {start_epoch + 1}, "
+                           f"batch {skip + 1}")
     else:
         torch.manual_seed(args.seed + rank)  # masks and augmentation differ across ranks
     ddp = model
@@ -143,42 +144,71 @@ def main(args):
         print(f"RViT {args.model} on {args.dataset}: {len(train_ds)} train / {len(val_ds)} val, "
               f"mask {args.mask:g} ({args.strategy}), {info['device']}, torch {info['torch']}, "
               f"commit {info['commit']}, {world} process(es), amp {amp}", flush=True)
+    def save(epoch, step_in_epoch, is_best=False):
+        """last.pt (and best.pt) with everything a resume needs; rank 0 writes, all gather RNG."""
+        rngs = [rng_state()]
+        if world > 1:
+            rngs = [None] * world
+            torch.distributed.all_gather_object(rngs, rng_state())
+        if rank == 0:
+            ckpt = {"model": model.state_dict(), "masker": masker.state_dict(),
+                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                    "scaler": scaler.state_dict(), "epoch": epoch,
+                    "step_in_epoch": step_in_epoch, "global_step": epoch * steps + step_in_epoch,
+                    "best": best, "config": config, "meta": meta, "rng": rngs, **info}
+            atomic_save(ckpt, last_path)
+            if is_best:
+                atomic_save(ckpt, best_path)
+
     for epoch in range(start_epoch, args.epochs):
         loader.sampler.set_epoch(epoch)
-        stats = train_one_epoch(ddp, model, masker, loader, transform, opt, sched, scaler,
-                                amp, epoch, meta["ignore_index"])
+        first = skip if epoch == start_epoch else 0  # a mid-epoch resume skips done batches
+        loader.sampler.start = first * args.batch_size
+        try:
+            stats = train_one_epoch(ddp, model, masker, loader, transform, opt, sched, scaler,
+                                    amp, epoch, meta["ignore_index"], first,
+                                    args.checkpoint_every, lambda step: save(epoch, step))
+        except NonFiniteLoss as e:
+            kept = f"the last good checkpoint {last_path} is kept" if os.path.exists(last_path) \
+                else "no checkpoint had been written yet"
+            raise NonFiniteLoss(f"{e}; run stopped, {kept}") from e
         metrics = evaluate(model, masker, val, transform, meta, amp, desc="val")
         score = metrics[args.main_metric]
         is_best = score > best
         best = max(best, score)
-        rngs = [None] * world
-        if world > 1:
-            torch.distributed.all_gather_object(rngs, rng_state())
-        else:
-            rngs = [rng_state()]
+        save(epoch + 1, 0, is_best)
         if rank == 0:
             log = {"epoch": epoch + 1, "dataset": args.dataset, "strategy": args.strategy,
                    "train_mask_ratio": args.mask, **stats, "val": metrics,
                    "peak_memory_mb": peak_memory_mb(device), **info}
             with open(os.path.join(args.out, "log.jsonl"), "a") as f:
                 f.write(json.dumps(log) + "\n")
-            ckpt = {"model": model.state_dict(), "masker": masker.state_dict(),
-                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "scaler": scaler.state_dict(), "epoch": epoch + 1, "best": best,
-                    "config": config, "meta": meta, "rng": rngs, **info}
-            atomic_save(ckpt, last_path)
-            if is_best:
-                atomic_save(ckpt, best_path)
             print(f"epoch {epoch + 1}/{args.epochs}: loss {stats['loss']:.4f}, "
                   f"val {args.main_metric} {100 * score:.2f}{' (best)' if is_best else ''}, "
                   f"kept {stats['kept_share']:.3f}, {stats['images_per_s']:.0f} img/s", flush=True)
     distributed.cleanup()
 
 
+class NonFiniteLoss(FloatingPointError):
+    pass
+
+
+def check_finite(first_bad, epoch):
+    """Raise NonFiniteLoss naming the first bad batch (a device sync: call it sparingly)."""
+    bad = int(first_bad)
+    if bad >= 0:
+        raise NonFiniteLoss(f"loss is not finite at epoch {epoch + 1}, batch {bad + 1}")
+
+
 def train_one_epoch(ddp, model, masker, loader, transform, opt, sched, scaler, amp, epoch,
-                    ignore_index=None):
-    """One pass over this rank's shard. Returns mean loss, lr, kept share (mean, min, max over
-    images), encoder GFLOPs per image and images/s, pooled over ranks."""
+                    ignore_index=None, first=0, every=0, save=None):
+    """One pass over this rank's shard, from batch `first` (after a mid-epoch resume), calling
+    `save(batches done)` every `every` batches. Returns mean loss, lr, kept share (mean, min,
+    max over images), encoder GFLOPs per image and images/s, pooled over ranks.
+
+    Raises:
+        NonFiniteLoss: a loss was NaN or infinite; no checkpoint is written after it.
+    """
     ddp.train()
     masker.train()
     dev = transform.device
@@ -186,9 +216,11 @@ def train_one_epoch(ddp, model, masker, loader, transform, opt, sched, scaler, a
     kept_min, kept_max = kept_sum + math.inf, kept_sum - math.inf
     flops_sum = torch.zeros((), device=dev, dtype=torch.float64)
     vit, depth = encoder(model), encoder_depth(model)
+    first_bad = torch.full((), -1, device=dev)
     n, start = 0, time.perf_counter()
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}", disable=distributed.rank() != 0, leave=False)
-    for step, (images, targets, _) in enumerate(bar):
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}", disable=distributed.rank() != 0, leave=False,
+               initial=first, total=first + len(loader))
+    for step, (images, targets, _) in enumerate(bar, start=first):
         x, y = transform(images, targets, train=True)
         with autocast(dev, amp):
             out = ddp(x, select=masker)
@@ -200,6 +232,7 @@ def train_one_epoch(ddp, model, masker, loader, transform, opt, sched, scaler, a
         scaler.update()
         sched.step()
         loss_sum += loss.detach()
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), step, first_bad)
         share = masker.kept.float() / vit.patch_embed.num_patches  # (B,)
         flops_sum += vit_flops(vit, masker.kept.double(), depth).mean()
         kept_sum += share.mean()
@@ -207,8 +240,12 @@ def train_one_epoch(ddp, model, masker, loader, transform, opt, sched, scaler, a
         n += 1
         if step % 20 == 0:  # .item() syncs the device: not every step
             bar.set_postfix(loss=f"{loss.item():.4f}")
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError(f"epoch {epoch + 1}, step {step}: loss is {loss.item()}")
+            check_finite(first_bad, epoch)
+        if every and save is not None and (step + 1) % every == 0 and step + 1 < first + len(
+                loader):
+            check_finite(first_bad, epoch)  # never checkpoint a broken model
+            save(step + 1)
+    check_finite(first_bad, epoch)
     if dev.type == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
@@ -227,7 +264,7 @@ if __name__ == "__main__":
     args = train_parser().parse_args()
     try:
         main(args)
-    except (ValueError, FileNotFoundError, ImportError) as e:
+    except (ValueError, OSError, ImportError, RuntimeError, FloatingPointError) as e:
         if args.debug:
             raise
         print(f"train.py: error: {e}", file=sys.stderr)

@@ -20,6 +20,10 @@ import numpy as np
 S2_BANDS = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B11", "B12")
 S1_BANDS = ("VV", "VH")
 SIZE = 120  # pixels of the 10 m grid
+# native side in pixels of each band of a 1.2 km patch: 10 m, 20 m and 60 m bands
+NATIVE = {**{b: 120 for b in ("B02", "B03", "B04", "B08", "VV", "VH")},
+          **{b: 60 for b in ("B05", "B06", "B07", "B8A", "B11", "B12")},
+          **{b: 20 for b in ("B01", "B09")}}
 
 LABELS_43 = (
     "Continuous urban fabric", "Discontinuous urban fabric", "Industrial or commercial units",
@@ -72,10 +76,12 @@ def multi_hot(names, source):
     return y
 
 
-def read_band(path, size=SIZE):
-    """One single-band GeoTIFF resampled to size x size (bilinear), native dtype.
+def read_band(path, native, size=SIZE):
+    """One single-band GeoTIFF of side `native` pixels, resampled to size x size (bilinear),
+    in its native dtype.
 
-    Raises FileNotFoundError (missing file) or ValueError (unreadable, or not one band).
+    Raises FileNotFoundError (missing file) or ValueError (unreadable, not one band, another
+    size, NaN or nodata pixels), naming the file.
     """
     import rasterio
     from rasterio.enums import Resampling
@@ -86,6 +92,16 @@ def read_band(path, size=SIZE):
         with rasterio.open(path) as src:
             if src.count != 1:
                 raise ValueError(f"{path}: {src.count} bands, expected 1")
+            if (src.height, src.width) != (native, native):
+                raise ValueError(f"{path}: {src.width} x {src.height} pixels, expected "
+                                 f"{native} x {native}")
+            band = src.read(1)
+            if np.issubdtype(band.dtype, np.floating) and not np.isfinite(band).all():
+                raise ValueError(f"{path}: NaN or infinite pixels")
+            if src.nodata is not None and (band == src.nodata).any():
+                raise ValueError(f"{path}: nodata ({src.nodata}) pixels")
+            if native == size:
+                return band
             return src.read(1, out_shape=(size, size), resampling=Resampling.bilinear)
     except rasterio.errors.RasterioError as e:
         raise ValueError(f"{path}: unreadable GeoTIFF ({e})") from e
@@ -96,13 +112,13 @@ def read_image(s2_dir, s1_dir, modality):
     parts = []
     if modality in ("s2", "s1s2"):
         name = os.path.basename(s2_dir)
-        parts.append(np.stack([read_band(os.path.join(s2_dir, f"{name}_{b}.tif"))
+        parts.append(np.stack([read_band(os.path.join(s2_dir, f"{name}_{b}.tif"), NATIVE[b])
                                for b in S2_BANDS]))
     if modality in ("s1", "s1s2"):
         if s1_dir is None:
             raise FileNotFoundError(f"{s2_dir}: no Sentinel-1 twin found")
         name = os.path.basename(s1_dir)
-        parts.append(np.stack([read_band(os.path.join(s1_dir, f"{name}_{b}.tif"))
+        parts.append(np.stack([read_band(os.path.join(s1_dir, f"{name}_{b}.tif"), NATIVE[b])
                                for b in S1_BANDS]).astype(np.float32))
     return parts[0] if len(parts) == 1 else np.concatenate([p.astype(np.float32) for p in parts])
 

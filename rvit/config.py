@@ -111,7 +111,11 @@ def train_parser():
     p.add_argument("--seed", type=int, default=None, help="seed for weights, order, masks")
     p.add_argument("--pretrained", default=None,
                    help="local timm/DeiT/Google ViT weights (.pth .pt .bin .npz .safetensors)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from OUT/last.pt, at the batch after the one it was saved at")
+    p.add_argument("--checkpoint-every", type=int, default=500,
+                   help="also write OUT/last.pt every this many batches within an epoch "
+                        "(0: only at epoch ends)")
     add_runtime_args(p)
     return p
 

@@ -31,15 +31,42 @@ def read_meta(path, dataset=None) -> dict:
     try:
         with h5py.File(path, "r") as f:
             meta = {k: _plain(v) for k, v in f.attrs.items()}
-            meta["length"] = len(f["names"]) if "names" in f else -1
+            if meta.get("schema_version") != SCHEMA_VERSION:
+                raise ValueError(f"{path}: schema_version {meta.get('schema_version')!r}, "
+                                 f"this RViT reads {SCHEMA_VERSION} (rerun prepare_data.py)")
+            if dataset is not None and meta.get("dataset") != dataset:
+                raise ValueError(f"{path}: holds dataset {meta.get('dataset')!r}, "
+                                 f"not {dataset!r}")
+            meta["length"] = check_layout(f, meta, path)
     except OSError as e:
         raise ValueError(f"{path}: not a readable HDF5 file ({e})") from e
-    if meta.get("schema_version") != SCHEMA_VERSION:
-        raise ValueError(f"{path}: schema_version {meta.get('schema_version')!r}, "
-                         f"this RViT reads {SCHEMA_VERSION} (rerun prepare_data.py)")
-    if dataset is not None and meta.get("dataset") != dataset:
-        raise ValueError(f"{path}: holds dataset {meta.get('dataset')!r}, not {dataset!r}")
     return meta
+
+
+def check_layout(f, meta, path):
+    """Number of samples, after checking that datasets and attrs agree (ValueError if not)."""
+    def fail(what):
+        raise ValueError(f"{path}: {what}")
+
+    for key in ("task", "bands", "classes", "mean", "std"):
+        if key not in meta:
+            fail(f"attribute {key!r} missing")
+    target = "masks" if meta["task"] == "segmentation" else "labels"
+    for key in ("images", target, "names"):
+        if not isinstance(f.get(key), h5py.Dataset):
+            fail(f"dataset {key!r} missing")
+    images, targets, n = f["images"], f[target], len(f["names"])
+    C = len(meta["bands"])
+    if images.ndim != 4 or images.shape[0] != n or images.shape[1] != C:
+        fail(f"images {images.shape} do not match {n} names and {C} bands")
+    if images.dtype.kind not in "uif" or targets.dtype != np.uint8:
+        fail(f"images {images.dtype} / {target} {targets.dtype}: expected numbers / uint8")
+    want = (n, len(meta["classes"])) if target == "labels" else (n, *images.shape[2:])
+    if targets.shape != want:
+        fail(f"{target} {targets.shape}, expected {want}")
+    if len(meta["mean"]) != C or len(meta["std"]) != C or min(meta["std"], default=1) <= 0:
+        fail(f"mean / std must hold {C} values, std positive")
+    return n
 
 
 def _plain(v):
@@ -72,16 +99,33 @@ class H5Dataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         if self._file is None:
             self._file = h5py.File(self.path, "r")
-        image = torch.from_numpy(self._file["images"][i])
-        target = torch.from_numpy(self._file[self.target_key][i])
+        try:
+            image = torch.from_numpy(self._file["images"][i])
+            target = torch.from_numpy(self._file[self.target_key][i])
+        except OSError as e:  # a damaged chunk
+            raise ValueError(f"{self.path}: sample {i} is unreadable ({e})") from e
         return image, target, i
 
 
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler whose epoch order can start at sample `start` of this rank's share,
+    so a run resumed mid-epoch goes on with the next batch of the same order."""
+
+    start = 0
+
+    def __iter__(self):
+        return iter(list(super().__iter__())[self.start:])
+
+    def __len__(self):
+        return super().__len__() - self.start
+
+
 def train_loader(ds, batch_size, workers, seed, device):
-    """Shuffled loader over this rank's share (DistributedSampler, seeded, tail dropped so every
-    rank takes the same number of steps); call `loader.sampler.set_epoch(e)` each epoch."""
-    sampler = DistributedSampler(ds, distributed.world_size(), distributed.rank(),
-                                 shuffle=True, seed=seed, drop_last=True)
+    """Shuffled loader over this rank's share (seeded, tail dropped so every rank takes the same
+    number of steps); call `loader.sampler.set_epoch(e)` each epoch and set
+    `loader.sampler.start` to skip the samples a resumed run has already seen."""
+    sampler = ResumableSampler(ds, distributed.world_size(), distributed.rank(),
+                               shuffle=True, seed=seed, drop_last=True)
     return DataLoader(ds, batch_size, sampler=sampler, num_workers=workers, drop_last=True,
                       pin_memory=device.type == "cuda", persistent_workers=workers > 0)
 

@@ -3,6 +3,7 @@
 Every sample a loader yields is counted once; under torchrun the loaders shard without padding
 (rvit/data.py), and the meters pool counts and scores over ranks (rvit/metrics.py).
 """
+import re
 import resource
 import time
 from contextlib import nullcontext
@@ -115,5 +116,6 @@ def write_examples(folder, model, masker, x, y, out, index, meta, n):
     keep = masker(vit.patch_embed(x), x, index)
     seg = meta["task"] == "segmentation"
     save_examples(folder, x, keep, meta, vit.patch_embed.patch_size,
-                  [f"{meta['dataset']}_{int(i):06d}" for i in index],
+                  [f"{re.sub(r'[^A-Za-z0-9_-]', '_', str(meta['dataset']))}_{int(i):06d}"
+                   for i in index],  # a name from a data file never steers the path
                   out[:n].argmax(1) if seg else None, y[:n] if seg else None)
