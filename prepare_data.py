@@ -133,7 +133,12 @@ def bigearthnet_main(args):
              "source": f"BigEarthNet {args.version} {args.modality} from {args.root}"}
 
     def read(s):
-        return bigearthnet.read_image(s["s2_dir"], s["s1_dir"], args.modality), s["labels"]
+        labels = s["labels"]
+        if labels is None:
+            name = os.path.basename(s["s2_dir"])
+            labels = bigearthnet.labels_v1(os.path.join(s["s2_dir"],
+                                                        f"{name}_labels_metadata.json"))
+        return bigearthnet.read_image(s["s2_dir"], s["s1_dir"], args.modality), labels
     return write_splits(samples, read, args.out, attrs, "labels", args.on_error)
 
 

@@ -244,8 +244,14 @@ def train_one_epoch(ddp, model, masker, loader, transform, opt, sched, scaler, a
         if every and save is not None and (step + 1) % every == 0 and step + 1 < first + len(
                 loader):
             check_finite(first_bad, epoch)  # never checkpoint a broken model
+            if not all(torch.isfinite(p).all() for p in model.parameters()):
+                # a finite loss can still give NaN gradients (e.g. inf pixels in dropped patches)
+                raise NonFiniteLoss(f"weights are not finite at epoch {epoch + 1}, "
+                                    f"batch {step + 1}")
             save(step + 1)
     check_finite(first_bad, epoch)
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise NonFiniteLoss(f"weights are not finite at the end of epoch {epoch + 1}")
     if dev.type == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start

@@ -141,11 +141,17 @@ def read_json(path):
         raise ValueError(f"{path}: unreadable labels file ({e})") from e
 
 
-def patches_v1(root, s1_root=None):
-    """Patches of a v1 archive: list of dicts name, s2_dir, s1_dir (or None), labels, split None.
+def labels_v1(path):
+    """19-class multi-hot labels from a v1 `<patch>_labels_metadata.json` (43 class names)."""
+    labels = read_json(path).get("labels")
+    if not isinstance(labels, list):
+        raise ValueError(f"{path}: no 'labels' list")
+    return multi_hot(labels, path)
 
-    Labels come from each S2 `<patch>_labels_metadata.json` (43 classes, mapped to 19).
-    """
+
+def patches_v1(root, s1_root=None):
+    """Patches of a v1 archive: dicts with name, s2_dir, s1_dir (or None), labels (None: read
+    from the S2 `<patch>_labels_metadata.json` with the image, so a bad file can be skipped)."""
     s1_of = {}
     if s1_root:
         for s1_name, s1_dir in _subdirs(s1_root, 1).items():
@@ -153,14 +159,10 @@ def patches_v1(root, s1_root=None):
             s1_of[meta["corresponding_s2_patch"]] = s1_dir
     out = []
     for name, s2_dir in sorted(_subdirs(root, 1).items()):
-        path = os.path.join(s2_dir, f"{name}_labels_metadata.json")
-        if not os.path.isfile(path):
+        if not os.path.isfile(os.path.join(s2_dir, f"{name}_labels_metadata.json")):
             continue  # not a patch folder
-        labels = read_json(path).get("labels")
-        if not isinstance(labels, list):
-            raise ValueError(f"{path}: no 'labels' list")
         out.append({"name": name, "s2_dir": s2_dir, "s1_dir": s1_of.get(name),
-                    "labels": multi_hot(labels, path), "split": None})
+                    "labels": None, "split": None})
     return out
 
 

@@ -126,8 +126,11 @@ def train_loader(ds, batch_size, workers, seed, device):
     `loader.sampler.start` to skip the samples a resumed run has already seen."""
     sampler = ResumableSampler(ds, distributed.world_size(), distributed.rank(),
                                shuffle=True, seed=seed, drop_last=True)
+    # its own generator: starting an epoch's iterator must not draw from the global RNG, which
+    # drives masks and augmentation and is restored exactly on resume
     return DataLoader(ds, batch_size, sampler=sampler, num_workers=workers, drop_last=True,
-                      pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+                      pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                      generator=torch.Generator().manual_seed(seed))
 
 
 def eval_loader(ds, batch_size, workers, device):
