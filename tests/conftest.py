@@ -73,7 +73,8 @@ def write_woody_site(folder, site, size=(300, 260), canopy_px=((40, 60, 140, 150
         return {"type": "Polygon", "coordinates": [pts]}
 
     def write_shp(name, geoms, shp_crs):
-        with shapefile.Writer(os.path.join(folder, f"{site}_{name}"), shapeType=shapefile.POLYGON) as wr:
+        path = os.path.join(folder, f"{site}_{name}")
+        with shapefile.Writer(path, shapeType=shapefile.POLYGON) as wr:
             wr.field("id", "N")
             for i, g in enumerate(geoms):
                 wr.poly([list(map(tuple, g["coordinates"][0]))])

@@ -73,8 +73,8 @@ def test_train_then_evaluate_end_to_end(ben_v1, tmp_path):
     ckpt = load_checkpoint(str(out / "best.pt"))
     assert len(ckpt["model"]) == 152 and "masker" in ckpt
     result = out / "test.json"
-    run("evaluate.py", "--checkpoint", out / "best.pt", "--split", "test", "--workers", "0",
-        "--device", "cpu", "--out", result)
+    run("evaluate.py", "--checkpoint", out / "best.pt", "--data-dir", ben_v1, "--split", "test",
+        "--workers", "0", "--device", "cpu", "--out", result)
     r = json.loads(result.read_text())
     assert r["dataset"] == "bigearthnet" and r["num_samples"] == 1 and r["mask_ratio"] == 0.6
     for key in ("mAP_macro", "mAP_micro", "F1_micro", "F1_macro", "F1_weighted", "kept_share",

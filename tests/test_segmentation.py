@@ -86,8 +86,9 @@ def test_woody_train_then_evaluate(woody_h5, tmp_path):
     run("train.py", "--dataset", "woody", "--data-dir", woody_h5, "--out", tmp_path, "--mask",
         "0.6", "--epochs", "1", "--img-size", "64", *SMALL)
     out = tmp_path / "r.json"
-    run("evaluate.py", "--checkpoint", tmp_path / "best.pt", "--split", "test", "--workers",
-        "0", "--device", "cpu", "--out", out, "--save-examples", tmp_path / "png")
+    run("evaluate.py", "--checkpoint", tmp_path / "best.pt", "--data-dir", woody_h5, "--split",
+        "test", "--workers", "0", "--device", "cpu", "--out", out, "--save-examples",
+        tmp_path / "png")
     r = json.loads(out.read_text())
     for key in ("F1_micro", "F1_macro", "jaccard_weighted", "mIoU", "OA", "IoU_per_class"):
         assert key in r

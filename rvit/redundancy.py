@@ -1,0 +1,330 @@
+"""How redundant is a dataset? Spatial and spectral redundancy, measured before any training.
+
+    python -m rvit.redundancy --data-dir data/bigearthnet --split train --out redundancy/
+    python -m rvit.redundancy --data-dir data/woody --checkpoint runs/woody-.../best.pt --out r/
+
+Spatial: the redundancy score that the masking uses (rvit/masking.py: mean cosine similarity of
+each patch to the other patches of its image), on standardised pixels and, with --checkpoint, on a
+trained model's patch embeddings: its histogram over all patches, per image the share of patches
+scoring above each --thresholds value, the kept share the dynamic strategy would give at each
+--mask (threshold = the (1 - m)-quantile of all scores), and the mean score per class.
+Spectral (C > 1): the band correlation matrix and the number of principal components of the
+standardised bands that explain 95 % and 99 % of the variance.
+
+Everything is streamed over the HDF5 file (two passes; memory does not grow with its size) and
+written to OUT/redundancy.json, printed as Markdown, and drawn as PNGs when matplotlib / Pillow
+are installed (optional, imported only for the figures).
+"""
+import argparse
+import heapq
+import json
+import math
+import os
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from rvit.checkpoint import load_checkpoint
+from rvit.data import DeviceTransform, H5Dataset
+from rvit.masking import num_keep, pixel_patches, redundancy_score
+from rvit.models import build_model, encoder
+
+BINS = np.linspace(-1.0, 1.0, 201)  # score histogram edges: cosine similarity in [-1, 1]
+
+
+class Spectral:
+    """Streamed band statistics of native pixel values: sums of x and x x^T in float64."""
+
+    def __init__(self, bands):
+        self.n, self.s, self.ss = 0, np.zeros(bands), np.zeros((bands, bands))
+
+    def add(self, images):
+        """images: (B, C, H, W) any real dtype."""
+        x = images.transpose(1, 0, 2, 3).reshape(images.shape[1], -1).astype(np.float64)
+        self.n += x.shape[1]
+        self.s += x.sum(1)
+        self.ss += x @ x.T
+
+    def result(self):
+        mean = self.s / self.n
+        cov = self.ss / self.n - np.outer(mean, mean)
+        std = np.sqrt(np.clip(np.diag(cov), 1e-12, None))
+        corr = cov / np.outer(std, std)
+        eig = np.sort(np.linalg.eigvalsh(corr))[::-1].clip(min=0)
+        explained = np.cumsum(eig) / eig.sum()
+        return {"correlation": corr.tolist(), "explained_variance": explained.tolist(),
+                "components_95": int(np.searchsorted(explained, 0.95 - 1e-9) + 1),
+                "components_99": int(np.searchsorted(explained, 0.99 - 1e-9) + 1)}
+
+
+def scores_of(x, space, vit, patch):
+    """(B, N) redundancy scores of a normalised batch in pixel or embedding space."""
+    feats = pixel_patches(x, patch) if space == "pixel" else vit.patch_embed(x)
+    return redundancy_score(feats)
+
+
+def batches(ds, args, tf, desc):
+    """(native images numpy, model input, targets, index) per batch, with a progress bar."""
+    n = min(len(ds), args.max_samples or len(ds))
+    for start in tqdm(range(0, n, args.batch_size), desc=desc):
+        idx = list(range(start, min(n, start + args.batch_size)))
+        items = [ds[i] for i in idx]
+        images = torch.stack([it[0] for it in items])
+        targets = torch.stack([it[1] for it in items])
+        x, y = tf(images, targets)
+        yield images.numpy(), x, y, idx
+
+
+def quantile_from_hist(hist, q):
+    """q-quantile of the scores from their histogram (linear within a bin)."""
+    cdf = np.cumsum(hist) / max(hist.sum(), 1)
+    i = int(np.searchsorted(cdf, q))
+    lo, hi = BINS[i], BINS[i + 1]
+    before = cdf[i - 1] if i > 0 else 0.0
+    frac = (q - before) / max(cdf[i] - before, 1e-12)
+    return float(lo + frac * (hi - lo))
+
+
+@torch.no_grad()
+def analyse(args):
+    ds = H5Dataset(os.path.join(args.data_dir, f"{args.split}.h5"))
+    meta = ds.meta
+    vit = None
+    spaces = ["pixel"]
+    if args.checkpoint:
+        ckpt = load_checkpoint(args.checkpoint)
+        model = build_model(ckpt["config"], ckpt["meta"])
+        model.load_state_dict(ckpt["model"])
+        vit = encoder(model).eval()
+        args.img_size, args.patch_size = ckpt["config"]["img_size"], ckpt["config"]["patch_size"]
+        spaces.append("embedding")
+    if args.img_size % args.patch_size:
+        raise ValueError(f"--img-size {args.img_size} is not a multiple of --patch-size "
+                         f"{args.patch_size}")
+    tf = DeviceTransform(meta["mean"], meta["std"], args.img_size, torch.device("cpu"))
+    N = (args.img_size // args.patch_size) ** 2
+    seg, classes = meta["task"] == "segmentation", meta["classes"]
+    hist = {s: np.zeros(len(BINS) - 1) for s in spaces}
+    above = {s: np.zeros(len(args.thresholds)) for s in spaces}
+    class_sum = {s: np.zeros(len(classes)) for s in spaces}
+    class_n = np.zeros(len(classes))
+    spectral = Spectral(len(meta["bands"]))
+    extremes = {"most": [], "least": []}  # heaps of (mean score, index)
+    count = 0
+    for images, x, y, idx in batches(ds, args, tf, "pass 1"):
+        spectral.add(images)
+        for s in spaces:
+            r = scores_of(x, s, vit, args.patch_size).numpy()  # (B, N)
+            hist[s] += np.histogram(r.clip(-1, 1), BINS)[0]
+            above[s] += np.stack([(r > t).mean(1) for t in args.thresholds], 1).sum(0)
+            sums, counts = per_class(r, y, seg, len(classes), args.patch_size)
+            class_sum[s] += sums
+        class_n += counts
+        track_extremes(extremes, r.mean(1), idx, args.num_examples)
+        count += len(idx)
+    if count == 0:
+        raise ValueError(f"{ds.path}: no samples")
+    result = {"dataset": meta["dataset"], "split": args.split, "num_samples": count,
+              "img_size": args.img_size, "patch_size": args.patch_size, "num_patches": N,
+              "thresholds": args.thresholds, "spatial": {}}
+    taus = {s: {m: quantile_from_hist(hist[s], 1 - m) for m in args.mask} for s in spaces}
+    kept = dynamic_kept(ds, args, tf, vit, spaces, taus, N)
+    for s in spaces:
+        total = hist[s].sum()
+        centers = (BINS[:-1] + BINS[1:]) / 2
+        result["spatial"][s] = {
+            "histogram": {"edges": BINS.tolist(), "counts": hist[s].astype(int).tolist()},
+            "mean_score": float((hist[s] * centers).sum() / total),
+            "share_above": {f"{t:g}": float(v / count) for t, v in zip(args.thresholds,
+                                                                       above[s])},
+            "dynamic_kept_share": {f"{m:g}": kept[s][m] for m in args.mask},
+            "per_class_mean_score": {c: (float(class_sum[s][i] / class_n[i]) if class_n[i]
+                                         else None) for i, c in enumerate(classes)}}
+    if len(meta["bands"]) > 1:
+        result["spectral"] = {"bands": meta["bands"], **spectral.result()}
+    result["examples"] = {k: [i for _, i in sorted(v, reverse=True)]  # most extreme first
+                          for k, v in extremes.items()}
+    return result, ds, tf
+
+
+def per_class(r, y, seg, num_classes, patch):
+    """Sum of scores and counts per class: images with the label (multi-label), or patches
+    whose commonest pixel class it is (segmentation)."""
+    y = y.numpy()
+    if not seg:
+        mean = r.mean(1)  # (B,) image redundancy
+        return (y * mean[:, None]).sum(0), y.sum(0)
+    B, H, W = y.shape
+    tiles = y.reshape(B, H // patch, patch, W // patch, patch).transpose(0, 1, 3, 2, 4)
+    tiles = tiles.reshape(B * r.shape[1], -1)
+    valid = tiles < num_classes  # leaves ignored pixels out
+    onehot = np.stack([((tiles == c) & valid).sum(1) for c in range(num_classes)], 1)
+    major = onehot.argmax(1)
+    has = onehot.max(1) > 0
+    flat = r.reshape(-1)
+    sums = np.bincount(major[has], weights=flat[has], minlength=num_classes)
+    return sums, np.bincount(major[has], minlength=num_classes)
+
+
+def track_extremes(extremes, means, idx, k):
+    """Keep the k images of highest and of lowest mean score in two min-heaps of (key, index)."""
+    for m, i in zip(means.tolist(), idx):
+        for heap, key in ((extremes["most"], m), (extremes["least"], -m)):
+            if len(heap) < k:
+                heapq.heappush(heap, (key, i))
+            elif (key, i) > heap[0]:
+                heapq.heapreplace(heap, (key, i))
+
+
+def dynamic_kept(ds, args, tf, vit, spaces, taus, N):
+    """Second pass: per-image kept share of the dynamic rule at each mask ratio's threshold."""
+    floor = max(1, math.ceil(0.02 * N))
+    shares = {s: {m: [] for m in args.mask} for s in spaces}
+    for _, x, _, _ in batches(ds, args, tf, "pass 2"):
+        for s in spaces:
+            r = scores_of(x, s, vit, args.patch_size)
+            for m in args.mask:
+                k = (r < taus[s][m]).sum(1).clamp_min(floor) if m > 0 else torch.full(
+                    (r.shape[0],), N)
+                shares[s][m] += (k.float() / N).tolist()
+    out = {}
+    for s in spaces:
+        out[s] = {}
+        for m in args.mask:
+            v = np.array(shares[s][m])
+            out[s][m] = {"tau": taus[s][m], "mean": float(v.mean()), "min": float(v.min()),
+                         "max": float(v.max()), "std": float(v.std()),
+                         "similarity_share": num_keep(N, m) / N}
+    return out
+
+
+def markdown(result):
+    lines = [f"# Redundancy of {result['dataset']} ({result['split']}, "
+             f"{result['num_samples']} images, {result['num_patches']} patches of "
+             f"{result['patch_size']} px at {result['img_size']} px)", ""]
+    for s, sp in result["spatial"].items():
+        lines += [f"## Spatial, {s} space: mean score {sp['mean_score']:.3f}", "",
+                  "| threshold | share of patches above |", "|---|---|"]
+        lines += [f"| {t} | {v:.3f} |" for t, v in sp["share_above"].items()]
+        lines += ["", "| mask | dynamic kept share: mean | min | max | similarity keeps |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {m} | {v['mean']:.3f} | {v['min']:.3f} | {v['max']:.3f} | "
+                  f"{v['similarity_share']:.3f} |" for m, v in sp["dynamic_kept_share"].items()]
+        ranked = sorted(((v, c) for c, v in sp["per_class_mean_score"].items() if v is not None),
+                        reverse=True)
+        lines += ["", "| class (most redundant first) | mean score |", "|---|---|"]
+        lines += [f"| {c} | {v:.3f} |" for v, c in ranked]
+        lines.append("")
+    if "spectral" in result:
+        sp = result["spectral"]
+        lines += [f"## Spectral: {len(sp['bands'])} bands; {sp['components_95']} principal "
+                  f"components explain 95 % of the variance, {sp['components_99']} explain 99 %",
+                  ""]
+    return "\n".join(lines)
+
+
+def figures(result, ds, tf, args):
+    """Score histograms, band correlation matrix (matplotlib) and the most / least redundant
+    images with their dropped patches greyed at --show-mask (Pillow). Returns files written."""
+    written = []
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        plt = None
+        print("matplotlib is not installed: no histogram or correlation plots")
+    if plt is not None:
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        for s, sp in result["spatial"].items():
+            edges, counts = np.array(sp["histogram"]["edges"]), np.array(sp["histogram"]["counts"])
+            ax.stairs(counts / counts.sum(), edges, label=f"{s} space")
+        ax.set_xlabel("redundancy score (mean cosine similarity to the other patches)")
+        ax.set_ylabel("share of patches")
+        ax.legend()
+        fig.tight_layout()
+        written.append(os.path.join(args.out, "score_histogram.png"))
+        fig.savefig(written[-1], dpi=120)
+        plt.close(fig)
+        if "spectral" in result:
+            sp = result["spectral"]
+            fig, ax = plt.subplots(figsize=(4.5, 4))
+            im = ax.imshow(np.array(sp["correlation"]), vmin=-1, vmax=1, cmap="RdBu_r")
+            ax.set_xticks(range(len(sp["bands"])), sp["bands"], rotation=90)
+            ax.set_yticks(range(len(sp["bands"])), sp["bands"])
+            fig.colorbar(im)
+            fig.tight_layout()
+            written.append(os.path.join(args.out, "band_correlation.png"))
+            fig.savefig(written[-1], dpi=120)
+            plt.close(fig)
+    written += example_grid(result, ds, tf, args)
+    return written
+
+
+def example_grid(result, ds, tf, args):
+    try:
+        from PIL import Image
+    except ImportError:
+        print("Pillow is not installed: no example grid")
+        return []
+    from rvit.figures import grey_dropped, to_rgb
+    from rvit.masking import keep_lowest
+    rows = []
+    N = result["num_patches"]
+    for name in ("most", "least"):
+        tiles = []
+        for i in result["examples"][name]:
+            image, target, _ = ds[i]
+            x, _ = tf(image[None], target[None])
+            kept = keep_lowest(scores_of(x, "pixel", None, args.patch_size),
+                               num_keep(N, args.show_mask))[0].numpy()
+            tiles.append(grey_dropped(to_rgb(x[0], list(ds.meta["bands"])), kept,
+                                      args.patch_size))
+        if tiles:
+            rows.append(np.concatenate(tiles, axis=1))
+    width = max(r.shape[1] for r in rows)
+    rows = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0))) for r in rows]
+    path = os.path.join(args.out, f"examples_mask{args.show_mask:g}.png")
+    Image.fromarray(np.concatenate(rows, axis=0)).save(path)
+    return [path]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data-dir", required=True, help="folder of prepare_data.py's HDF5 files")
+    p.add_argument("--split", default="train", help="split file name without .h5")
+    p.add_argument("--out", required=True, help="folder for redundancy.json and the PNGs")
+    p.add_argument("--checkpoint", help="also score in this trained model's embedding space "
+                                        "(its image and patch size are used)")
+    p.add_argument("--max-samples", type=int, default=None, help="read at most this many images")
+    p.add_argument("--img-size", type=int, default=224, help="images are resized to this side "
+                                                             "(pixels), as for training")
+    p.add_argument("--patch-size", type=int, default=16, help="patch side in pixels")
+    p.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.7, 0.9],
+                   help="report the share of patches scoring above each")
+    p.add_argument("--mask", type=float, nargs="+", default=[0.25, 0.5, 0.65, 0.75, 0.85],
+                   help="mask ratios at which to report the dynamic strategy's kept share")
+    p.add_argument("--show-mask", type=float, default=0.65,
+                   help="mask ratio of the example grid (the poster's 'mask top 65%%')")
+    p.add_argument("--num-examples", type=int, default=4,
+                   help="most and least redundant images shown")
+    p.add_argument("--batch-size", type=int, default=32, help="images per step")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    result, ds, tf = analyse(args)
+    os.makedirs(args.out, exist_ok=True)
+    result["figures"] = figures(result, ds, tf, args)
+    path = os.path.join(args.out, "redundancy.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(path + ".tmp", path)
+    print(markdown(result))
+    print(f"wrote {path}" + "".join(f", {f}" for f in result["figures"]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""The redundancy report: constructed extremes, and figures against NumPy on real patches."""
+import json
+
+import h5py
+import numpy as np
+import pytest
+
+from prepare.h5 import SplitWriter
+from rvit.redundancy import main
+
+
+def write_split(folder, images, bands, classes=("a", "b")):
+    w = SplitWriter(str(folder / "train.h5"), "labels")
+    for i, img in enumerate(images):
+        w.append(img, np.array([i % 2, 1], np.uint8), f"s{i}")
+    stack = np.stack(images).astype(np.float64)
+    w.finish({"dataset": "toy", "task": "multilabel", "bands": bands, "classes": list(classes),
+              "mean": stack.mean((0, 2, 3)), "std": stack.std((0, 2, 3)) + 1e-6, "source": "test"},
+             images[0].shape, images[0].dtype, (len(classes),))
+
+
+def report(folder, *extra):
+    main(["--data-dir", str(folder), "--out", str(folder / "out"), *extra])
+    with open(folder / "out" / "redundancy.json") as f:
+        return json.load(f)
+
+
+def test_one_repeated_patch_is_fully_redundant(tmp_path):
+    rng = np.random.default_rng(0)
+    images = [np.tile(rng.integers(0, 255, (3, 8, 8), dtype=np.uint8), (1, 4, 4))
+              for _ in range(3)]
+    write_split(tmp_path, images, ["R", "G", "B"])
+    r = report(tmp_path, "--img-size", "32", "--patch-size", "8", "--thresholds", "0.5", "0.9",
+               "0.99", "--mask", "0.5")
+    sp = r["spatial"]["pixel"]
+    assert sp["mean_score"] > 0.99
+    assert sp["share_above"] == {"0.5": 1.0, "0.9": 1.0, "0.99": 1.0}
+
+
+def test_independent_noise_bands_need_every_component(tmp_path):
+    rng = np.random.default_rng(1)
+    images = [rng.normal(100, 10, (6, 32, 32)).astype(np.float32) for _ in range(4)]
+    write_split(tmp_path, images, [f"b{i}" for i in range(6)])
+    r = report(tmp_path, "--img-size", "32", "--patch-size", "8")
+    assert r["spectral"]["components_95"] == 6 == r["spectral"]["components_99"]
+    assert np.allclose(r["spectral"]["correlation"], np.eye(6), atol=0.05)
+
+
+def test_correlated_bands_need_fewer_components(tmp_path):
+    rng = np.random.default_rng(2)
+    base = rng.normal(0, 1, (4, 1, 32, 32))
+    images = [(np.concatenate([b, 2 * b, -b + 0.01 * rng.normal(size=b.shape)]) * 50 + 500)
+              .astype(np.float32) for b in base]
+    write_split(tmp_path, images, ["x", "y", "z"])
+    assert report(tmp_path, "--img-size", "32", "--patch-size", "8")["spectral"][
+        "components_95"] == 1
+
+
+def numpy_scores(image, p):
+    """Mean cosine similarity of each standardised p x p patch to the others (brute force)."""
+    x = image.astype(np.float64)
+    x = (x - x.mean((1, 2), keepdims=True)) / x.std((1, 2), keepdims=True)
+    C, H, W = x.shape
+    patches = x.reshape(C, H // p, p, W // p, p).transpose(1, 3, 0, 2, 4).reshape(-1, C * p * p)
+    u = patches / np.linalg.norm(patches, axis=1, keepdims=True)
+    sim = u @ u.T
+    n = len(u)
+    return (sim.sum(1) - 1) / (n - 1)
+
+
+def test_figures_match_numpy_on_real_bigearthnet_patches(ben_v1, tmp_path):
+    main(["--data-dir", str(ben_v1), "--out", str(tmp_path), "--img-size", "120",
+          "--patch-size", "8", "--thresholds", "0", "0.05", "--mask", "0.5"])
+    r = json.loads((tmp_path / "redundancy.json").read_text())
+    with h5py.File(ben_v1 / "train.h5") as f:
+        images = f["images"][:]
+    scores = np.stack([numpy_scores(img, 8) for img in images])  # (7, 225)
+    sp = r["spatial"]["pixel"]
+    assert sp["mean_score"] == pytest.approx(scores.mean(), abs=0.005)  # histogram bin width
+    assert sp["share_above"]["0"] == pytest.approx((scores > 0).mean(), abs=1e-6)
+    assert sp["share_above"]["0.05"] == pytest.approx((scores > 0.05).mean(), abs=1e-6)
+    assert sp["dynamic_kept_share"]["0.5"]["mean"] == pytest.approx(0.5, abs=0.02)
+    pixels = images.transpose(1, 0, 2, 3).reshape(12, -1).astype(np.float64)
+    assert np.allclose(r["spectral"]["correlation"], np.corrcoef(pixels), atol=1e-6)
+    eig = np.sort(np.linalg.eigvalsh(np.corrcoef(pixels)))[::-1]
+    explained = np.cumsum(eig) / eig.sum()
+    assert r["spectral"]["components_95"] == int(np.argmax(explained >= 0.95)) + 1
+    assert r["num_samples"] == 7 and len(r["examples"]["most"]) == 4
