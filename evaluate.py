@@ -81,7 +81,7 @@ def main(args):
     if not re.fullmatch(r"[a-z0-9_]+", str(dataset)):  # it becomes part of a path below
         raise ValueError(f"{args.checkpoint}: odd dataset name {dataset!r}")
     data_dir = args.data_dir or os.path.join("data", dataset)
-    ds = H5Dataset(os.path.join(data_dir, f"{args.split}.h5"), cfg["dataset"])
+    ds = H5Dataset(os.path.join(data_dir, f"{args.split}.h5"), cfg["dataset"], args.preload)
     for key in ("bands", "classes"):
         if ds.meta[key] != meta[key]:
             raise ValueError(f"{ds.path}: {key} {ds.meta[key]} differ from the checkpoint's "

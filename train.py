@@ -84,8 +84,8 @@ def main(args):
     amp = args.amp or ("bf16" if device_name == "cuda" else "none")
     rank, world, device = distributed.setup(device_name)
     torch.manual_seed(args.seed)  # same initial weights on every rank
-    train_ds = H5Dataset(os.path.join(args.data_dir, "train.h5"), args.dataset)
-    val_ds = H5Dataset(os.path.join(args.data_dir, "val.h5"), args.dataset)
+    train_ds = H5Dataset(os.path.join(args.data_dir, "train.h5"), args.dataset, args.preload)
+    val_ds = H5Dataset(os.path.join(args.data_dir, "val.h5"), args.dataset, args.preload)
     meta = {k: train_ds.meta[k] for k in ("dataset", "task", "bands", "classes", "mean", "std")}
     meta["ignore_index"] = train_ds.meta.get("ignore_index")
     if len(train_ds) < args.batch_size * world:
@@ -126,14 +126,15 @@ def main(args):
                            f"batch {skip + 1}")
     else:
         torch.manual_seed(args.seed + rank)  # masks and augmentation differ across ranks
-    ddp = model
+    if world > 1 and device.type == "cuda":  # BatchNorm statistics over the global batch
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    # `model` stays the plain module: it is what checkpoints save and validation runs
+    ddp = torch.compile(model) if args.compile else model
     if world > 1:
-        if device.type == "cuda":  # BatchNorm statistics over the global batch (decoder)
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         # blocks after the last tapped one get no gradient in segmentation
         unused = meta["task"] == "segmentation" and max(args.out_indices) < len(
             encoder(model).blocks) - 1
-        ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+        ddp = DDP(ddp, device_ids=[device.index] if device.type == "cuda" else None,
                   find_unused_parameters=unused)
     info = provenance(device)
     config = {k: v for k, v in vars(args).items()}

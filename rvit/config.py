@@ -76,6 +76,8 @@ def add_runtime_args(p):
     p.add_argument("--amp", choices=("bf16", "fp16", "none"), default=None,
                    help="autocast precision; default bf16 on CUDA, none on CPU")
     p.add_argument("--workers", type=int, default=None, help="DataLoader worker processes")
+    p.add_argument("--preload", action="store_true",
+                   help="read each split into memory once (when it fits) instead of from disk")
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
 
 
@@ -111,6 +113,9 @@ def train_parser():
     p.add_argument("--seed", type=int, default=None, help="seed for weights, order, masks")
     p.add_argument("--pretrained", default=None,
                    help="local timm/DeiT/Google ViT weights (.pth .pt .bin .npz .safetensors)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the model for training (checkpoints hold the plain "
+                        "module's weights)")
     p.add_argument("--resume", action="store_true",
                    help="continue from OUT/last.pt, at the batch after the one it was saved at")
     p.add_argument("--checkpoint-every", type=int, default=500,

@@ -81,30 +81,66 @@ class H5Dataset(torch.utils.data.Dataset):
     """One split file. Item i: (image (C, H, W) native dtype, target, i).
 
     target: (classes,) uint8 multi-hot, or (H, W) uint8 class map. The file is opened lazily in
-    each DataLoader worker (h5py handles must not cross a fork).
+    each DataLoader worker (h5py handles must not cross a fork). A DataLoader fetches a batch
+    through `__getitems__`, one h5py read per run of consecutive indices. With `preload`, the
+    whole split is read into memory once.
 
     Raises:
-        see `read_meta`.
+        see `read_meta`; ValueError when a preloaded split would not fit in free memory.
     """
 
-    def __init__(self, path, dataset=None):
+    def __init__(self, path, dataset=None, preload=False):
         self.path = path
         self.meta = read_meta(path, dataset)
         self.target_key = "masks" if self.meta["task"] == "segmentation" else "labels"
-        self._file = None
+        self._file = self._arrays = None
+        if preload:
+            self._arrays = self._load_all()
+
+    def _load_all(self):
+        with h5py.File(self.path, "r") as f:
+            images, targets = f["images"], f[self.target_key]
+            need = images.size * images.dtype.itemsize + targets.size * targets.dtype.itemsize
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+            if need > 0.8 * free:
+                raise ValueError(f"{self.path}: --preload needs {need / 2**30:.1f} GiB, only "
+                                 f"{free / 2**30:.1f} GiB are free")
+            try:
+                return images[:], targets[:]
+            except OSError as e:
+                raise ValueError(f"{self.path}: unreadable ({e})") from e
 
     def __len__(self):
         return self.meta["length"]
 
-    def __getitem__(self, i):
+    def _read(self, sel):
+        """Images and targets at an index or slice, from memory or the file."""
+        if self._arrays is not None:
+            return self._arrays[0][sel], self._arrays[1][sel]
         if self._file is None:
             self._file = h5py.File(self.path, "r")
         try:
-            image = torch.from_numpy(self._file["images"][i])
-            target = torch.from_numpy(self._file[self.target_key][i])
+            return self._file["images"][sel], self._file[self.target_key][sel]
         except OSError as e:  # a damaged chunk
-            raise ValueError(f"{self.path}: sample {i} is unreadable ({e})") from e
-        return image, target, i
+            first, last = (sel, sel) if isinstance(sel, int) else (sel.start, sel.stop - 1)
+            what = f"sample {first}" if first == last else f"samples {first}..{last}"
+            raise ValueError(f"{self.path}: {what} is unreadable ({e})") from e
+
+    def __getitem__(self, i):
+        image, target = self._read(i)
+        return torch.from_numpy(image), torch.from_numpy(target), i
+
+    def __getitems__(self, indices):
+        """Samples at `indices` (in that order), reading each consecutive run at once."""
+        order = sorted(set(indices))
+        got, start = {}, 0
+        for k in range(1, len(order) + 1):
+            if k == len(order) or order[k] != order[k - 1] + 1:  # end of a run
+                images, targets = self._read(slice(order[start], order[k - 1] + 1))
+                for j, i in enumerate(order[start:k]):
+                    got[i] = (torch.from_numpy(images[j]), torch.from_numpy(targets[j]), i)
+                start = k
+        return [got[i] for i in indices]
 
 
 class ResumableSampler(DistributedSampler):

@@ -44,15 +44,24 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x, key_mask=None):
-        """x: (B, L, D); key_mask: (B, L) bool, True for real tokens, or None. Returns (B, L, D)."""
-        B, L, D = x.shape
+        """x: (B, L, D), or packed (T, D) real tokens of a padded batch; key_mask: (B, L) bool,
+        True for real tokens (T of them), or None. Returns x's shape.
+
+        Packed input keeps the linear layers at the true token count; only the attention core
+        runs padded, with padding masked out as keys.
+        """
+        qkv = self.qkv(x)
+        if x.dim() == 2:  # packed (T, 3D) -> padded (B, L, 3D)
+            qkv = qkv.new_zeros(*key_mask.shape, qkv.shape[-1]).index_put_((key_mask,), qkv)
+        B, L, D = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
         # (B, L, 3D) -> (3, B, heads, L, D / heads)
-        qkv = self.qkv(x).reshape(B, L, 3, self.num_heads, D // self.num_heads)
+        qkv = qkv.reshape(B, L, 3, self.num_heads, D // self.num_heads)
         qkv = qkv.permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         attn_mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, L)
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        return self.proj(x.transpose(1, 2).reshape(B, L, D))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        out = out.transpose(1, 2).reshape(B, L, D)
+        return self.proj(out[key_mask] if x.dim() == 2 else out)  # (T, D) when packed
 
 
 class Mlp(nn.Module):
@@ -146,11 +155,21 @@ class VisionTransformer(nn.Module):
         return torch.cat([cls, tokens], dim=1), key_mask, ids_keep, z
 
     def forward_features(self, x, select=None):
-        """(B, C, H, W) -> normed tokens (B, 1 + K, D); see `embed` for `select`."""
+        """(B, C, H, W) -> normed tokens (B, 1 + K, D); see `embed` for `select`.
+
+        A padded batch (variable K, dynamic strategy) runs packed: the blocks see only its real
+        tokens (T, D), so their linear layers cost the true token count; padding comes back
+        as zeros.
+        """
         x, key_mask, _, _ = self.embed(x, select)
+        if key_mask is None:
+            for blk in self.blocks:
+                x = blk(x)
+            return self.norm(x)
+        packed = x[key_mask]  # (B, L, D) -> (T, D)
         for blk in self.blocks:
-            x = blk(x, key_mask)
-        return self.norm(x)
+            packed = blk(packed, key_mask)
+        return x.new_zeros(x.shape).index_put_((key_mask,), self.norm(packed))
 
     def forward(self, x, select=None):
         """(B, C, H, W) float -> logits (B, num_classes), pooled from the class token."""
