@@ -35,7 +35,10 @@ def parse_args():
     p.add_argument("--classes", type=int, default=19, help="classes")
     p.add_argument("--task", choices=("multilabel", "segmentation"), default="multilabel",
                    help="ViT classifier, or RUPerNet (nearest fill, auxiliary head)")
-    p.add_argument("--decoder-channels", type=int, default=256, help="RUPerNet UPerHead width")
+    p.add_argument("--decoder-channels", type=int, default=64, help="RUPerNet UPerHead width")
+    p.add_argument("--encoder-only", action="store_true",
+                   help="segmentation: time RUPerNet's encoder alone (tapped blocks, grid "
+                        "restored), to see the decoder's share of a step")
     p.add_argument("--masks", default="0,0.25,0.5,0.6,0.75,0.85", help="comma-separated ratios")
     p.add_argument("--strategies", default="similarity,dynamic,random",
                    help="comma-separated strategies")
@@ -110,9 +113,12 @@ def measure(model, select, args, device, train):
 
     def train_step():
         with amp:
-            out = model(x, **kwargs)
-            loss = segmentation_loss(out, y) if seg else \
-                F.binary_cross_entropy_with_logits(out.float(), y)
+            if args.encoder_only:  # RUPerNet's ViT alone: the rest of a full step is decoder
+                loss = sum(f.float().mean() for f in model.encode(x, **kwargs))
+            else:
+                out = model(x, **kwargs)
+                loss = segmentation_loss(out, y) if seg else \
+                    F.binary_cross_entropy_with_logits(out.float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -120,7 +126,7 @@ def measure(model, select, args, device, train):
     @torch.no_grad()
     def infer_step():
         with amp:
-            model(x, **kwargs)
+            model.encode(x, **kwargs) if args.encoder_only else model(x, **kwargs)
 
     model.train(train)
     reset_peak(device)
@@ -145,7 +151,11 @@ def rvit_setting(args, strategy, m, train):
                 vit.embed(torch.randn(64, args.in_chans, args.img_size, args.img_size,
                                         device=device), masker)
     masker.train(train)
+    if args.encoder_only and args.task != "segmentation":
+        raise SystemExit("--encoder-only needs --task segmentation")
     run = torch.compile(model) if args.compile else model
+    if args.compile and args.encoder_only:
+        run.encode = torch.compile(model.encode)
     ips, peak = measure(run, masker, args, device, train)
     return ips, peak, float(masker.kept.float().mean())
 
