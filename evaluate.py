@@ -8,7 +8,6 @@ Prints the dataset's metrics and writes them, with the realised kept share, imag
 commit, as one JSON object. Under torchrun every sample is counted exactly once.
 """
 import argparse
-import json
 import os
 import re
 import sys
@@ -16,7 +15,7 @@ import sys
 import torch
 
 from rvit import distributed
-from rvit.checkpoint import load_checkpoint, provenance
+from rvit.checkpoint import load_checkpoint, provenance, write_json
 from rvit.config import add_masking_args, add_runtime_args, check, mask_list
 from rvit.data import DeviceTransform, H5Dataset, eval_loader
 from rvit.evaluation import calibrate_dynamic, evaluate
@@ -127,15 +126,6 @@ def print_table(record, metrics, classes):
         print(f"  {key:<18} {100 * record[key]:7.2f}")
     for name, iou in zip(classes, record.get("IoU_per_class", [])):
         print(f"  IoU {name:<28} {100 * iou:7.2f}")
-
-
-def write_json(obj, path):
-    """Write JSON atomically (temporary file, then rename)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

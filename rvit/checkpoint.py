@@ -1,10 +1,11 @@
-"""Atomic checkpoints, and loading pretrained timm / DeiT / Google ViT weights into RViT's ViT.
+"""Atomic checkpoints (and JSON records), and loading pretrained timm / DeiT / Google ViT weights into RViT's ViT.
 
 Adapting a checkpoint to another input follows timm (`resample_abs_pos_embed`,
 `adapt_input_conv`, `_load_weights` for Google's .npz layout): the position grid is resized
 bicubically with the class slot kept; an RGB patch kernel is repeated over C bands and rescaled by
 3 / C; a head of another class count is dropped. Nothing is ever downloaded.
 """
+import json
 import math
 import os
 import platform
@@ -38,6 +39,14 @@ def atomic_save(obj, path):
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def write_json(obj, path):
+    """Write JSON through a temporary file renamed into place, so readers never see half."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(f"{path}.tmp", "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(f"{path}.tmp", path)
 
 
 def load_checkpoint(path):

@@ -17,7 +17,6 @@ are installed (optional, imported only for the figures).
 """
 import argparse
 import heapq
-import json
 import math
 import os
 
@@ -25,7 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from rvit.checkpoint import load_checkpoint
+from rvit.checkpoint import load_checkpoint, write_json
 from rvit.data import DeviceTransform, H5Dataset
 from rvit.masking import num_keep, pixel_patches, redundancy_score
 from rvit.models import build_model, encoder
@@ -319,9 +318,7 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     result["figures"] = figures(result, ds, tf, args)
     path = os.path.join(args.out, "redundancy.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(path + ".tmp", path)
+    write_json(result, path)
     print(markdown(result))
     print(f"wrote {path}" + "".join(f", {f}" for f in result["figures"]))
 
