@@ -9,7 +9,6 @@ their positional embedding *before* they are gathered (MAE order), so they keep 
 Tensor letters: B batch, C bands, H, W pixels, h, w patch grid, N = h * w patch tokens,
 K kept tokens, D width.
 """
-import math
 from functools import partial
 
 import torch
@@ -188,10 +187,3 @@ vit_base = partial(_vit, 768, 12, 12)
 vit_base.__doc__ = "ViT-B (D=768, 12 blocks, 12 heads)."
 MODELS = {"vit_tiny": vit_tiny, "vit_small": vit_small, "vit_base": vit_base}
 
-
-def grid_size(num_tokens: int) -> int:
-    """Side of the square patch grid holding `num_tokens` patches; ValueError if not square."""
-    side = math.isqrt(num_tokens)
-    if side * side != num_tokens:
-        raise ValueError(f"{num_tokens} patch positions do not form a square grid")
-    return side

@@ -114,9 +114,10 @@ def test_tiny_rupernet_overfits_real_flair_samples(flair_h5):
     masker = TokenMasker("similarity", 0.5, patch_size=8)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
     model.train()
-    for step in range(100):
+    first = None
+    for _ in range(100):
         loss = segmentation_loss(model(x, select=masker), y)
-        first = loss.item() if step == 0 else first
+        first = loss.item() if first is None else first
         opt.zero_grad()
         loss.backward()
         opt.step()
