@@ -137,7 +137,7 @@ def main(args):
         ddp = DDP(ddp, device_ids=[device.index] if device.type == "cuda" else None,
                   find_unused_parameters=unused)
     info = provenance(device)
-    config = {k: v for k, v in vars(args).items()}
+    config = dict(vars(args))
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "config.yaml"), "w") as f:

@@ -15,6 +15,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from benchmarks.throughput import sync
 from rvit.data import DeviceTransform, H5Dataset, train_loader
 from rvit.masking import TokenMasker
 from rvit.models import build_model
@@ -34,11 +35,6 @@ def parse_args():
                    help="default bf16 on CUDA, none on CPU")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p.parse_args()
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def timed(batches, n, step, device):
