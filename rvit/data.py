@@ -215,16 +215,17 @@ def augment(x, mask=None):
 
     x: (B, C, S, S); mask: (B, S, S) or None, transformed like its image. Returns x, or (x, mask).
     """
-    B = x.shape[0]
-    g = torch.randint(0, 2, (3, B), device=x.device).bool()
     stack = x if mask is None else torch.cat([x, mask[:, None].to(x.dtype)], dim=1)
-
-    def where(cond, a, b):
-        return torch.where(cond[:, None, None, None], a, b)
-
-    stack = where(g[0], stack.flip(-1), stack)
-    stack = where(g[1], stack.flip(-2), stack)
-    stack = where(g[2], stack.transpose(-1, -2), stack)  # with the flips: all 8 symmetries
+    # one of the 8 symmetries per sample, drawn on the CPU so grouping needs no device sync;
+    # each group is transformed once (bit 0: flip W, bit 1: flip H, bit 2: transpose)
+    choice = torch.randint(0, 8, (x.shape[0],))
+    out = torch.empty_like(stack)
+    for k in choice.unique().tolist():
+        idx = (choice == k).nonzero().flatten().to(x.device, non_blocking=True)
+        v = stack[idx]
+        v = v.flip(-1) if k & 1 else v
+        v = v.flip(-2) if k & 2 else v
+        out[idx] = v.transpose(-1, -2) if k & 4 else v
     if mask is None:
-        return stack
-    return stack[:, :-1], stack[:, -1].to(mask.dtype)
+        return out
+    return out[:, :-1], out[:, -1].to(mask.dtype)

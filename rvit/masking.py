@@ -114,8 +114,8 @@ def keep_below(score, tau: float, min_keep: int):
         valid (B, K_max) bool, False at padding.
     """
     B, N = score.shape
-    rank = torch.argsort(torch.argsort(score, dim=1, stable=True), dim=1)  # rank of each patch
-    keep = (score < tau) | (rank < min_keep)
+    lowest = torch.argsort(score, dim=1, stable=True)[:, :min_keep]  # the floor, ties by index
+    keep = (score < tau).scatter(1, lowest, True)
     idx = torch.arange(N, device=score.device).expand(B, N)
     # kept patches first, in index order, then dropped ones: one sort gives both
     ids = torch.argsort(torch.where(keep, idx, idx + N), dim=1)

@@ -85,3 +85,20 @@ def test_batched_and_preloaded_reads_equal_single_reads(ben_v1):
         for (image, target, i) in batch:
             one = lazy[i]
             assert torch.equal(image, one[0]) and torch.equal(target, one[1])
+
+
+def test_augment_moves_image_and_mask_together_through_the_8_symmetries():
+    from rvit.data import augment
+    torch.manual_seed(0)
+    x = torch.randn(64, 2, 5, 5)
+    mask = (x[:, 0] > 0).long()
+    out, m = augment(x, mask)
+    assert torch.equal(m, (out[:, 0] > 0).long())  # the mask follows its own image
+    seen = set()
+    for b in range(64):
+        variants = [x[b].flip(dims) if dims else x[b] for dims in ((), (-1,), (-2,), (-1, -2))]
+        variants += [v.transpose(-1, -2) for v in variants]
+        hits = [i for i, v in enumerate(variants) if torch.equal(out[b], v)]
+        assert hits, "not a symmetry of the input"
+        seen.add(hits[0])
+    assert len(seen) == 8
