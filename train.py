@@ -194,11 +194,15 @@ class NonFiniteLoss(FloatingPointError):
     pass
 
 
-def check_finite(first_bad, epoch):
-    """Raise NonFiniteLoss naming the first bad batch (a device sync: call it sparingly)."""
+def check_finite(first_bad, model, epoch, done):
+    """Raise NonFiniteLoss if a loss so far, or a weight now, is not finite (a device sync:
+    call it sparingly). A finite loss can still give NaN gradients, e.g. from inf pixels in
+    dropped patches, so the weights are checked too before anything is checkpointed."""
     bad = int(first_bad)
     if bad >= 0:
         raise NonFiniteLoss(f"loss is not finite at epoch {epoch + 1}, batch {bad + 1}")
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise NonFiniteLoss(f"weights are not finite at epoch {epoch + 1}, batch {done}")
 
 
 def train_one_epoch(ddp, model, masker, loader, transform, opt, sched, scaler, amp, epoch,
@@ -241,18 +245,13 @@ def train_one_epoch(ddp, model, masker, loader, transform, opt, sched, scaler, a
         n += 1
         if step % 20 == 0:  # .item() syncs the device: not every step
             bar.set_postfix(loss=f"{loss.item():.4f}")
-            check_finite(first_bad, epoch)
+            if int(first_bad) >= 0:  # the weights are checked only before checkpoints
+                check_finite(first_bad, model, epoch, step + 1)
         if every and save is not None and (step + 1) % every == 0 and step + 1 < first + len(
                 loader):
-            check_finite(first_bad, epoch)  # never checkpoint a broken model
-            if not all(torch.isfinite(p).all() for p in model.parameters()):
-                # a finite loss can still give NaN gradients (e.g. inf pixels in dropped patches)
-                raise NonFiniteLoss(f"weights are not finite at epoch {epoch + 1}, "
-                                    f"batch {step + 1}")
+            check_finite(first_bad, model, epoch, step + 1)  # never checkpoint a broken model
             save(step + 1)
-    check_finite(first_bad, epoch)
-    if not all(torch.isfinite(p).all() for p in model.parameters()):
-        raise NonFiniteLoss(f"weights are not finite at the end of epoch {epoch + 1}")
+    check_finite(first_bad, model, epoch, first + n)
     if dev.type == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start

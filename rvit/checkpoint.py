@@ -1,4 +1,4 @@
-"""Atomic checkpoints (and JSON records), and loading pretrained timm / DeiT / Google ViT weights into RViT's ViT.
+"""Atomic checkpoints and JSON records; pretrained timm / DeiT / Google ViT weights for our ViT.
 
 Adapting a checkpoint to another input follows timm (`resample_abs_pos_embed`,
 `adapt_input_conv`, `_load_weights` for Google's .npz layout): the position grid is resized

@@ -1,13 +1,35 @@
-"""Example figures: image, kept-token overlay, prediction and reference side by side (PNG).
+"""Figures: example PNGs (image, kept tokens, prediction, reference) and the optional libraries.
 
-Writing PNGs needs Pillow, an optional package imported only here, only when figures are asked
-for; without it `save_examples` says so and writes nothing.
+Pillow and matplotlib are optional; this module is the only one that imports them, only when a
+figure is asked for, and says what is missing instead of failing.
 """
 import os
 
 import numpy as np
 
 RGB_NAMES = (("R", "G", "B"), ("B04", "B03", "B02"))
+
+
+def pil_image(purpose):
+    """PIL.Image, or None after printing that Pillow is needed for `purpose`."""
+    try:
+        from PIL import Image
+    except ImportError:
+        print(f"{purpose} needs Pillow (pip install Pillow); skipped")
+        return None
+    return Image
+
+
+def pyplot(purpose):
+    """matplotlib.pyplot on the file-only Agg backend, or None after saying what is skipped."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"{purpose} needs matplotlib (pip install matplotlib); skipped")
+        return None
+    return plt
 
 
 def to_rgb(image, bands):
@@ -57,10 +79,8 @@ def save_examples(folder, x, keep, meta, patch, names, pred=None, target=None):
     Returns:
         number of files written (0 when Pillow is missing).
     """
-    try:
-        from PIL import Image
-    except ImportError:
-        print("--save-examples needs Pillow (pip install Pillow); no figures written")
+    Image = pil_image("--save-examples")
+    if Image is None:
         return 0
     os.makedirs(folder, exist_ok=True)
     n_cls, ignore = len(meta["classes"]), meta.get("ignore_index")

@@ -26,7 +26,8 @@ from tqdm import tqdm
 
 from rvit.checkpoint import load_checkpoint, write_json
 from rvit.data import DeviceTransform, H5Dataset
-from rvit.masking import num_keep, pixel_patches, redundancy_score
+from rvit.figures import grey_dropped, pil_image, pyplot, to_rgb
+from rvit.masking import keep_lowest, num_keep, pixel_patches, redundancy_score
 from rvit.models import build_model, encoder
 
 BINS = np.linspace(-1.0, 1.0, 201)  # score histogram edges: cosine similarity in [-1, 1]
@@ -227,13 +228,7 @@ def figures(result, ds, tf, args):
     """Score histograms, band correlation matrix (matplotlib) and the most / least redundant
     images with their dropped patches greyed at --show-mask (Pillow). Returns files written."""
     written = []
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        plt = None
-        print("matplotlib is not installed: no histogram or correlation plots")
+    plt = pyplot("the histogram and correlation plots")
     if plt is not None:
         fig, ax = plt.subplots(figsize=(5, 3.2))
         for s, sp in result["spatial"].items():
@@ -262,13 +257,9 @@ def figures(result, ds, tf, args):
 
 
 def example_grid(result, ds, tf, args):
-    try:
-        from PIL import Image
-    except ImportError:
-        print("Pillow is not installed: no example grid")
+    Image = pil_image("the example grid")
+    if Image is None:
         return []
-    from rvit.figures import grey_dropped, to_rgb
-    from rvit.masking import keep_lowest
     rows = []
     N = result["num_patches"]
     for name in ("most", "least"):

@@ -16,6 +16,7 @@ import json
 import os
 
 from rvit.config import DEFAULT_CONFIG, dataset_config, load_config
+from rvit.figures import pyplot
 
 
 def load_records(paths):
@@ -78,11 +79,8 @@ def table(records, dataset, metrics):
 def plot(records, dataset, metric, path):
     """PNG of `metric` against kept share, one line per strategy and training mask ratio;
     False without matplotlib."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot("the report's plots")
+    if plt is None:
         return False
     rows = [r for r in records if r["dataset"] == dataset and metric in r]
     fig, ax = plt.subplots(figsize=(5, 3.5))
