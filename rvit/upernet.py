@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from rvit.masking import FILLS, restore_grid, restore_index
+from rvit.vit import Packed
 
 
 class ConvModule(nn.Sequential):
@@ -149,11 +150,15 @@ class RUPerNet(nn.Module):
             src = restore_index(ids_keep, valid, h * w, z if self.fill == "nearest" else None)
             fill = {"nearest": None, "zeros": z.new_zeros(z.shape[-1]),
                     "mask_token": self.mask_token}[self.fill]
+        packed = None if key_mask is None else Packed.of(key_mask)  # ragged: run packed
+        if packed is not None:
+            tokens = packed.pack(tokens)
         feats = []
         for i, blk in enumerate(bb.blocks):
-            tokens = blk(tokens, key_mask)
+            tokens = blk(tokens, packed)
             if i in self.out_indices:
                 t = bb.norm(tokens) if i == len(bb.blocks) - 1 else tokens
+                t = t if packed is None else packed.unpack(t)  # (B, 1 + K, D)
                 t = t[:, 1:] if src is None else restore_grid(t[:, 1:], src, fill)  # (B, N, D)
                 feats.append(t.transpose(1, 2).reshape(t.shape[0], -1, h, w))  # (B, D, h, w)
             if i == self.out_indices[-1]:

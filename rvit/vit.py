@@ -10,6 +10,7 @@ Tensor letters: B batch, C bands, H, W pixels, h, w patch grid, N = h * w patch 
 K kept tokens, D width.
 """
 from functools import partial
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -33,8 +34,46 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, N, D)
 
 
+try:  # torch >= 2.10: FlashAttention over packed variable-length sequences (CUDA, fp16/bf16)
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:
+    varlen_attn = None
+
+
+def use_varlen(t):
+    """True where `varlen_attn` can run on t: a CUDA fp16/bf16 tensor, torch >= 2.10."""
+    return varlen_attn is not None and t.is_cuda and t.dtype in (torch.float16, torch.bfloat16)
+
+
+class Packed(NamedTuple):
+    """The real tokens of a padded batch laid end to end, sample after sample: (T, D).
+
+    key_mask: (B, L) bool, True at the T real tokens. index: (T,) int64 positions of the real
+    tokens in the flattened (B * L) batch. cu_seqlens: (B + 1,) int32 offsets of each sample's
+    tokens in the packed layout (the `cu_seq_q` / `cu_seq_k` of `varlen_attn`).
+    """
+    key_mask: torch.Tensor
+    index: torch.Tensor
+    cu_seqlens: torch.Tensor
+
+    @classmethod
+    def of(cls, key_mask):
+        lengths = key_mask.sum(1, dtype=torch.int32)
+        cu_seqlens = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+        return cls(key_mask, key_mask.flatten().nonzero().squeeze(1), cu_seqlens)
+
+    def pack(self, x):
+        """(B, L, F) -> (T, F), real tokens only."""
+        return x.flatten(0, 1).index_select(0, self.index)
+
+    def unpack(self, t):
+        """(T, F) -> (B, L, F), zeros at padding."""
+        B, L = self.key_mask.shape
+        return t.new_zeros(B * L, t.shape[-1]).index_copy(0, self.index, t).view(B, L, -1)
+
+
 class Attention(nn.Module):
-    """Multi-head self-attention through `F.scaled_dot_product_attention`."""
+    """Multi-head self-attention through `F.scaled_dot_product_attention`, or `varlen_attn`."""
 
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
@@ -42,25 +81,33 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, key_mask=None):
-        """x: (B, L, D), or packed (T, D) real tokens of a padded batch; key_mask: (B, L) bool,
-        True for real tokens (T of them), or None. Returns x's shape.
+    def forward(self, x, mask=None):
+        """x (B, L, D) with mask None or a (B, L) bool key mask (True at real tokens); or packed
+        x (T, D) with mask a `Packed`. Returns x's shape.
 
-        Packed input keeps the linear layers at the true token count; only the attention core
-        runs padded, with padding masked out as keys.
+        Packed input keeps the linear layers at the true token count. Its attention runs packed
+        too on CUDA in half precision (`varlen_attn`); elsewhere it is padded back to (B, L)
+        with padding masked out as keys - the same outputs (tests/test_speed.py).
         """
         qkv = self.qkv(x)
-        if x.dim() == 2:  # packed (T, 3D) -> padded (B, L, 3D)
-            qkv = qkv.new_zeros(*key_mask.shape, qkv.shape[-1]).index_put_((key_mask,), qkv)
+        if not isinstance(mask, Packed):
+            return self.proj(self.attend(qkv, mask))
+        if use_varlen(qkv):
+            T, L = qkv.shape[0], mask.key_mask.shape[1]
+            q, k, v = qkv.view(T, 3, self.num_heads, -1).unbind(1)  # 3 x (T, heads, D / heads)
+            out = varlen_attn(q, k, v, mask.cu_seqlens, mask.cu_seqlens, L, L)
+            return self.proj(out.reshape(T, -1))
+        return self.proj(mask.pack(self.attend(mask.unpack(qkv), mask.key_mask)))
+
+    def attend(self, qkv, key_mask=None):
+        """(B, L, 3D) projections -> (B, L, D) attention outputs; key_mask (B, L) bool or None."""
         B, L, D = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
         # (B, L, 3D) -> (3, B, heads, L, D / heads)
-        qkv = qkv.reshape(B, L, 3, self.num_heads, D // self.num_heads)
-        qkv = qkv.permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
+        q, k, v = qkv.reshape(B, L, 3, self.num_heads, D // self.num_heads).permute(
+            2, 0, 3, 1, 4).unbind(0)
         attn_mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, L)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        out = out.transpose(1, 2).reshape(B, L, D)
-        return self.proj(out[key_mask] if x.dim() == 2 else out)  # (T, D) when packed
+        return out.transpose(1, 2).reshape(B, L, D)
 
 
 class Mlp(nn.Module):
@@ -84,8 +131,9 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-    def forward(self, x, key_mask=None):
-        x = x + self.attn(self.norm1(x), key_mask)
+    def forward(self, x, mask=None):
+        """x (B, L, D) or packed (T, D); mask: see `Attention.forward`."""
+        x = x + self.attn(self.norm1(x), mask)
         return x + self.mlp(self.norm2(x))
 
 
@@ -157,18 +205,18 @@ class VisionTransformer(nn.Module):
         """(B, C, H, W) -> normed tokens (B, 1 + K, D); see `embed` for `select`.
 
         A padded batch (variable K, dynamic strategy) runs packed: the blocks see only its real
-        tokens (T, D), so their linear layers cost the true token count; padding comes back
-        as zeros.
+        tokens (T, D), so they cost the true token count; padding comes back as zeros.
         """
         x, key_mask, _, _ = self.embed(x, select)
         if key_mask is None:
             for blk in self.blocks:
                 x = blk(x)
             return self.norm(x)
-        packed = x[key_mask]  # (B, L, D) -> (T, D)
+        packed = Packed.of(key_mask)
+        x = packed.pack(x)  # (B, L, D) -> (T, D)
         for blk in self.blocks:
-            packed = blk(packed, key_mask)
-        return x.new_zeros(x.shape).index_put_((key_mask,), self.norm(packed))
+            x = blk(x, packed)
+        return packed.unpack(self.norm(x))
 
     def forward(self, x, select=None):
         """(B, C, H, W) float -> logits (B, num_classes), pooled from the class token."""

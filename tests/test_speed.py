@@ -1,9 +1,11 @@
 """Speed paths are correctness-tested here (their timings live in benchmarks/, not in tests)."""
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.testing import assert_close
 
 from conftest import run
+from rvit import vit as vit_module
 from rvit import vit_tiny
 from rvit.checkpoint import load_checkpoint
 from rvit.data import H5Dataset
@@ -50,6 +52,69 @@ def test_packed_path_trains_like_the_padded_one():
         forward()[:, 0].square().sum().backward()
         grads.append(model.blocks[2].mlp.fc1.weight.grad.clone())
     assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+
+
+def reference_varlen_attn(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k):
+    """torch's varlen_attn contract written out: (T, heads, d) packed, one SDPA per sequence."""
+    assert cu_seq_q.dtype == torch.int32 and torch.equal(cu_seq_q, cu_seq_k)
+    assert max_q == max_k and max_q >= int((cu_seq_q[1:] - cu_seq_q[:-1]).max())
+    assert int(cu_seq_q[-1]) == q.shape[0]
+    out = [F.scaled_dot_product_attention(*(t[a:b].transpose(0, 1) for t in (q, k, v)))
+           for a, b in zip(cu_seq_q[:-1].tolist(), cu_seq_q[1:].tolist())]
+    return torch.cat([o.transpose(0, 1) for o in out])  # (T, heads, d)
+
+
+def test_varlen_layout_gives_the_padded_outputs_and_gradients(monkeypatch):
+    """The CUDA path's packing (cu_seqlens, head layout), run here with a reference kernel."""
+    torch.manual_seed(0)
+    model = vit_tiny(img_size=64, num_classes=3)
+    masker = calibrated(model)
+    # float64: this gradient is ill-conditioned enough that fp32 roundings differ by ~1 %
+    model.double()
+    x = torch.cat([torch.randn(3, 3, 64, 64), torch.ones(1, 3, 64, 64)]).double()
+    results = []
+    for varlen in (False, True):
+        if varlen:
+            monkeypatch.setattr(vit_module, "varlen_attn", reference_varlen_attn)
+            monkeypatch.setattr(vit_module, "use_varlen", lambda t: True)
+        model.zero_grad()
+        out = model.forward_features(x, masker)
+        out[:, 0].square().sum().backward()
+        results.append((out.detach(), model.blocks[2].attn.qkv.weight.grad.clone()))
+    assert_close(results[1][0], results[0][0], rtol=1e-10, atol=1e-10)
+    assert_close(results[1][1], results[0][1], rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or vit_module.varlen_attn is None,
+                    reason="needs a CUDA GPU and torch.nn.attention.varlen")
+def test_cuda_varlen_attention_matches_padded_attention():
+    torch.manual_seed(0)
+    model = vit_tiny(img_size=64, num_classes=3).cuda().eval()
+    masker = calibrated(model.cpu()).cuda()
+    model.cuda()
+    x = torch.cat([torch.randn(7, 3, 64, 64), torch.ones(1, 3, 64, 64)]).cuda()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        packed = model.forward_features(x, masker).float()  # varlen_attn
+        padded, key_mask = padded_forward(model, x, masker)
+    assert not key_mask.all()
+    assert_close(packed[key_mask], padded.float()[key_mask], rtol=5e-2, atol=5e-2)
+
+
+def test_segmentation_encoder_runs_packed_like_the_classifier():
+    """RUPerNet's last tapped map at kept positions = the ViT's own packed tokens."""
+    from rvit.upernet import RUPerNet
+    torch.manual_seed(0)
+    model = RUPerNet(vit_tiny(img_size=64, num_classes=0), 4).eval()
+    masker = calibrated(model.backbone)
+    x = torch.cat([torch.randn(3, 3, 64, 64), torch.ones(1, 3, 64, 64)])
+    with torch.no_grad():
+        grid = model.encode(x, masker)[-1].flatten(2).transpose(1, 2)  # (B, N, D)
+        tokens = model.backbone.forward_features(x, masker)
+        ids, valid = masker(model.backbone.patch_embed(x), x)
+    assert valid is not None and not valid.all()
+    for b in range(x.shape[0]):
+        kept = ids[b][valid[b]]
+        assert_close(grid[b, kept], tokens[b, 1:1 + len(kept)], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("device,dtype,tol", [("cpu", torch.float32, 1e-4),
