@@ -167,3 +167,22 @@ def test_augment_moves_image_and_mask_together_through_the_8_symmetries():
         assert hits, "not a symmetry of the input"
         seen.add(hits[0])
     assert len(seen) == 8
+
+
+def test_classification_augments_before_the_resize_to_the_same_images():
+    """Augmenting at the native size (cheaper) gives a symmetry of the resized image."""
+    from rvit.data import DeviceTransform
+    torch.manual_seed(0)
+    images = torch.randint(0, 10000, (16, 4, 12, 12), dtype=torch.int32)
+    labels = torch.zeros(16, 3, dtype=torch.uint8)
+    tf = DeviceTransform([5000.0] * 4, [2000.0] * 4, 20, torch.device("cpu"))
+    plain, _ = tf(images, labels)
+    out, _ = tf(images, labels, train=True)
+    seen = set()
+    for b in range(16):
+        variants = [plain[b].flip(d) if d else plain[b] for d in ((), (-1,), (-2,), (-1, -2))]
+        variants += [v.transpose(-1, -2) for v in variants]
+        hits = [i for i, v in enumerate(variants) if torch.allclose(out[b], v, atol=1e-4)]
+        assert hits, f"sample {b} is not a symmetry of its resized image"
+        seen.add(hits[0])
+    assert len(seen) > 1  # it did augment
