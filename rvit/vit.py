@@ -9,7 +9,7 @@ their positional embedding *before* they are gathered (MAE order), so they keep 
 Tensor letters: B batch, C bands, H, W pixels, h, w patch grid, N = h * w patch tokens,
 K kept tokens, D width.
 """
-from functools import partial
+from functools import lru_cache, partial
 from typing import NamedTuple
 
 import torch
@@ -40,9 +40,16 @@ except ImportError:
     varlen_attn = None
 
 
+@lru_cache(maxsize=None)
+def _flash_capable(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index) >= (8, 0)  # FlashAttention: Ampere+
+
+
 def use_varlen(t):
-    """True where `varlen_attn` can run on t: a CUDA fp16/bf16 tensor, torch >= 2.10."""
-    return varlen_attn is not None and t.is_cuda and t.dtype in (torch.float16, torch.bfloat16)
+    """True where `varlen_attn` can run on t: fp16 / bf16 on an Ampere or newer CUDA GPU,
+    torch >= 2.10."""
+    return varlen_attn is not None and t.is_cuda and t.dtype in (torch.float16, torch.bfloat16) \
+        and _flash_capable(t.device.index)
 
 
 class Packed(NamedTuple):
