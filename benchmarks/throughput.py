@@ -4,11 +4,11 @@
     python -m benchmarks.throughput --compile --timm          # add timm's patch_drop_rate
 
 For each strategy and mask ratio: images/s (median of timed steps after warm-up), speed-up over
-the same strategy at mask 0, the token-count ideal (1 + N) / (1 + K), and peak memory (CUDA:
+the same strategy at mask 0, the token-count ideal (1 + N) / (1 + K), peak memory (CUDA:
 allocated; CPU: the peak resident set of a fresh process per setting, model and Python
-included). Prints the
-device, torch version and settings first and a Markdown table last. Timings are figures to read,
-not tests: nothing here asserts a speed.
+included) and the warm-up's seconds (with --compile, mostly compile time). Prints the device,
+torch version and settings first and a Markdown table last. Timings are figures to read, not
+tests: nothing here asserts a speed.
 """
 import argparse
 import multiprocessing
@@ -46,13 +46,15 @@ def parse_args():
                    help="time training steps, inference forwards, or both")
     p.add_argument("--steps", type=int, default=20, help="timed steps per setting")
     p.add_argument("--warmup", type=int, default=8, help="untimed steps first (and compile)")
-    p.add_argument("--amp", choices=("bf16", "fp16", "none"), default="bf16",
-                   help="autocast precision (CUDA)")
+    p.add_argument("--amp", choices=("bf16", "fp16", "none"), default=None,
+                   help="autocast precision; default bf16 on CUDA, none (fp32) on CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--timm", action="store_true",
                    help="also time timm's VisionTransformer with patch_drop_rate (random)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    return p.parse_args()
+    args = p.parse_args()
+    args.amp = args.amp or ("bf16" if args.device.startswith("cuda") else "none")
+    return args
 
 
 def sync(device):
@@ -61,9 +63,14 @@ def sync(device):
 
 
 def time_steps(step, args, device):
-    """Median seconds per call of `step` after warm-up."""
+    """(median seconds per call of `step` after warm-up, seconds the warm-up took, compile
+    included)."""
+    sync(device)
+    start = time.perf_counter()
     for _ in range(args.warmup):
         step()
+    sync(device)
+    warmup = time.perf_counter() - start
     times = []
     for _ in range(args.steps):
         sync(device)
@@ -71,7 +78,7 @@ def time_steps(step, args, device):
         step()
         sync(device)
         times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return statistics.median(times), warmup
 
 
 def reset_peak(device):
@@ -100,7 +107,8 @@ def peak_mib(device):
 
 
 def measure(model, select, args, device, train):
-    """(images/s, peak MiB) of training steps or inference forwards on a fixed random batch."""
+    """(images/s, peak MiB, warm-up s) of training steps or inference forwards on a fixed
+    random batch."""
     B, S = args.batch_size, args.img_size
     x = torch.randn(B, args.in_chans, S, S, device=device)
     seg = args.task == "segmentation"
@@ -130,12 +138,12 @@ def measure(model, select, args, device, train):
 
     model.train(train)
     reset_peak(device)
-    seconds = time_steps(train_step if train else infer_step, args, device)
-    return args.batch_size / seconds, peak_mib(device)
+    seconds, warmup = time_steps(train_step if train else infer_step, args, device)
+    return args.batch_size / seconds, peak_mib(device), warmup
 
 
 def rvit_setting(args, strategy, m, train):
-    """(images/s, peak MiB, mean kept tokens) of RViT at one strategy and mask ratio."""
+    """(images/s, peak MiB, warm-up s, mean kept tokens) of RViT at one strategy and mask ratio."""
     device = torch.device(args.device)
     torch.manual_seed(0)
     cfg = {"model": args.model, "img_size": args.img_size, "patch_size": args.patch_size,
@@ -156,8 +164,7 @@ def rvit_setting(args, strategy, m, train):
     run = torch.compile(model) if args.compile else model
     if args.compile and args.encoder_only:
         run.encode = torch.compile(model.encode)
-    ips, peak = measure(run, masker, args, device, train)
-    return ips, peak, float(masker.kept.float().mean())
+    return (*measure(run, masker, args, device, train), float(masker.kept.float().mean()))
 
 
 def isolated(fn, *args):
@@ -174,16 +181,16 @@ def rvit_runs(args, train):
     n = (args.img_size // args.patch_size) ** 2
     for strategy in args.strategies.split(","):
         for m in (float(v) for v in args.masks.split(",")):
-            ips, peak, kept = isolated(rvit_setting, args, strategy, m, train)
+            ips, peak, warmup, kept = isolated(rvit_setting, args, strategy, m, train)
             rows.append({"impl": "rvit", "strategy": strategy, "mask": m, "ips": ips,
-                         "peak": peak, "ideal": (1 + n) / (1 + kept)})
+                         "peak": peak, "warmup": warmup, "ideal": (1 + n) / (1 + kept)})
             print(f"  rvit {strategy:<10} mask {m:<5} {ips:10.0f} img/s  kept {kept:6.1f}/{n}"
-                  f"  peak {peak:8.0f} MiB", flush=True)
+                  f"  peak {peak:8.0f} MiB  warm-up {warmup:6.1f} s", flush=True)
     return rows
 
 
 def timm_setting(args, m, train):
-    """(images/s, peak MiB, timm version) of timm's ViT with patch_drop_rate m."""
+    """(images/s, peak MiB, warm-up s, timm version) of timm's ViT with patch_drop_rate m."""
     import timm
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -197,23 +204,25 @@ def timm_setting(args, m, train):
 def timm_runs(args, train):
     rows = []
     for m in (float(v) for v in args.masks.split(",")):
-        ips, peak, version = isolated(timm_setting, args, m, train)
+        ips, peak, warmup, version = isolated(timm_setting, args, m, train)
         rows.append({"impl": f"timm {version}", "strategy": "patch_drop", "mask": m,
-                     "ips": ips, "peak": peak, "ideal": float("nan")})
-        print(f"  timm patch_drop mask {m:<5} {ips:10.0f} img/s  peak {peak:8.0f} MiB", flush=True)
+                     "ips": ips, "peak": peak, "warmup": warmup, "ideal": float("nan")})
+        print(f"  timm patch_drop mask {m:<5} {ips:10.0f} img/s  peak {peak:8.0f} MiB"
+              f"  warm-up {warmup:6.1f} s", flush=True)
     return rows
 
 
 def table(rows, mode):
     print("\n| mode | impl | strategy | mask | images/s | speed-up vs mask 0 | token ideal "
-          "| peak MiB |\n|---|---|---|---|---|---|---|---|")
+          "| peak MiB | warm-up s |\n|---|---|---|---|---|---|---|---|---|")
     base = {(r["impl"], r["strategy"]): r["ips"] for r in rows if r["mask"] == 0}
     for r in rows:
         b = base.get((r["impl"], r["strategy"]))
         up = f"{r['ips'] / b:.2f}x" if b else "n/a"
         ideal = "" if r["ideal"] != r["ideal"] else f"{r['ideal']:.2f}x"
-        print(f"| {mode} | {r['impl']} | {r['strategy']} | {r['mask']:g} | {r['ips']:,.{0 if r['ips'] >= 100 else 1}f} | "
-              f"{up} | {ideal} | {r['peak']:,.0f} |")
+        ips = f"{r['ips']:,.{0 if r['ips'] >= 100 else 1}f}"
+        print(f"| {mode} | {r['impl']} | {r['strategy']} | {r['mask']:g} | {ips} | {up} | "
+              f"{ideal} | {r['peak']:,.0f} | {r['warmup']:.1f} |")
 
 
 def main():

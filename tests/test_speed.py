@@ -188,3 +188,19 @@ def test_classification_augments_before_the_resize_to_the_same_images():
         assert hits, f"sample {b} is not a symmetry of its resized image"
         seen.add(hits[0])
     assert len(seen) > 1  # it did augment
+
+
+def test_throughput_benchmark_runs_and_prints_its_table():
+    """The benchmark's plumbing (tiny sizes); its figures are read, never asserted."""
+    out = run("-m", "benchmarks.throughput", "--batch-size", "2", "--img-size", "32",
+              "--steps", "1", "--warmup", "1", "--masks", "0,0.5", "--strategies",
+              "similarity,dynamic", "--mode", "train").stdout
+    rows = [line for line in out.splitlines() if line.startswith("| train | rvit |")]
+    assert len(rows) == 4 and "| dynamic | 0.5 |" in rows[-1]
+    assert out.splitlines()[-1] == rows[-1]  # the table comes last
+
+
+def test_loader_benchmark_runs_on_a_real_split(ben_v1):
+    out = run("-m", "benchmarks.loader", "--data-dir", ben_v1, "--workers", "0",
+              "--batch-size", "2", "--batches", "2", "--img-size", "32").stdout
+    assert "| loader, 0 workers |" in out and "| end-to-end / on-device |" in out
