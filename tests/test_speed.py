@@ -154,6 +154,12 @@ def test_batched_and_preloaded_reads_equal_single_reads(ben_v1):
             assert torch.equal(image, one[0]) and torch.equal(target, one[1])
 
 
+def symmetries(image):
+    """The 8 symmetries of a square (C, S, S) image: 4 flips, each also transposed."""
+    flips = [image.flip(dims) if dims else image for dims in ((), (-1,), (-2,), (-1, -2))]
+    return flips + [v.transpose(-1, -2) for v in flips]
+
+
 def test_augment_moves_image_and_mask_together_through_the_8_symmetries():
     from rvit.data import augment
     torch.manual_seed(0)
@@ -163,9 +169,7 @@ def test_augment_moves_image_and_mask_together_through_the_8_symmetries():
     assert torch.equal(m, (out[:, 0] > 0).long())  # the mask follows its own image
     seen = set()
     for b in range(64):
-        variants = [x[b].flip(dims) if dims else x[b] for dims in ((), (-1,), (-2,), (-1, -2))]
-        variants += [v.transpose(-1, -2) for v in variants]
-        hits = [i for i, v in enumerate(variants) if torch.equal(out[b], v)]
+        hits = [i for i, v in enumerate(symmetries(x[b])) if torch.equal(out[b], v)]
         assert hits, "not a symmetry of the input"
         seen.add(hits[0])
     assert len(seen) == 8
@@ -182,9 +186,8 @@ def test_classification_augments_before_the_resize_to_the_same_images():
     out, _ = tf(images, labels, train=True)
     seen = set()
     for b in range(16):
-        variants = [plain[b].flip(d) if d else plain[b] for d in ((), (-1,), (-2,), (-1, -2))]
-        variants += [v.transpose(-1, -2) for v in variants]
-        hits = [i for i, v in enumerate(variants) if torch.allclose(out[b], v, atol=1e-4)]
+        hits = [i for i, v in enumerate(symmetries(plain[b]))
+                if torch.allclose(out[b], v, atol=1e-4)]
         assert hits, f"sample {b} is not a symmetry of its resized image"
         seen.add(hits[0])
     assert len(seen) > 1  # it did augment
