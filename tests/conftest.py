@@ -1,4 +1,4 @@
-"""Shared fixtures: paths to the real EO samples in ../shared/data, and prepared HDF5 splits."""
+"""Shared fixtures: paths to the real EO samples in tests/data, and prepared HDF5 splits."""
 import os
 import subprocess
 import sys
@@ -6,16 +6,11 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.path.join(os.path.dirname(ROOT), "shared", "data")
-BEN_V1 = os.path.join(SHARED, "bigearthnet", "v1")
-BEN_V2 = os.path.join(SHARED, "bigearthnet", "v2")
-
-
-def need(path):
-    """Skip, with the reason, when a folder of real samples is absent."""
-    if not os.path.exists(path):
-        pytest.skip(f"real samples not found at {path} (../shared/data beside the project)")
-    return path
+DATA = os.path.join(ROOT, "tests", "data")  # real samples; sources and licences in its README
+BEN_V1 = os.path.join(DATA, "bigearthnet", "v1")
+BEN_V2 = os.path.join(DATA, "bigearthnet", "v2")
+FLAIR = os.path.join(DATA, "flair", "FLAIR")
+MLRS_LABELS = os.path.join(DATA, "mlrsnet", "labels")
 
 
 def run(script, *args, env=None, check=True):
@@ -31,7 +26,7 @@ def run(script, *args, env=None, check=True):
 @pytest.fixture(scope="session")
 def ben_v1(tmp_path_factory):
     """Real BigEarthNet v1 S2 patches, official 19-class splits, snow/cloud lists applied."""
-    v1 = need(BEN_V1)
+    v1 = BEN_V1
     out = tmp_path_factory.mktemp("ben_v1")
     ex = os.path.join(v1, "exclusions")
     run("prepare_data.py", "--dataset", "bigearthnet", "--root", os.path.join(v1, "BigEarthNet-S2"),

@@ -1,4 +1,4 @@
-"""prepare_data -> train -> evaluate on real BigEarthNet patches from ../shared/data."""
+"""prepare_data -> train -> evaluate on real BigEarthNet patches from tests/data."""
 import json
 import os
 import subprocess
@@ -10,7 +10,7 @@ import pytest
 import rasterio
 import torch
 
-from conftest import BEN_V1, BEN_V2, ROOT, need, run
+from conftest import BEN_V1, BEN_V2, ROOT, run
 from prepare.bigearthnet import CLASSES, S2_BANDS, multi_hot
 from rvit.checkpoint import load_checkpoint
 
@@ -43,14 +43,13 @@ def test_label_conversion_43_to_19():
 
 
 def test_v2_conversion_uses_metadata_split(tmp_path):
-    need(BEN_V2)
     run("prepare_data.py", "--dataset", "bigearthnet", "--version", "v2", "--root", BEN_V2,
         "--modality", "s1s2", "--on-error", "skip", "--out", tmp_path)
     with h5py.File(tmp_path / "val.h5") as f:
         assert f["images"].shape[1:] == (14, 120, 120) and f["images"].dtype == np.float32
         assert list(f.attrs["bands"])[-2:] == ["VV", "VH"]
     total = sum(len(h5py.File(tmp_path / f"{s}.h5")["names"]) for s in ("train", "val", "test"))
-    assert total == 12  # the complete S1 + S2 pairs
+    assert total == 8  # the complete S1 + S2 pairs
     run("prepare_data.py", "--dataset", "bigearthnet", "--version", "v2", "--root", BEN_V2,
         "--modality", "s1", "--on-error", "skip", "--out", tmp_path / "s1")
     with h5py.File(tmp_path / "s1" / "train.h5") as f:
@@ -99,7 +98,6 @@ def test_resume_continues_to_the_same_weights(ben_v1, tmp_path):
 
 @pytest.fixture(scope="module")
 def ben_v2_s2(tmp_path_factory):
-    need(BEN_V2)
     out = tmp_path_factory.mktemp("ben_v2")
     run("prepare_data.py", "--dataset", "bigearthnet", "--version", "v2", "--root", BEN_V2,
         "--out", out)
@@ -121,10 +119,10 @@ def test_sharded_evaluation_counts_every_sample_once(ben_v2_s2, tmp_path, strate
     train(ben_v2_s2, tmp_path / "run", "--mask", "0.5", "--epochs", "1", "--strategy", strategy)
     ckpt = tmp_path / "run" / "last.pt"
     one = torchrun_eval(1, ckpt, ben_v2_s2, tmp_path / "one.json")
-    assert one["num_samples"] == 7  # the train split: not divisible by 2 or 3
+    assert one["num_samples"] == 5  # the train split: not divisible by 2 or 3
     for n in (2, 3):
         many = torchrun_eval(n, ckpt, ben_v2_s2, tmp_path / f"{n}.json")
-        assert many["world_size"] == n and many["num_samples"] == 7
+        assert many["world_size"] == n and many["num_samples"] == 5
         for key in ("F1_micro", "F1_macro", "F1_weighted", "kept_share"):
             assert many[key] == one[key]
         for key in ("mAP_macro", "mAP_micro"):
@@ -139,7 +137,7 @@ def test_ddp_training_on_two_cpu_processes(ben_v2_s2, tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     logs = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
-    assert len(logs) == 2 and all(entry["val"]["num_samples"] == 5 for entry in logs)
+    assert len(logs) == 2 and all(entry["val"]["num_samples"] == 2 for entry in logs)
     assert 0 < logs[-1]["kept_share_min"] <= logs[-1]["kept_share"] <= logs[-1]["kept_share_max"]
     ckpt = load_checkpoint(str(tmp_path / "last.pt"))
     assert len(ckpt["rng"]) == 2 and torch.isfinite(ckpt["masker"]["tau"])

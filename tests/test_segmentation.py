@@ -8,14 +8,13 @@ import pytest
 import rasterio
 import torch
 
-from conftest import SHARED, need, run
+from conftest import FLAIR, run
 from prepare import woody
 from rvit.data import DeviceTransform, H5Dataset
 from rvit.masking import TokenMasker
 from rvit.upernet import RUPerNet, segmentation_loss
 from rvit.vit import VisionTransformer
 
-FLAIR = os.path.join(SHARED, "flair", "FLAIR")
 SMALL = ["--batch-size", "2", "--workers", "0", "--device", "cpu", "--decoder-channels", "32"]
 
 
@@ -60,7 +59,6 @@ def test_woody_bad_site_name_is_an_error(tmp_path):
 
 @pytest.fixture(scope="module")
 def flair_h5(tmp_path_factory):
-    need(FLAIR)
     out = tmp_path_factory.mktemp("flair_h5")
     run("prepare_data.py", "--dataset", "flair", "--root", FLAIR, "--out", out)
     return out

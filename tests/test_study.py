@@ -10,13 +10,12 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from conftest import SHARED, need, run
+from conftest import MLRS_LABELS, run
 from rvit import vit_tiny
 from rvit.flops import vit_flops
 from rvit.report import load_records, table
 from rvit.upernet import RUPerNet
 
-MLRS_LABELS = os.path.join(SHARED, "mlrsnet", "labels")
 CPU = ["--workers", "0", "--device", "cpu"]
 
 
@@ -25,7 +24,6 @@ def mlrsnet_root(tmp_path_factory):
     """Real label rows of four categories, with JPEGs written for them in the published layout
     (MLRSNet's images are not available here)."""
     from PIL import Image
-    need(MLRS_LABELS)
     root = tmp_path_factory.mktemp("mlrsnet")
     rng = np.random.default_rng(0)
     for category in ("airplane", "forest", "harbor&port", "river"):
