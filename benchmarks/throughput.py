@@ -12,9 +12,14 @@ tests: nothing here asserts a speed.
 """
 import argparse
 import multiprocessing
+import os
 import statistics
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+
+if not __package__:  # run as `python benchmarks/x.py`: make the repository root importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +45,7 @@ def parse_args():
                    help="segmentation: time RUPerNet's encoder alone (tapped blocks, grid "
                         "restored), to see the decoder's share of a step")
     p.add_argument("--masks", default="0,0.25,0.5,0.6,0.75,0.85", help="comma-separated ratios")
-    p.add_argument("--strategies", default="similarity,dynamic,random",
+    p.add_argument("--strategies", default="similarity,dynamic,random,coverage",
                    help="comma-separated strategies")
     p.add_argument("--mode", choices=("train", "infer", "both"), default="both",
                    help="time training steps, inference forwards, or both")
