@@ -64,6 +64,10 @@ def parse_args(argv=None):
                    help="FLAIR: all 19 classes, or 13 with 12..18 merged into 'other' "
                         "(the FLAIR-1 challenge baseline)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split when none is given")
+    p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
+                   help="processes that read and resample samples (default: this machine's "
+                        "cores); one writer keeps the order, so the files are the same for any "
+                        "count")
     p.add_argument("--on-error", choices=("stop", "skip"), default="stop",
                    help="on a bad sample: stop with an error, or skip it and list it in "
                         "OUT/skipped.csv")
@@ -139,7 +143,8 @@ def bigearthnet_main(args):
             labels = bigearthnet.labels_v1(os.path.join(s["s2_dir"],
                                                         f"{name}_labels_metadata.json"))
         return bigearthnet.read_image(s["s2_dir"], s["s1_dir"], args.modality), labels
-    return write_splits(samples, read, args.out, attrs, "labels", args.on_error)
+    return write_splits(samples, read, args.out, attrs, "labels", args.on_error,
+                        args.workers)
 
 
 def mlrsnet_main(args):
@@ -164,7 +169,8 @@ def mlrsnet_main(args):
 
     def read(s):
         return mlrsnet.read_image(s["path"]), s["labels"]
-    return write_splits(samples, read, args.out, attrs, "labels", args.on_error)
+    return write_splits(samples, read, args.out, attrs, "labels", args.on_error,
+                        args.workers)
 
 
 def woody_main(args):
@@ -189,7 +195,8 @@ def woody_main(args):
 
     def read(s):
         return sites[s["site"]].read_tile(s["row"], s["col"], args.tile_size)
-    return write_splits(samples, read, args.out, attrs, "masks", args.on_error)
+    return write_splits(samples, read, args.out, attrs, "masks", args.on_error,
+                        args.workers)
 
 
 def flair_main(args):
@@ -208,10 +215,13 @@ def flair_main(args):
 
     def read(s):
         return flair.read_sample(s["img"], s["msk"], args.flair_classes)
-    return write_splits(samples, read, args.out, attrs, "masks", args.on_error)
+    return write_splits(samples, read, args.out, attrs, "masks", args.on_error,
+                        args.workers)
 
 
 def main(args):
+    if args.workers < 1:
+        raise ValueError(f"--workers {args.workers}: must be at least 1")
     if not args.root and not args.example:
         raise ValueError("--root is required (or --example for BigEarthNet)")
     run = {"bigearthnet": bigearthnet_main, "mlrsnet": mlrsnet_main, "woody": woody_main,

@@ -1,19 +1,37 @@
 """Input-pipeline throughput from an HDF5 split, and end-to-end training against on-device data.
 
-    python -m benchmarks.loader --data-dir data/bigearthnet --workers 0,2,4,8 --batch-size 256
-    python -m benchmarks.loader --data-dir data/bigearthnet --preload --mask 0.75
+    python -m benchmarks.loader --data-dir data/bigearthnet --synthesize 20000 --loader-only \\
+        --workers 0,1,2 --batch-size 256
+    python -m benchmarks.loader --data-dir data/bigearthnet --workers 0,4,8 --mask 0.75
 
-For each worker count: samples/s of the training loader (shuffled, native dtype, pinned) through
-the on-device transform (cast, normalise, resize, augment). Then the training rate of ViT-tiny at
---mask fed by that loader, against the same step on one batch already on the device, and their
-ratio. Prints the device and settings first and a Markdown table last; it asserts nothing.
+Reader figures (samples/s and GB/s, one shuffled pass over batches of --batch-size, the file
+read once beforehand so it sits in the page cache): the training loader by worker count, the
+loader over a preloaded split, and in the same run two references: a plain loop of h5py
+`read_direct_chunk` into one batch array (the limit for this file layout) and, when `lmdb` and
+`safetensors` are installed, LMDB with one safetensors blob per patch (reBEN's format as
+rico-hdl / ConfigILM store it), built from the same samples. `--synthesize N` first writes an
+N-sample file of the split's shape by repeating its real samples, so no archive is needed.
+
+Unless --loader-only: samples/s of the loader through the on-device transform (cast, normalise,
+resize, augment), then the training rate of ViT-tiny at --mask fed by the loader against the
+same step on a batch already on the device, and their ratio. On a CPU the transform and the
+model share the cores with the loader, so that ratio says nothing about a GPU. Prints the
+settings first and a Markdown table last; it asserts nothing.
 """
 import argparse
 import itertools
+import os
+import sys
 import time
 
+if not __package__:  # run as `python benchmarks/x.py`: make the repository root importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import h5py
+import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from benchmarks.throughput import sync
 from rvit.data import DeviceTransform, H5Dataset, train_loader
@@ -21,31 +39,132 @@ from rvit.masking import TokenMasker
 from rvit.models import build_model
 
 
-def parse_args():
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", required=True, help="folder with SPLIT.h5")
     p.add_argument("--split", default="train", help="split file name without .h5")
+    p.add_argument("--synthesize", type=int, metavar="N",
+                   help="write (once) and measure DATA_DIR/SPLIT-synthetic-N.h5: N samples "
+                        "repeating the split's real ones, in prepare_data.py's layout")
+    p.add_argument("--loader-only", action="store_true",
+                   help="reader figures only: no transform, no model")
     p.add_argument("--workers", default="0,2,4", help="comma-separated DataLoader worker counts")
-    p.add_argument("--batch-size", type=int, default=128, help="images per batch")
+    p.add_argument("--batch-size", type=int, default=256, help="samples per batch")
     p.add_argument("--batches", type=int, default=30, help="timed batches per setting")
     p.add_argument("--img-size", type=int, default=224, help="model input side (pixels)")
     p.add_argument("--mask", type=float, default=0.75, help="mask ratio of the training step")
-    p.add_argument("--preload", action="store_true", help="hold the split in memory")
+    p.add_argument("--no-references", action="store_true",
+                   help="skip the read_direct_chunk and LMDB + safetensors references")
     p.add_argument("--amp", choices=("bf16", "none"), default=None,
                    help="default bf16 on CUDA, none on CPU")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    return p.parse_args()
+    return p.parse_args(argv)
 
 
-def timed(batches, n, step, device):
-    """Samples/s over n batches from an endless iterator, after one warm-up batch."""
-    step(next(batches))
-    sync(device)
-    start, seen = time.perf_counter(), 0
-    for _ in range(n):
-        seen += step(next(batches))
-    sync(device)
-    return seen / (time.perf_counter() - start)
+def synthesize(src, n):
+    """Path of an n-sample copy of split file `src` (its samples repeated in order, names
+    suffixed), written once under a temporary name with prepare_data.py's writer."""
+    from prepare.h5 import SplitWriter
+    root, _ = os.path.splitext(src)
+    path = f"{root}-synthetic-{n}.h5"
+    if os.path.exists(path):
+        return path
+    with h5py.File(src, "r") as f:
+        key = "masks" if "masks" in f else "labels"
+        images, targets = f["images"][:], f[key][:]
+        names = [v.decode() for v in f["names"][:]]
+        attrs = dict(f.attrs)
+    w = SplitWriter(path, key)
+    try:
+        for i in tqdm(range(n), desc=f"synthesize {n}"):
+            j = i % len(images)
+            w.append(images[j], targets[j], f"{names[j]}#{i // len(images)}")
+        w.finish({k: v for k, v in attrs.items() if k != "schema_version"}, images.shape[1:],
+                 images.dtype, targets.shape[1:])
+    except BaseException:
+        w.abort()
+        raise
+    return path
+
+
+def warm(path):
+    """Read the whole file once so every reader finds it in the page cache."""
+    with open(path, "rb") as f:
+        while f.read(1 << 26):
+            pass
+
+
+def shuffled_batches(n, batch_size, batches, seed=0):
+    """`batches` index arrays of one seeded shuffle of range(n)."""
+    order = np.random.default_rng(seed).permutation(n)
+    return [order[i * batch_size:(i + 1) * batch_size] for i in range(batches)]
+
+
+def rate(read, batches):
+    """Samples/s of `read(index_array)` over the batches, after one warm-up batch."""
+    read(batches[0])
+    start = time.perf_counter()
+    for b in batches[1:]:
+        read(b)
+    return sum(map(len, batches[1:])) / (time.perf_counter() - start)
+
+
+def raw_chunks(path, batch_size, batches):
+    """Samples/s of a plain loop of read_direct_chunk (images and targets) into batch arrays."""
+    with h5py.File(path, "r") as f:
+        key = "masks" if "masks" in f else "labels"
+        dsets = [f["images"], f[key]]
+        bufs = [np.empty((batch_size, *d.shape[1:]), d.dtype) for d in dsets]
+        flat = [b.reshape(batch_size, -1).view(np.uint8) for b in bufs]
+
+        def read(index):
+            for d, out in zip(dsets, flat):
+                zeros = (0,) * (d.ndim - 1)
+                for j, i in enumerate(index.tolist()):
+                    d.id.read_direct_chunk((i, *zeros), out=out[j])
+        return rate(read, shuffled_batches(len(dsets[0]), batch_size, batches))
+
+
+def lmdb_safetensors(path, batch_size, batches):
+    """Samples/s of LMDB + one safetensors blob per patch (a tensor per band, as rico-hdl
+    writes reBEN), decoded into one batch array; targets from memory, as those pipelines keep
+    labels in their metadata table. None when lmdb or safetensors is missing."""
+    try:
+        import lmdb
+        from safetensors.numpy import load, save
+    except ImportError:
+        return None
+    db = os.path.splitext(path)[0] + ".lmdb"
+    with h5py.File(path, "r") as f:
+        key = "masks" if "masks" in f else "labels"
+        n, shape, dtype = len(f["images"]), f["images"].shape[1:], f["images"].dtype
+        targets = f[key][:]
+        bands = [str(b) for b in f.attrs["bands"]]
+        if not os.path.exists(db):
+            env = lmdb.open(db + ".tmp", map_size=2 * f["images"].nbytes + (1 << 30),
+                            subdir=True, lock=False)
+            for start in tqdm(range(0, n, 512), desc="write LMDB"):
+                block = f["images"][start:start + 512]
+                with env.begin(write=True) as txn:
+                    for j, image in enumerate(block):
+                        blob = save({b: np.ascontiguousarray(image[c]) for c, b in
+                                     enumerate(bands)})
+                        txn.put(f"{start + j:08d}".encode(), blob)
+            env.close()
+            os.replace(db + ".tmp", db)
+    for name in os.listdir(db):
+        warm(os.path.join(db, name))
+    env = lmdb.open(db, readonly=True, lock=False, readahead=False, subdir=True)
+    images = np.empty((batch_size, *shape), dtype)
+
+    def read(index):
+        with env.begin() as txn:
+            for j, i in enumerate(index.tolist()):
+                d = load(txn.get(f"{i:08d}".encode()))
+                for c, b in enumerate(bands):
+                    images[j, c] = d[b]
+        return images, targets[index]
+    return rate(read, shuffled_batches(n, batch_size, batches))
 
 
 def endless(loader):
@@ -54,12 +173,53 @@ def endless(loader):
         yield from loader
 
 
-def main():
-    args = parse_args()
-    device = torch.device(args.device)
-    amp = args.amp or ("bf16" if device.type == "cuda" else "none")
-    ds = H5Dataset(f"{args.data_dir}/{args.split}.h5", preload=args.preload)
+def loader_rate(loader, n, step, device, warmup=1):
+    """Samples/s of `step(batch)` over n batches of an endless loader, after `warmup` batches
+    (enough to drain the batches the workers prefetch at start, so the rate is steady state)."""
+    batches = endless(loader)
+    for _ in range(warmup):
+        step(next(batches))
+    sync(device)
+    start, seen = time.perf_counter(), 0
+    for _ in range(n):
+        seen += step(next(batches))
+    sync(device)
+    return seen / (time.perf_counter() - start)
+
+
+def reader_rows(args, ds, path, device):
+    """(label, samples/s) of the readers, the training loader per worker count first."""
+    rows = []
+
+    def count(batch):
+        return len(batch[0])
+    for w in (int(v) for v in args.workers.split(",")):
+        loader = train_loader(ds, args.batch_size, w, 0, device)
+        rows.append((f"loader, {w} workers", loader_rate(loader, args.batches, count, device,
+                                                         warmup=2 * w + 1)))
+        print(f"  {rows[-1][0]}: {rows[-1][1]:,.0f} samples/s", flush=True)
+        del loader
+    pre = H5Dataset(path, preload=True)
+    rows.append(("loader, preloaded split, 0 workers", loader_rate(
+        train_loader(pre, args.batch_size, 0, 0, device), args.batches, count, device)))
+    print(f"  {rows[-1][0]}: {rows[-1][1]:,.0f} samples/s", flush=True)
+    del pre
+    if not args.no_references:
+        n = min(args.batches + 1, len(ds) // args.batch_size)
+        rows.append(("h5py read_direct_chunk loop (reference)",
+                     raw_chunks(path, args.batch_size, n)))
+        print(f"  {rows[-1][0]}: {rows[-1][1]:,.0f} samples/s", flush=True)
+        lm = lmdb_safetensors(path, args.batch_size, n)
+        if lm is not None:
+            rows.append(("LMDB + safetensors loop (reference)", lm))
+            print(f"  {rows[-1][0]}: {lm:,.0f} samples/s", flush=True)
+    return rows
+
+
+def training_rows(args, ds, device):
+    """(label, samples/s) of the loader through the transform, and of the training step."""
     meta = ds.meta
+    amp = args.amp or ("bf16" if device.type == "cuda" else "none")
     tf = DeviceTransform(meta["mean"], meta["std"], args.img_size, device)
     cfg = {"model": "vit_tiny", "img_size": args.img_size, "patch_size": 16,
            "out_indices": (3, 5, 7, 11), "decoder_channels": 64, "fill": "nearest", "aux": True}
@@ -67,15 +227,10 @@ def main():
     masker = TokenMasker("similarity", args.mask, 16).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     dtype = torch.bfloat16 if amp == "bf16" else None
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"device {name}, torch {torch.__version__}, {meta['dataset']} {args.split} "
-          f"({len(ds)} samples, {len(meta['bands'])} bands), batch {args.batch_size}, "
-          f"preload {args.preload}, amp {amp}, mask {args.mask}", flush=True)
 
     def load(batch):
-        images, targets, _ = batch
-        tf(images, targets, train=True)
-        return len(images)
+        tf(batch[0], batch[1], train=True)
+        return len(batch[0])
 
     def train(batch):
         x, y = tf(batch[0], batch[1], train=True) if len(batch) == 3 else batch
@@ -89,21 +244,62 @@ def main():
         return len(x)
 
     rows = []
-    for w in (int(v) for v in args.workers.split(",")):
+    workers = [int(v) for v in args.workers.split(",")]
+    for w in workers:
         loader = train_loader(ds, args.batch_size, w, 0, device)
-        rows.append((f"loader, {w} workers", timed(endless(loader), args.batches, load, device)))
+        rows.append((f"loader + transform, {w} workers", loader_rate(
+            loader, args.batches, load, device, warmup=2 * w + 1)))
         print(f"  {rows[-1][0]}: {rows[-1][1]:,.0f} samples/s", flush=True)
-    loader = train_loader(ds, args.batch_size, max(int(v) for v in args.workers.split(",")), 0,
-                          device)
+    loader = train_loader(ds, args.batch_size, max(workers), 0, device)
     first = next(iter(loader))
     on_device = tf(first[0], first[1], train=True)
-    fixed = timed(itertools.repeat(on_device), args.batches, train, device)
-    e2e = timed(endless(loader), args.batches, train, device)
-    rows += [("train step, batch already on device", fixed), ("train step fed by the loader", e2e)]
-    print("\n| setting | samples/s |\n|---|---|")
+    fixed = repeat_rate(on_device, args.batches, train, device)
+    e2e = loader_rate(loader, args.batches, train, device, warmup=2 * max(workers) + 1)
+    rows += [(f"train step at mask {args.mask:g}, batch already on device", fixed),
+             (f"train step at mask {args.mask:g} fed by the loader ({max(workers)} workers)",
+              e2e)]
+    return rows, e2e / fixed, amp
+
+
+def repeat_rate(batch, n, step, device):
+    """Samples/s of `step` on one batch already on the device, after one warm-up step."""
+    step(batch)
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(n):
+        step(batch)
+    sync(device)
+    return n * len(batch[0]) / (time.perf_counter() - start)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    path = os.path.join(args.data_dir, f"{args.split}.h5")
+    if args.synthesize:
+        path = synthesize(path, args.synthesize)
+    warm(path)
+    ds = H5Dataset(path)
+    with h5py.File(path, "r") as f:
+        key = "masks" if "masks" in f else "labels"
+        per_sample = (f["images"].nbytes + f[key].nbytes) / len(ds)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"device {name} ({os.cpu_count()} CPU cores), torch {torch.__version__}, "
+          f"h5py {h5py.__version__}, {path}: {len(ds)} samples of "
+          f"{tuple(ds._datasets()[0].shape[1:])} {ds._datasets()[0].dtype}, "
+          f"{per_sample / 1e6:.3f} MB each; batch {args.batch_size}, {args.batches} timed "
+          f"batches per setting", flush=True)
+    rows = reader_rows(args, ds, path, device)
+    ratio = None
+    if not args.loader_only:
+        more, ratio, amp = training_rows(args, ds, device)
+        rows += more
+        print(f"  amp {amp}", flush=True)
+    print("\n| reader / step | samples/s | GB/s |\n|---|---|---|")
     for label, value in rows:
-        print(f"| {label} | {value:,.1f} |")
-    print(f"| end-to-end / on-device | {e2e / fixed:.2f} |")
+        print(f"| {label} | {value:,.0f} | {value * per_sample / 1e9:.2f} |")
+    if ratio is not None:
+        print(f"| end-to-end / on-device | {ratio:.2f} | |")
 
 
 if __name__ == "__main__":

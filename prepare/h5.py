@@ -5,7 +5,9 @@ chunked one sample per chunk; `labels` (N, classes) uint8 or `masks` (N, H, W) u
 (N,) str; attrs dataset, task, bands, classes, mean, std (per band, from the train split, native
 units), schema_version, source.
 """
+import contextlib
 import csv
+import multiprocessing
 import os
 
 import h5py
@@ -94,7 +96,7 @@ class SplitWriter:
             os.remove(self.tmp)
 
 
-def write_splits(samples, read, out, attrs, target_key="labels", on_error="stop"):
+def write_splits(samples, read, out, attrs, target_key="labels", on_error="stop", workers=1):
     """Write OUT/{train,val,test}.h5 from samples, all or nothing.
 
     Args:
@@ -105,25 +107,28 @@ def write_splits(samples, read, out, attrs, target_key="labels", on_error="stop"
             from the train split.
         on_error: "stop" (raise, leaving no new file) or "skip" (leave the sample out and list
             it with its reason in OUT/skipped.csv).
+        workers: processes that run `read` (1: this process). Samples are written in the same
+            order whatever the count, so the files hold the same datasets for any `workers`.
 
     Returns:
         {split: number of samples written}.
     """
     writers = {s: SplitWriter(os.path.join(out, f"{s}.h5"), target_key) for s in SPLITS}
+    ordered = [s for split in SPLITS for s in samples if s["split"] == split]
     stats, skipped, first = BandStats(), [], None
     try:
-        for split in SPLITS:
-            for sample in tqdm([s for s in samples if s["split"] == split], desc=split):
-                try:
-                    image, target = read(sample)
-                except (ValueError, OSError) as e:  # FileNotFoundError is an OSError
+        with _reader(read, workers) as results:
+            for sample, (got, error) in tqdm(zip(ordered, results(ordered)), total=len(ordered),
+                                             desc="convert", unit="sample"):
+                if error is not None:
                     if on_error == "stop":
-                        raise
-                    skipped.append((sample["name"], str(e)))
+                        raise error
+                    skipped.append((sample["name"], str(error)))
                     continue
+                image, target = got
                 first = first if first is not None else (image, target)
-                writers[split].append(image, target, sample["name"])
-                if split == "train":
+                writers[sample["split"]].append(image, target, sample["name"])
+                if sample["split"] == "train":
                     stats.add(image)
         mean, std = stats.result()
         for split, w in writers.items():
@@ -140,3 +145,33 @@ def write_splits(samples, read, out, attrs, target_key="labels", on_error="stop"
             csv.writer(f).writerows([("name", "reason"), *skipped])
         print(f"skipped {len(skipped)} sample(s); names and reasons in {out}/skipped.csv")
     return {split: w.n for split, w in writers.items()}
+
+
+_READ = None  # the reader of the conversion under way, inherited by forked workers
+
+
+def _read_one(sample):
+    """(result, None) or (None, the ValueError / OSError it raised): errors travel back as
+    values, so the writer decides between stopping and skipping, in sample order."""
+    try:
+        return _READ(sample), None
+    except (ValueError, OSError) as e:  # FileNotFoundError is an OSError
+        return None, e
+
+
+@contextlib.contextmanager
+def _reader(read, workers):
+    """Yields a function samples -> iterator of `_read_one` results, in order. With workers > 1
+    a pool of forked processes reads ahead (fork, because the readers are closures over the
+    run's flags, which cannot be pickled; the parent has opened no raster the children use)."""
+    global _READ
+    _READ = read
+    try:
+        if workers <= 1 or "fork" not in multiprocessing.get_all_start_methods():
+            yield lambda ordered: map(_read_one, ordered)
+            return
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            # small chunks keep the order cheap to restore and the workers evenly loaded
+            yield lambda ordered: pool.imap(_read_one, ordered, chunksize=4)
+    finally:
+        _READ = None

@@ -38,6 +38,7 @@ def read_meta(path, dataset=None) -> dict:
                 raise ValueError(f"{path}: holds dataset {meta.get('dataset')!r}, "
                                  f"not {dataset!r}")
             meta["length"] = check_layout(f, meta, path)
+            meta["image_shape"] = list(f["images"].shape[1:])  # (C, H, W) of one sample
     except OSError as e:
         raise ValueError(f"{path}: not a readable HDF5 file ({e})") from e
     return meta
@@ -81,9 +82,9 @@ class H5Dataset(torch.utils.data.Dataset):
     """One split file. Item i: (image (C, H, W) native dtype, target, i).
 
     target: (classes,) uint8 multi-hot, or (H, W) uint8 class map. The file is opened lazily in
-    each DataLoader worker (h5py handles must not cross a fork). A DataLoader fetches a batch
-    through `__getitems__`, one h5py read per run of consecutive indices. With `preload`, the
-    whole split is read into memory once.
+    each DataLoader worker (h5py handles must not cross a fork). Loaders fetch whole batches
+    through `__getitems__`, which reads every sample straight into one preallocated array. With
+    `preload`, the whole split is read into memory once.
 
     Raises:
         see `read_meta`; ValueError when a preloaded split would not fit in free memory.
@@ -113,34 +114,65 @@ class H5Dataset(torch.utils.data.Dataset):
     def __len__(self):
         return self.meta["length"]
 
-    def _read(self, sel):
-        """Images and targets at an index or slice, from memory or the file."""
-        if self._arrays is not None:
-            return self._arrays[0][sel], self._arrays[1][sel]
+    def _datasets(self):
+        """(images, targets) h5py datasets of this process's handle, each with a flag: True
+        when every sample is one unfiltered chunk in native byte order, so its stored bytes
+        are the array's bytes and can be read without HDF5's selection machinery."""
         if self._file is None:
             self._file = h5py.File(self.path, "r")
-        try:
-            return self._file["images"][sel], self._file[self.target_key][sel]
-        except OSError as e:  # a damaged chunk
-            first, last = (sel, sel) if isinstance(sel, int) else (sel.start, sel.stop - 1)
-            what = f"sample {first}" if first == last else f"samples {first}..{last}"
-            raise ValueError(f"{self.path}: {what} is unreadable ({e})") from e
+            self._raw = [_one_raw_chunk_per_sample(self._file[k])
+                         for k in ("images", self.target_key)]
+        return self._file["images"], self._file[self.target_key]
 
     def __getitem__(self, i):
-        image, target = self._read(i)
-        return torch.from_numpy(image), torch.from_numpy(target), i
+        images, targets, _ = self.__getitems__([i])
+        return images[0], targets[0], i
 
     def __getitems__(self, indices):
-        """Samples at `indices` (in that order), reading each consecutive run at once."""
-        order = sorted(set(indices))
-        got, start = {}, 0
-        for k in range(1, len(order) + 1):
-            if k == len(order) or order[k] != order[k - 1] + 1:  # end of a run
-                images, targets = self._read(slice(order[start], order[k - 1] + 1))
-                for j, i in enumerate(order[start:k]):
-                    got[i] = (torch.from_numpy(images[j]), torch.from_numpy(targets[j]), i)
-                start = k
-        return [got[i] for i in indices]
+        """A whole batch: (images (B, C, H, W) native dtype, targets (B, ...), index (B,) int64),
+        samples in the order of `indices`, read straight into one preallocated array per field
+        (shared memory in a DataLoader worker, so it crosses to the main process uncopied).
+
+        Raises:
+            ValueError naming the file and sample when a stored chunk is unreadable.
+        """
+        index = np.asarray(indices, dtype=np.int64)
+        if self._arrays is not None:
+            return tuple(torch.from_numpy(np.take(a, index, axis=0)) for a in self._arrays) + \
+                (torch.from_numpy(index),)
+        out = []
+        for ds, raw in zip(self._datasets(), self._raw):
+            batch = _empty((len(index), *ds.shape[1:]), ds.dtype.newbyteorder("="))
+            flat = batch.numpy().reshape(len(index), -1).view(np.uint8)
+            for j, i in enumerate(index.tolist()):
+                try:
+                    if raw:  # the limit: one read of the chunk's bytes into the batch row
+                        ds.id.read_direct_chunk((i,) + (0,) * (ds.ndim - 1), out=flat[j])
+                    else:
+                        ds.read_direct(batch.numpy(), np.s_[i], np.s_[j])
+                except (OSError, KeyError) as e:  # a damaged or missing chunk
+                    raise ValueError(f"{self.path}: sample {i} is unreadable ({e})") from e
+            out.append(batch)
+        return out[0], out[1], torch.from_numpy(index)
+
+
+def _one_raw_chunk_per_sample(ds):
+    """True when `ds` stores each sample as one chunk with no filter (no compression), in this
+    machine's byte order: the layout prepare_data.py writes."""
+    return (ds.chunks == (1, *ds.shape[1:]) and ds.id.get_create_plist().get_nfilters() == 0
+            and ds.dtype.isnative)
+
+
+def _empty(shape, dtype):
+    """An uninitialised CPU tensor; in a DataLoader worker, in shared memory, so that sending
+    the batch to the main process moves no bytes."""
+    t = torch.from_numpy(np.empty(0, dtype)).new_empty(shape)
+    return t.share_memory_() if torch.utils.data.get_worker_info() is not None else t
+
+
+def _as_is(batch):
+    """collate_fn of the loaders: `__getitems__` already returns the finished batch."""
+    return batch
 
 
 class ResumableSampler(DistributedSampler):
@@ -165,14 +197,14 @@ def train_loader(ds, batch_size, workers, seed, device):
     # its own generator: starting an epoch's iterator must not draw from the global RNG, which
     # drives masks and augmentation and is restored exactly on resume
     return DataLoader(ds, batch_size, sampler=sampler, num_workers=workers, drop_last=True,
-                      pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-                      generator=torch.Generator().manual_seed(seed))
+                      collate_fn=_as_is, pin_memory=device.type == "cuda",
+                      persistent_workers=workers > 0, generator=torch.Generator().manual_seed(seed))
 
 
 def eval_loader(ds, batch_size, workers, device):
     """Loader over samples rank, rank + world, ...: every sample of the split exactly once."""
     return DataLoader(Subset(ds, distributed.shard(len(ds))), batch_size, num_workers=workers,
-                      pin_memory=device.type == "cuda")
+                      collate_fn=_as_is, pin_memory=device.type == "cuda")
 
 
 class DeviceTransform:

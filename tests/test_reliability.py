@@ -13,7 +13,7 @@ import pytest
 import rasterio
 import torch
 
-from conftest import BEN_V1, ROOT, need, run
+from conftest import BEN_V1, ROOT, run
 from rvit.checkpoint import load_checkpoint
 
 S2 = os.path.join(BEN_V1, "BigEarthNet-S2")
@@ -25,7 +25,6 @@ CPU = ["--workers", "0", "--device", "cpu"]
 @pytest.fixture
 def archive(tmp_path):
     """A writable copy of the real v1 S2 and S1 patch folders that form S1 + S2 pairs."""
-    need(BEN_V1)
     for s1 in os.listdir(S1):
         with open(os.path.join(S1, s1, f"{s1}_labels_metadata.json")) as f:
             s2 = json.load(f)["corresponding_s2_patch"]
@@ -158,6 +157,16 @@ def test_killed_conversion_leaves_no_file_and_a_rerun_equals_a_clean_run(archive
     run("prepare_data.py", "--dataset", "bigearthnet", "--root", archive / "S2", "--out", out)
     assert h5_content(out) == h5_content(archive / "clean")
     assert not any(name.endswith(".tmp") for name in os.listdir(out))
+
+
+def test_conversion_writes_the_same_datasets_for_any_worker_count(archive):
+    for w in (1, 3):
+        run("prepare_data.py", "--dataset", "bigearthnet", "--root", archive / "S2",
+            "--s1-root", archive / "S1", "--modality", "s1s2", "--workers", w,
+            "--out", archive / f"w{w}")
+    one, three = h5_content(archive / "w1"), h5_content(archive / "w3")
+    assert sum(len(one[s][0]["names"]) for s in one) == 6  # the S1 + S2 pairs
+    assert one == three
 
 
 def train(data, out, *extra, check=True):

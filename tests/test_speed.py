@@ -1,4 +1,8 @@
 """Speed paths are correctness-tested here (their timings live in benchmarks/, not in tests)."""
+import os
+
+import h5py
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -145,13 +149,61 @@ def test_train_compile_saves_plain_weights(ben_v1, tmp_path):
 def test_batched_and_preloaded_reads_equal_single_reads(ben_v1):
     lazy, pre = H5Dataset(str(ben_v1 / "train.h5")), H5Dataset(str(ben_v1 / "train.h5"),
                                                                 preload=True)
+    with h5py.File(ben_v1 / "train.h5") as f:
+        images, labels = f["images"][:], f["labels"][:]
     order = [4, 2, 3, 0, 6, 3]  # runs 2..4 and 6, a repeat, out of order
     for ds in (lazy, pre):
-        batch = ds.__getitems__(order)
-        assert [b[2] for b in batch] == order
-        for (image, target, i) in batch:
-            one = lazy[i]
-            assert torch.equal(image, one[0]) and torch.equal(target, one[1])
+        x, y, index = ds.__getitems__(order)
+        assert index.tolist() == order and x.dtype == torch.uint16
+        assert np.array_equal(x.numpy(), images[order])
+        assert np.array_equal(y.numpy(), labels[order])
+
+
+def test_batch_reads_of_other_layouts_fall_back_to_read_direct(tmp_path):
+    """Compressed, differently chunked or big-endian files read the same through read_direct."""
+    from prepare.h5 import SplitWriter
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 2**16, (5, 2, 6, 6), dtype=np.uint16)
+    labels = rng.integers(0, 2, (5, 3), dtype=np.uint8)
+    w = SplitWriter(str(tmp_path / "plain.h5"), "labels")
+    for i in range(5):
+        w.append(images[i], labels[i], f"s{i}")
+    w.finish({"dataset": "toy", "task": "multilabel", "bands": ["a", "b"], "classes": list("xyz"),
+              "mean": [0, 0], "std": [1, 1], "source": "test"}, (2, 6, 6), np.uint16, (3,))
+    for name, kw in (("gzip", {"compression": "gzip", "chunks": (1, 2, 6, 6)}),
+                     ("chunk2", {"chunks": (2, 2, 6, 6)}), ("be", {"dtype": ">u2"})):
+        with h5py.File(tmp_path / "plain.h5") as src, h5py.File(tmp_path / f"{name}.h5", "w") as f:
+            for k, v in src.attrs.items():
+                f.attrs[k] = v
+            f.create_dataset("labels", data=labels)  # contiguous: no chunks at all
+            f.create_dataset("names", data=src["names"][:])
+            f.create_dataset("images", data=images.astype(kw.pop("dtype", "<u2")), **kw)
+    for name in ("plain", "gzip", "chunk2", "be"):
+        ds = H5Dataset(str(tmp_path / f"{name}.h5"))
+        ds._datasets()
+        assert ds._raw == ([True, True] if name == "plain" else [False, False]), name
+        x, y, _ = ds.__getitems__([3, 1, 4])
+        assert np.array_equal(x.numpy().astype(np.uint16), images[[3, 1, 4]]), name
+        assert np.array_equal(y.numpy(), labels[[3, 1, 4]]), name
+
+
+def test_worker_batches_arrive_in_shared_memory_in_the_sampler_order(ben_v1):
+    from rvit.data import train_loader
+    ds = H5Dataset(str(ben_v1 / "train.h5"))
+    orders = []
+    for workers in (0, 2):
+        loader = train_loader(ds, 3, workers, seed=5, device=torch.device("cpu"))
+        loader.sampler.set_epoch(1)
+        batches = list(loader)
+        orders.append([i for _, _, idx in batches for i in idx.tolist()])
+        assert orders[-1] == list(loader.sampler)[:len(orders[-1])]
+        for x, y, idx in batches:
+            assert torch.equal(x, lazy_read(ds, idx)) and x.is_shared() == (workers > 0)
+    assert orders[0] == orders[1] and len(orders[0]) == 6  # 7 samples, batch 3, tail dropped
+
+
+def lazy_read(ds, idx):
+    return torch.stack([ds[i][0] for i in idx.tolist()])
 
 
 def symmetries(image):
@@ -207,3 +259,9 @@ def test_loader_benchmark_runs_on_a_real_split(ben_v1):
     out = run("-m", "benchmarks.loader", "--data-dir", ben_v1, "--workers", "0",
               "--batch-size", "2", "--batches", "2", "--img-size", "32").stdout
     assert "| loader, 0 workers |" in out and "| end-to-end / on-device |" in out
+
+
+@pytest.mark.parametrize("script", ["throughput", "loader"])
+def test_benchmarks_run_as_scripts_too(script):
+    out = run(os.path.join("benchmarks", f"{script}.py"), "--help").stdout
+    assert out.startswith("usage:") and "--batch-size" in out
