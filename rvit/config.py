@@ -62,7 +62,8 @@ def add_masking_args(p, mask_type=float):
                                                   if mask_type is mask_list else ""))
     p.add_argument("--strategy", choices=STRATEGIES, default=None,
                    help="which tokens to drop: similarity (the most redundant), dynamic "
-                        "(those above a learned redundancy threshold), random")
+                        "(those above a learned redundancy threshold), random, coverage "
+                        "(keep one token of every region: greedy k-center)")
     p.add_argument("--score-space", choices=SCORE_SPACES, default=None,
                    help="redundancy scored on patch embeddings or on standardised pixels")
     p.add_argument("--score-reduce", choices=SCORE_REDUCES, default=None,

@@ -24,6 +24,12 @@ Strategies:
         K, with `valid` marking real tokens.
     random: uniform per sample; at evaluation the noise of sample i comes from a generator seeded
         with i, so scores are repeatable.
+    coverage: greedy k-center (farthest-point) selection on the cosine distance 1 - u_i . u_j:
+        keep the most typical patch (highest r_i), then K - 1 times the patch least similar to
+        every patch kept so far. Every region of a scene keeps a token, however large or small
+        it is, so a dropped patch always has a similar kept one (what RUPerNet's `nearest` fill
+        relies on). O(K N D) per image, one (B, N) update per step, no N x N matrix. RViT's own
+        rule, not the study's.
 """
 import math
 
@@ -33,7 +39,7 @@ import torch.nn.functional as F
 
 from rvit import distributed
 
-STRATEGIES = ("similarity", "dynamic", "random")
+STRATEGIES = ("similarity", "dynamic", "random", "coverage")
 SCORE_SPACES = ("embedding", "pixel")
 SCORE_REDUCES = ("mean", "max")
 
@@ -102,6 +108,38 @@ def keep_lowest(score, k: int):
 
 
 @torch.no_grad()
+def keep_coverage(z, k: int):
+    """Greedy k-center (farthest-point) selection on cosine distance, per sample.
+
+    The first kept patch is the most typical one (highest mean cosine similarity to the others,
+    ties by index); each next one is the patch whose highest similarity to the kept patches is
+    lowest (ties by index). Gonzalez's (1985) greedy 2-approximation of k-center.
+
+    Args:
+        z: (B, N, F) patch features (embeddings, or flattened standardised pixels), any float.
+        k: patches to keep, 1 <= k <= N.
+
+    Returns:
+        (B, k) int64 kept indices, ascending.
+    """
+    B, N, _ = z.shape
+    u = F.normalize(z.float(), dim=-1)
+    rows = torch.arange(B, device=z.device)
+    ids = torch.empty(B, k, dtype=torch.long, device=z.device)
+    ids[:, 0] = redundancy_score(u).argmax(dim=1)
+    # nearest[b, i]: highest similarity of patch i to a kept patch; kept patches are set to +inf
+    # so they are never chosen again
+    nearest = torch.full((B, N), -float("inf"), device=z.device)
+    for t in range(k):
+        if t > 0:
+            ids[:, t] = nearest.argmin(dim=1)
+        new = u[rows, ids[:, t]]  # (B, F)
+        nearest = torch.maximum(nearest, (u @ new[:, :, None])[..., 0])
+        nearest[rows, ids[:, t]] = float("inf")
+    return ids.sort(dim=1).values
+
+
+@torch.no_grad()
 def keep_below(score, tau: float, min_keep: int):
     """Patches with score < tau (at least the `min_keep` lowest), padded to the longest row.
 
@@ -140,7 +178,7 @@ class TokenMasker(nn.Module):
     """Chooses the kept patch tokens of each image; pass it as the ViT's `select` hook.
 
     Args:
-        strategy: "similarity", "dynamic" or "random".
+        strategy: "similarity", "dynamic", "random" or "coverage".
         mask_ratio: m in [0, 1); 0 keeps every token and runs the plain ViT.
         patch_size: p in pixels, for pixel-space scores.
         score_space: "embedding" (patch embeddings) or "pixel" (standardised pixels).
@@ -201,6 +239,9 @@ class TokenMasker(nn.Module):
             ids_keep, valid = keep_lowest(noise, k), None
         elif self.strategy == "similarity":
             ids_keep, valid = keep_lowest(self.score(z, x), k), None
+        elif self.strategy == "coverage":
+            feats = z if self.score_space == "embedding" else pixel_patches(x, self.patch_size)
+            ids_keep, valid = keep_coverage(feats, k), None
         else:
             score = self.score(z, x)
             if self.training:

@@ -7,7 +7,9 @@ Spatial: the redundancy score that the masking uses (rvit/masking.py: mean cosin
 each patch to the other patches of its image), on standardised pixels and, with --checkpoint, on a
 trained model's patch embeddings: its histogram over all patches, per image the share of patches
 scoring above each --thresholds value, the kept share the dynamic strategy would give at each
---mask (threshold = the (1 - m)-quantile of all scores), and the mean score per class.
+--mask (threshold = the (1 - m)-quantile of all scores), the mean score per class, and the
+information each strategy keeps at each --mask: its fill error (`fill_error`: every dropped
+patch replaced by its most similar kept patch, as RUPerNet's `nearest` fill does).
 Spectral (C > 1): the band correlation matrix and the number of principal components of the
 standardised bands that explain 95 % and 99 % of the variance.
 
@@ -27,7 +29,8 @@ from tqdm import tqdm
 from rvit.checkpoint import load_checkpoint, write_json
 from rvit.data import DeviceTransform, H5Dataset
 from rvit.figures import grey_dropped, pil_image, pyplot, to_rgb
-from rvit.masking import keep_lowest, num_keep, pixel_patches, redundancy_score
+from rvit.masking import (STRATEGIES, keep_below, keep_coverage, keep_lowest, num_keep,
+                          pixel_patches, redundancy_score, restore_grid, restore_index)
 from rvit.models import build_model, encoder
 
 BINS = np.linspace(-1.0, 1.0, 201)  # score histogram edges: cosine similarity in [-1, 1]
@@ -58,10 +61,14 @@ class Spectral:
                 "components_99": int(np.searchsorted(explained, 0.99 - 1e-9) + 1)}
 
 
+def features(x, space, vit, patch):
+    """(B, N, F) patches of a normalised batch: standardised pixels, or patch embeddings."""
+    return pixel_patches(x, patch) if space == "pixel" else vit.patch_embed(x).float()
+
+
 def scores_of(x, space, vit, patch):
     """(B, N) redundancy scores of a normalised batch in pixel or embedding space."""
-    feats = pixel_patches(x, patch) if space == "pixel" else vit.patch_embed(x)
-    return redundancy_score(feats)
+    return redundancy_score(features(x, space, vit, patch))
 
 
 def batches(ds, args, tf, desc):
@@ -69,9 +76,7 @@ def batches(ds, args, tf, desc):
     n = min(len(ds), args.max_samples or len(ds))
     for start in tqdm(range(0, n, args.batch_size), desc=desc):
         idx = list(range(start, min(n, start + args.batch_size)))
-        items = [ds[i] for i in idx]
-        images = torch.stack([it[0] for it in items])
-        targets = torch.stack([it[1] for it in items])
+        images, targets, _ = ds.__getitems__(idx)
         x, y = tf(images, targets)
         yield images.numpy(), x, y, idx
 
@@ -129,7 +134,7 @@ def analyse(args):
               "img_size": args.img_size, "patch_size": args.patch_size, "num_patches": N,
               "thresholds": args.thresholds, "spatial": {}}
     taus = {s: {m: quantile_from_hist(hist[s], 1 - m) for m in args.mask} for s in spaces}
-    kept = dynamic_kept(ds, args, tf, vit, spaces, taus, N)
+    kept, fill = second_pass(ds, args, tf, vit, spaces, taus, N)
     for s in spaces:
         total = hist[s].sum()
         centers = (BINS[:-1] + BINS[1:]) / 2
@@ -139,6 +144,7 @@ def analyse(args):
             "share_above": {f"{t:g}": float(v / count) for t, v in zip(args.thresholds,
                                                                        above[s])},
             "dynamic_kept_share": {f"{m:g}": kept[s][m] for m in args.mask},
+            "fill_error": fill[s],
             "per_class_mean_score": {c: (float(class_sum[s][i] / class_n[i]) if class_n[i]
                                          else None) for i, c in enumerate(classes)}}
     if len(meta["bands"]) > 1:
@@ -177,17 +183,23 @@ def track_extremes(extremes, means, idx, k):
                 heapq.heapreplace(heap, (key, i))
 
 
-def dynamic_kept(ds, args, tf, vit, spaces, taus, N):
-    """Second pass: per-image kept share of the dynamic rule at each mask ratio's threshold."""
+def second_pass(ds, args, tf, vit, spaces, taus, N):
+    """Per-image kept share of the dynamic rule at each mask ratio's threshold, and the fill
+    error of every strategy (see `fill_error`), per space and mask ratio."""
     floor = max(1, math.ceil(0.02 * N))
     shares = {s: {m: [] for m in args.mask} for s in spaces}
-    for _, x, _, _ in batches(ds, args, tf, "pass 2"):
+    errors = {s: {st: {m: [] for m in args.mask} for st in STRATEGIES} for s in spaces}
+    for _, x, _, idx in batches(ds, args, tf, "pass 2"):
         for s in spaces:
-            r = scores_of(x, s, vit, args.patch_size)
+            feats = features(x, s, vit, args.patch_size)
+            r = redundancy_score(feats)
             for m in args.mask:
                 k = (r < taus[s][m]).sum(1).clamp_min(floor) if m > 0 else torch.full(
                     (r.shape[0],), N)
                 shares[s][m] += (k.float() / N).tolist()
+                for st in STRATEGIES:
+                    errors[s][st][m] += strategy_error(feats, r, st, m, taus[s][m], floor,
+                                                       idx[0]).tolist()
     out = {}
     for s in spaces:
         out[s] = {}
@@ -196,7 +208,46 @@ def dynamic_kept(ds, args, tf, vit, spaces, taus, N):
             out[s][m] = {"tau": taus[s][m], "mean": float(v.mean()), "min": float(v.min()),
                          "max": float(v.max()), "std": float(v.std()),
                          "similarity_share": num_keep(N, m) / N}
-    return out
+    fill = {s: {st: {f"{m:g}": float(np.mean(errors[s][st][m])) for m in args.mask}
+                for st in STRATEGIES} for s in spaces}
+    return out, fill
+
+
+def strategy_error(feats, r, strategy, m, tau, floor, seed, draws=5):
+    """(B,) fill error of one strategy at mask ratio m; random: the mean of `draws` seeded draws.
+    The embedding-space selection of each strategy is applied to `feats`, as the masker would."""
+    B, N, _ = feats.shape
+    if m == 0:
+        return torch.zeros(B)
+    k = num_keep(N, m)
+    if strategy == "similarity":
+        return fill_error(feats, keep_lowest(r, k))
+    if strategy == "coverage":
+        return fill_error(feats, keep_coverage(feats, k))
+    if strategy == "dynamic":
+        return fill_error(feats, *keep_below(r, tau, floor))
+    g = torch.Generator().manual_seed(int(seed))
+    return torch.stack([fill_error(feats, keep_lowest(torch.rand(B, N, generator=g), k))
+                        for _ in range(draws)]).mean(0)
+
+
+def fill_error(feats, ids_keep, valid=None):
+    """How much of an image a selection loses: replace each dropped patch by its most
+    cosine-similar kept patch (RUPerNet's `nearest` fill), and take the squared error summed
+    over the image's patches, over the image's patch energy sum_i |z_i|^2. 0: nothing lost;
+    1: as much as filling every patch with zeros.
+
+    Args:
+        feats: (B, N, F) float patches (standardised pixels, or patch embeddings).
+        ids_keep: (B, K) int64 kept indices; valid: (B, K) bool or None, as from the masker.
+
+    Returns:
+        (B,) float32.
+    """
+    src = restore_index(ids_keep, valid, feats.shape[1], feats)
+    kept = torch.gather(feats, 1, ids_keep[..., None].expand(-1, -1, feats.shape[-1]))
+    err = (feats - restore_grid(kept, src)).pow(2).sum((1, 2))
+    return (err / feats.pow(2).sum((1, 2)).clamp_min(1e-12)).float()
 
 
 def markdown(result):
@@ -211,6 +262,11 @@ def markdown(result):
                   "|---|---|---|---|---|"]
         lines += [f"| {m} | {v['mean']:.3f} | {v['min']:.3f} | {v['max']:.3f} | "
                   f"{v['similarity_share']:.3f} |" for m, v in sp["dynamic_kept_share"].items()]
+        lines += ["", "Information lost (fill error: dropped patches replaced by their most similar "
+                  "kept patch; squared error over patch energy; lower keeps more):", "",
+                  "| mask | " + " | ".join(STRATEGIES) + " |", "|---|" + "---|" * len(STRATEGIES)]
+        lines += [f"| {m} | " + " | ".join(f"{sp['fill_error'][st][m]:.3f}" for st in STRATEGIES)
+                  + " |" for m in sp["dynamic_kept_share"]]
         ranked = sorted(((v, c) for c, v in sp["per_class_mean_score"].items() if v is not None),
                         reverse=True)
         lines += ["", "| class (most redundant first) | mean score |", "|---|---|"]
@@ -241,6 +297,7 @@ def figures(result, ds, tf, args):
         written.append(os.path.join(args.out, "score_histogram.png"))
         fig.savefig(written[-1], dpi=120)
         plt.close(fig)
+        written.append(fill_error_plot(plt, result, args.out))
         if "spectral" in result:
             sp = result["spectral"]
             fig, ax = plt.subplots(figsize=(4.5, 4))
@@ -254,6 +311,27 @@ def figures(result, ds, tf, args):
             plt.close(fig)
     written += example_grid(result, ds, tf, args)
     return written
+
+
+def fill_error_plot(plt, result, out):
+    """Fill error against kept share, a line per strategy (solid: pixel space, dashed:
+    embedding space); the dynamic strategy at its mean realised kept share."""
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for (space, sp), style in zip(result["spatial"].items(), ("-", "--")):
+        masks = list(sp["dynamic_kept_share"])
+        for i, st in enumerate(STRATEGIES):
+            kept = [sp["dynamic_kept_share"][m]["mean" if st == "dynamic" else
+                                                "similarity_share"] for m in masks]
+            ax.plot(kept, [sp["fill_error"][st][m] for m in masks], style, marker="o",
+                    color=f"C{i}", label=f"{st} ({space})")
+    ax.set_xlabel("kept share of patch tokens")
+    ax.set_ylabel("fill error (lower keeps more)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = os.path.join(out, "fill_error.png")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def example_grid(result, ds, tf, args):
@@ -294,7 +372,8 @@ def parse_args(argv=None):
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.7, 0.9],
                    help="report the share of patches scoring above each")
     p.add_argument("--mask", type=float, nargs="+", default=[0.25, 0.5, 0.65, 0.75, 0.85],
-                   help="mask ratios at which to report the dynamic strategy's kept share")
+                   help="mask ratios at which to report the dynamic strategy's kept share and "
+                        "every strategy's fill error")
     p.add_argument("--show-mask", type=float, default=0.65,
                    help="mask ratio of the example grid (the poster's 'mask top 65%%')")
     p.add_argument("--num-examples", type=int, default=4,

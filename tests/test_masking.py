@@ -4,8 +4,8 @@ import torch
 from torch.testing import assert_close
 
 from rvit import vit_tiny
-from rvit.masking import (TokenMasker, keep_below, keep_lowest, num_keep, pixel_patches,
-                          redundancy_score)
+from rvit.masking import (TokenMasker, keep_below, keep_coverage, keep_lowest, num_keep,
+                          pixel_patches, redundancy_score)
 
 
 @pytest.mark.parametrize("n,m,k", [(196, 0.6, 78), (196, 0.75, 49), (196, 0.0, 196),
@@ -166,3 +166,62 @@ def test_random_eval_noise_is_seeded_by_sample_index():
 def test_unknown_strategy_is_an_error():
     with pytest.raises(ValueError, match="unknown strategy"):
         TokenMasker("smart", 0.5)
+
+
+def three_regions(p=8, grid=10, seed=0):
+    """(1, 3, grid * p, grid * p): 60 % of the patches one texture (a field), 30 % another
+    (forest), 10 % a third (road), each patch its region's texture plus faint noise."""
+    g = torch.Generator().manual_seed(seed)
+    textures = torch.rand(3, 3, p, p, generator=g) * 4 - 2
+    region = torch.zeros(grid * grid, dtype=torch.long)
+    region[60:90], region[90:] = 1, 2
+    region = region[torch.randperm(grid * grid, generator=g)]
+    img = torch.empty(3, grid * p, grid * p)
+    for i, r in enumerate(region.tolist()):
+        row, col = divmod(i, grid)
+        img[:, row * p:(row + 1) * p, col * p:(col + 1) * p] = \
+            textures[r] + 0.05 * torch.randn(3, p, p, generator=g)
+    return img[None], region
+
+
+def test_coverage_keeps_every_region_where_similarity_drops_the_largest():
+    x, region = three_regions()
+    kept = {}
+    for strategy in ("similarity", "coverage"):
+        masker = TokenMasker(strategy, 0.9, 8, score_space="pixel").eval()  # K = 10 of 100
+        ids, _ = masker(torch.zeros(1, 100, 4), x)
+        assert ids.shape == (1, 10) and torch.equal(ids, ids.sort(dim=1).values)
+        kept[strategy] = set(region[ids[0]].tolist())
+    assert kept["coverage"] == {0, 1, 2}
+    assert 0 not in kept["similarity"]  # the largest region is the most "redundant"
+
+
+def brute_force_k_center(z, k):
+    """Greedy k-center written out with the full N x N similarity matrix, for one image."""
+    u = torch.nn.functional.normalize(z.double(), dim=-1)
+    sim = u @ u.T
+    n = len(u)
+    kept = [int(((sim.sum(1) - 1) / (n - 1)).argmax())]
+    while len(kept) < k:
+        nearest = sim[:, kept].max(dim=1).values
+        nearest[kept] = float("inf")
+        kept.append(int(nearest.argmin()))
+    return sorted(kept)
+
+
+@pytest.mark.parametrize("k", [1, 2, 7, 30])
+def test_keep_coverage_equals_the_brute_force_greedy_per_sample(k):
+    z = torch.randn(4, 30, 12, generator=torch.Generator().manual_seed(k))
+    ids = keep_coverage(z, k)
+    assert ids.tolist() == [brute_force_k_center(z[b], k) for b in range(4)]
+
+
+def test_coverage_with_each_fill_of_rupernet():
+    from rvit.upernet import RUPerNet
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 64, 64)
+    for fill in ("nearest", "mask_token", "zeros"):
+        model = RUPerNet(vit_tiny(img_size=64, num_classes=0), 4, out_indices=(1, 3, 5, 7),
+                         decoder_channels=16, fill=fill).eval()
+        out = model(x, select=TokenMasker("coverage", 0.75, 16).eval())
+        assert out.shape == (2, 4, 64, 64) and torch.isfinite(out).all()

@@ -4,6 +4,7 @@ import json
 import h5py
 import numpy as np
 import pytest
+import torch
 
 from prepare.h5 import SplitWriter
 from rvit.redundancy import main
@@ -86,3 +87,50 @@ def test_figures_match_numpy_on_real_bigearthnet_patches(ben_v1, tmp_path):
     explained = np.cumsum(eig) / eig.sum()
     assert r["spectral"]["components_95"] == int(np.argmax(explained >= 0.95)) + 1
     assert r["num_samples"] == 7 and len(r["examples"]["most"]) == 4
+
+
+def brute_fill_error(feats, kept):
+    """Fill error of one image written out: each dropped patch takes its most cosine-similar
+    kept patch; squared error summed, over the image's patch energy."""
+    u = feats / np.linalg.norm(feats, axis=1, keepdims=True)
+    err = 0.0
+    for i in range(len(feats)):
+        if i not in kept:
+            j = kept[int(np.argmax(u[kept] @ u[i]))]
+            err += ((feats[i] - feats[j]) ** 2).sum()
+    return err / (feats ** 2).sum()
+
+
+def test_fill_error_matches_a_brute_force_and_coverage_loses_least(ben_v1, tmp_path):
+    from rvit.masking import keep_coverage, keep_lowest, num_keep, redundancy_score
+    from rvit.redundancy import fill_error
+    main(["--data-dir", str(ben_v1), "--out", str(tmp_path), "--img-size", "120",
+          "--patch-size", "8", "--mask", "0.6", "0.85"])
+    err = json.loads((tmp_path / "redundancy.json").read_text())["spatial"]["pixel"]["fill_error"]
+    with h5py.File(ben_v1 / "train.h5") as f:
+        images = f["images"][:]
+    patches = []
+    for img in images:  # standardised pixels, as numpy_scores does
+        x = img.astype(np.float64)
+        x = (x - x.mean((1, 2), keepdims=True)) / x.std((1, 2), keepdims=True, ddof=1)
+        patches.append(x.reshape(12, 15, 8, 15, 8).transpose(1, 3, 0, 2, 4).reshape(225, -1))
+    feats = torch.tensor(np.stack(patches))
+    k = num_keep(225, 0.85)
+    for st, ids in (("similarity", keep_lowest(redundancy_score(feats), k)),
+                    ("coverage", keep_coverage(feats, k))):
+        mine = fill_error(feats, ids).double().numpy()
+        brute = [brute_fill_error(feats[b].numpy(), ids[b].tolist()) for b in range(7)]
+        assert np.allclose(mine, brute, rtol=1e-4)
+        assert err[st]["0.85"] == pytest.approx(float(np.mean(brute)), rel=1e-3)
+    for m in ("0.6", "0.85"):  # the most typical patches go first, and their region with them
+        assert err["coverage"][m] < err["similarity"][m]
+    assert all(err[st]["0.85"] > err[st]["0.6"] for st in err)
+    assert (tmp_path / "fill_error.png").exists() or not _has_matplotlib()
+
+
+def _has_matplotlib():
+    try:
+        import matplotlib  # noqa: F401
+        return True
+    except ImportError:
+        return False
