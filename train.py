@@ -88,6 +88,7 @@ def main(args):
     val_ds = H5Dataset(os.path.join(args.data_dir, "val.h5"), args.dataset, args.preload)
     meta = {k: train_ds.meta[k] for k in ("dataset", "task", "bands", "classes", "mean", "std")}
     meta["ignore_index"] = train_ds.meta.get("ignore_index")
+    meta["tile_size"] = train_ds.meta["image_shape"][-1]  # predict.py tiles scenes by it
     if len(train_ds) < args.batch_size * world:
         raise ValueError(f"{train_ds.path}: {len(train_ds)} samples, fewer than one batch of "
                          f"{args.batch_size} x {world} processes (lower --batch-size)")

@@ -70,7 +70,8 @@ def colorize(classes, num_classes, ignore_index=None):
 
 
 def save_examples(folder, x, keep, meta, patch, names, pred=None, target=None):
-    """Write one PNG per sample: image | kept tokens | prediction | reference (segmentation).
+    """Write one PNG per sample: image | kept tokens | prediction | reference (segmentation;
+    predict.py has no reference).
 
     Args:
         x: (B, C, H, W) normalised input. keep: (ids_keep (B, K), valid (B, K) or None) or None
@@ -94,7 +95,9 @@ def save_examples(folder, x, keep, meta, patch, names, pred=None, target=None):
             kept = kept.cpu().numpy()
         panels = [rgb, grey_dropped(rgb, kept, patch)]
         if pred is not None:
-            panels += [colorize(pred[b], n_cls, ignore), colorize(target[b], n_cls, ignore)]
+            panels.append(colorize(pred[b], n_cls, ignore))
+        if target is not None:
+            panels.append(colorize(target[b], n_cls, ignore))
         Image.fromarray(np.concatenate(panels, axis=1)).save(os.path.join(folder, f"{name}.png"))
     return len(names)
 

@@ -1,0 +1,232 @@
+"""predict.py on real input: georeferenced outputs equal the evaluation path's predictions."""
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+import rasterio
+import torch
+from rasterio.transform import Affine
+
+from conftest import BEN_V1, FLAIR, ROOT, run
+from rvit.checkpoint import load_checkpoint
+from rvit.data import DeviceTransform, H5Dataset
+from rvit.masking import TokenMasker
+from rvit.models import build_model
+
+CPU = ["--workers", "0", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def ben_model(ben_v1, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ben_model")
+    run("train.py", "--dataset", "bigearthnet", "--data-dir", ben_v1, "--out", out,
+        "--img-size", "64", "--batch-size", "2", "--epochs", "1", "--mask", "0.5", *CPU)
+    return out / "last.pt"
+
+
+def reference(ckpt_path, images, index, mask=None):
+    """The evaluation path's output: probabilities (B, classes) or logits (B, classes, H, W)."""
+    ckpt = load_checkpoint(str(ckpt_path))
+    cfg, meta = ckpt["config"], ckpt["meta"]
+    model = build_model(cfg, meta)
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    masker = TokenMasker(cfg["strategy"], cfg["mask"] if mask is None else mask,
+                         cfg["patch_size"]).eval()
+    x, _ = DeviceTransform(meta["mean"], meta["std"], cfg["img_size"], torch.device("cpu"))(
+        images, torch.zeros(len(images), 1))
+    with torch.no_grad():
+        out = model(x, select=lambda z, x_: masker(z, x_, index))
+    return out if meta["task"] == "segmentation" else torch.sigmoid(out)
+
+
+def patch_profile(name):
+    """CRS and transform of a real BigEarthNet v1 patch (from its 10 m B02 band)."""
+    with rasterio.open(os.path.join(BEN_V1, "BigEarthNet-S2", name, f"{name}_B02.tif")) as src:
+        return src.crs, src.transform
+
+
+def write_tif(path, data, crs, transform, nodata=None, descriptions=None):
+    with rasterio.open(path, "w", driver="GTiff", height=data.shape[1], width=data.shape[2],
+                       count=data.shape[0], dtype=data.dtype, crs=crs, transform=transform,
+                       nodata=nodata) as dst:
+        dst.write(data)
+        if descriptions:
+            dst.descriptions = tuple(descriptions)
+
+
+@pytest.fixture(scope="module")
+def ben_train(ben_v1):
+    with h5py.File(ben_v1 / "train.h5") as f:
+        return (f["images"][:], [n.decode() for n in f["names"][:]],
+                [str(b) for b in f.attrs["bands"]])
+
+
+def test_one_real_patch_as_a_geotiff_gives_the_hdf5_paths_probabilities(
+        ben_model, ben_v1, ben_train, tmp_path):
+    images, names, bands = ben_train
+    crs, transform = patch_profile(names[0])
+    write_tif(tmp_path / "patch.tif", images[0], crs, transform, descriptions=bands)
+    run("predict.py", "--checkpoint", ben_model, "--input", tmp_path / "patch.tif",
+        "--out", tmp_path / "map", "--device", "cpu")
+    with rasterio.open(tmp_path / "map" / "probabilities.tif") as src:
+        probs = src.read()[:, 0, 0]
+        assert src.shape == (1, 1) and src.count == 19 and src.crs == crs
+        assert src.transform == transform @ Affine.scale(120)
+    want = reference(ben_model, torch.from_numpy(images[:1]), torch.tensor([0]))[0]
+    assert np.allclose(probs, want.numpy(), atol=1e-5)
+    # the same patch through the HDF5 input of predict.py
+    run("predict.py", "--checkpoint", ben_model, "--input", ben_v1 / "train.h5",
+        "--out", tmp_path / "h5", "--device", "cpu")
+    with open(tmp_path / "h5" / "predictions.csv") as f:
+        rows = list(csv.reader(f))
+    assert rows[0][:2] == ["name", "kept_share"] and len(rows) == 1 + len(names)
+    assert rows[1][0] == names[0]
+    assert np.allclose([float(v) for v in rows[1][2:]], want.numpy(), atol=1e-5)
+
+
+def test_mosaic_tiles_skips_nodata_pads_edges_and_keeps_georeferencing(
+        ben_model, ben_train, tmp_path):
+    images, names, bands = ben_train
+    crs, transform = patch_profile(names[0])
+    # 270 x 410 px: 2 x 3 whole tiles of real patches, a 30 px bottom row and a 50 px right
+    # column cut from real patches too, and tile (1, 1) all nodata
+    scene = np.zeros((12, 270, 410), np.uint16)
+    for k, (r, c) in enumerate([(r, c) for r in range(3) for c in range(4)]):
+        h, w = min(120, 270 - 120 * r), min(120, 410 - 120 * c)
+        scene[:, 120 * r:120 * r + h, 120 * c:120 * c + w] = images[k % 7][:, :h, :w]
+    scene[:, 120:240, 120:240] = 0
+    write_tif(tmp_path / "scene.tif", scene, crs, transform, nodata=0)
+    run("predict.py", "--checkpoint", ben_model, "--input", tmp_path / "scene.tif",
+        "--out", tmp_path / "map", "--device", "cpu", "--batch-size", "5")
+    with rasterio.open(tmp_path / "map" / "probabilities.tif") as src:
+        probs = src.read()
+        assert src.crs == crs and src.transform == transform @ Affine.scale(120)
+    assert probs.shape == (19, 3, 4)
+    skipped = np.isnan(probs).all(0)
+    assert skipped.tolist() == [[False] * 4, [False, True, False, False], [False] * 4]
+    with open(tmp_path / "map" / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 11
+    corner = next(r for r in rows if (r["row"], r["col"]) == ("2", "3"))
+    assert (float(corner["x"]), float(corner["y"])) == pytest.approx(
+        transform @ (3 * 120 + 60, 2 * 120 + 60))
+    # the bottom-right tile: 30 x 50 real pixels, padded with the band means
+    meta = load_checkpoint(str(ben_model))["meta"]
+    tile = np.tile(np.float32(meta["mean"])[:, None, None], (1, 120, 120))
+    tile[:, :30, :50] = scene[:, 240:, 360:]
+    want = reference(ben_model, torch.from_numpy(tile[None]), torch.tensor([2 * 4 + 3]))[0]
+    assert np.allclose(probs[:, 2, 3], want.numpy(), atol=1e-5)
+    with rasterio.open(tmp_path / "map" / "kept_share.tif") as src:
+        kept = src.read(1)
+    assert np.isnan(kept[1, 1]) and np.allclose(np.delete(kept.ravel(), 5), 0.5)
+
+
+@pytest.fixture(scope="module")
+def flair_model(tmp_path_factory):
+    base = tmp_path_factory.mktemp("flair_model")
+    run("prepare_data.py", "--dataset", "flair", "--root", FLAIR, "--out", base / "data")
+    run("train.py", "--dataset", "flair", "--data-dir", base / "data", "--out", base / "run",
+        "--batch-size", "2", "--epochs", "1", "--mask", "0.6", "--decoder-channels", "16",
+        *CPU)
+    return base / "data", base / "run" / "last.pt"
+
+
+def test_real_flair_patch_maps_to_the_evaluation_class_map(flair_model, tmp_path):
+    data, ckpt = flair_model
+    ds = H5Dataset(str(data / "test.h5"))
+    with h5py.File(data / "test.h5") as f:
+        name = f["names"][0].decode()
+    domain, zone, sample = name.split("/")
+    path = os.path.join(FLAIR, "flair_1_aerial_test", domain, zone, "img", f"IMG_{sample}.tif")
+    run("predict.py", "--checkpoint", ckpt, "--input", path, "--out", tmp_path, "--device",
+        "cpu", "--save-examples", tmp_path / "png")
+    with rasterio.open(path) as src, rasterio.open(tmp_path / "classes.tif") as out:
+        assert out.crs == src.crs and out.transform == src.transform
+        assert out.shape == (512, 512) and out.dtypes[0] == "uint8"
+        classes = out.read(1)
+    image, _, _ = ds[0]
+    want = reference(ckpt, image[None], torch.tensor([0])).argmax(1)[0].numpy()
+    assert np.array_equal(classes, want)
+    with rasterio.open(tmp_path / "kept_share.tif") as src:
+        assert src.read(1)[0, 0] == pytest.approx(0.4, abs=0.01)
+
+
+class Recorder:
+    """Stands in for a rasterio dataset: keeps what SegmentationSink writes."""
+
+    def __init__(self, h, w):
+        self.out = np.full((h, w), 99, np.uint8)
+
+    def write(self, data, window):
+        self.out[window.row_off:window.row_off + window.height,
+                 window.col_off:window.col_off + window.width] = data[0]
+
+
+@pytest.mark.parametrize("overlap", [0, 3, 5])
+def test_overlapping_tiles_blend_like_one_scene_wide_weighted_average(overlap):
+    from predict import Grid, SegmentationSink, ramp
+    H, W, S, K = 23, 30, 8, 4
+    grid = Grid(H, W, S, S - overlap)
+    rng = np.random.default_rng(overlap)
+    logits = rng.normal(size=(grid.rows, grid.cols, K, S, S)).astype(np.float32)
+    rec = Recorder(H, W)
+    sink = SegmentationSink(rec, grid, K, overlap)
+    acc = np.zeros((K, H + S, W + S))
+    for r in range(grid.rows):
+        for c in range(grid.cols):
+            skip = (r, c) == (0, 0)
+            ok = np.ones((S, S), bool)
+            sink.add(r, c, None if skip else logits[r, c], ok)
+            if not skip:
+                y0, x0 = r * grid.step, c * grid.step
+                acc[:, y0:y0 + S, x0:x0 + S] += ramp(S, overlap) * logits[r, c]
+    sink.close()
+    want = acc[:, :H, :W].argmax(0)
+    covered = np.zeros((H, W), bool)  # pixels some non-skipped tile reaches
+    for r in range(grid.rows):
+        for c in range(grid.cols):
+            if (r, c) != (0, 0):
+                covered[r * grid.step:r * grid.step + S, c * grid.step:c * grid.step + S] = True
+    assert (rec.out[~covered] == 255).all() and (~covered).sum() > 0
+    assert np.array_equal(rec.out[covered], want[covered])
+
+
+def test_wrong_band_count_and_non_geotiff_bytes_are_one_line_errors(ben_model, tmp_path):
+    crs, transform = patch_profile(sorted(os.listdir(os.path.join(BEN_V1, "BigEarthNet-S2")))[0])
+    write_tif(tmp_path / "rgb.tif", np.ones((3, 50, 50), np.uint16), crs, transform)
+    (tmp_path / "junk.tif").write_bytes(b"II*\x00 this is no GeoTIFF" * 20)
+    for path, message in ((tmp_path / "rgb.tif", "3 bands, the checkpoint expects 12"),
+                          (tmp_path / "junk.tif", "not a readable GeoTIFF")):
+        proc = run("predict.py", "--checkpoint", ben_model, "--input", path, "--out",
+                   tmp_path / "out", "--device", "cpu", check=False)
+        err = proc.stderr.strip().splitlines()[-1]
+        assert proc.returncode == 1 and message in err and path.name in err
+        assert "Traceback" not in proc.stderr
+    assert not any(p.suffix == ".tmp" for p in (tmp_path / "out").glob("*"))
+
+
+def test_killed_prediction_leaves_no_final_file(ben_model, ben_train, tmp_path):
+    images, names, bands = ben_train
+    crs, transform = patch_profile(names[0])
+    scene = np.tile(images[0], (1, 20, 20))  # 400 tiles
+    write_tif(tmp_path / "big.tif", scene, crs, transform)
+    out = tmp_path / "map"
+    cmd = [sys.executable, os.path.join(ROOT, "predict.py"), "--checkpoint", str(ben_model),
+           "--input", str(tmp_path / "big.tif"), "--out", str(out), "--device", "cpu",
+           "--batch-size", "4"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while not (out / "predictions.csv.tmp").exists() and time.time() < deadline:
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (out / "predictions.csv.tmp").exists()
+    assert not any((out / n).exists() for n in ("predictions.csv", "probabilities.tif",
+                                                "kept_share.tif"))
