@@ -9,7 +9,8 @@ read once beforehand so it sits in the page cache): the training loader by worke
 loader over a preloaded split, and in the same run two references: a plain loop of h5py
 `read_direct_chunk` into one batch array (the limit for this file layout) and, when `lmdb` and
 `safetensors` are installed, LMDB with one safetensors blob per patch (reBEN's format as
-rico-hdl / ConfigILM store it), built from the same samples. `--synthesize N` first writes an
+rico-hdl / ConfigILM store it: a tensor per band at its native resolution, upsampled on read),
+built from the same samples. `--synthesize N` first writes an
 N-sample file of the split's shape by repeating its real samples, so no archive is needed.
 
 Unless --loader-only: samples/s of the loader through the on-device transform (cast, normalise,
@@ -125,10 +126,20 @@ def raw_chunks(path, batch_size, batches):
         return rate(read, shuffled_batches(len(dsets[0]), batch_size, batches))
 
 
+def native_sides(bands, size):
+    """Side in pixels at which rico-hdl stores each band: BigEarthNet's 20 m and 60 m bands at
+    their native 60 and 20 px; other datasets' bands (and BigEarthNet's 10 m ones) at `size`."""
+    from prepare.bigearthnet import NATIVE
+    return [NATIVE.get(b, size) for b in bands]
+
+
 def lmdb_safetensors(path, batch_size, batches):
-    """Samples/s of LMDB + one safetensors blob per patch (a tensor per band, as rico-hdl
-    writes reBEN), decoded into one batch array; targets from memory, as those pipelines keep
-    labels in their metadata table. None when lmdb or safetensors is missing."""
+    """Samples/s of LMDB + one safetensors blob per patch, a tensor per band at its native
+    resolution (as rico-hdl writes reBEN), decoded and brought to the 10 m grid (bilinear, as a
+    BigEarthNet v2 loader must) into one batch array; targets from memory, as those pipelines
+    keep labels in their metadata table. The 20 m and 60 m bands it stores are block means of
+    the file's resampled ones (same shapes and bytes as the real archive, not its values).
+    None when lmdb or safetensors is missing."""
     try:
         import lmdb
         from safetensors.numpy import load, save
@@ -140,6 +151,7 @@ def lmdb_safetensors(path, batch_size, batches):
         n, shape, dtype = len(f["images"]), f["images"].shape[1:], f["images"].dtype
         targets = f[key][:]
         bands = [str(b) for b in f.attrs["bands"]]
+        sides = native_sides(bands, shape[-1])
         if not os.path.exists(db):
             env = lmdb.open(db + ".tmp", map_size=2 * f["images"].nbytes + (1 << 30),
                             subdir=True, lock=False)
@@ -147,24 +159,38 @@ def lmdb_safetensors(path, batch_size, batches):
                 block = f["images"][start:start + 512]
                 with env.begin(write=True) as txn:
                     for j, image in enumerate(block):
-                        blob = save({b: np.ascontiguousarray(image[c]) for c, b in
-                                     enumerate(bands)})
-                        txn.put(f"{start + j:08d}".encode(), blob)
+                        txn.put(f"{start + j:08d}".encode(), save({
+                            b: block_mean(image[c], shape[-1] // side)
+                            for c, (b, side) in enumerate(zip(bands, sides))}))
             env.close()
             os.replace(db + ".tmp", db)
     for name in os.listdir(db):
         warm(os.path.join(db, name))
     env = lmdb.open(db, readonly=True, lock=False, readahead=False, subdir=True)
     images = np.empty((batch_size, *shape), dtype)
+    groups = {side: [c for c, s in enumerate(sides) if s == side] for side in set(sides)}
 
     def read(index):
         with env.begin() as txn:
             for j, i in enumerate(index.tolist()):
                 d = load(txn.get(f"{i:08d}".encode()))
-                for c, b in enumerate(bands):
-                    images[j, c] = d[b]
+                for side, chans in groups.items():
+                    x = np.stack([d[bands[c]] for c in chans])
+                    if side != shape[-1]:
+                        x = F.interpolate(torch.from_numpy(x.astype(np.float32))[None],
+                                          size=shape[1:], mode="bilinear",
+                                          align_corners=False)[0].numpy()
+                    images[j, chans] = x
         return images, targets[index]
     return rate(read, shuffled_batches(n, batch_size, batches))
+
+
+def block_mean(band, k):
+    """(H, W) -> (H / k, W / k) means of k x k blocks, in the band's dtype."""
+    if k == 1:
+        return np.ascontiguousarray(band)
+    h, w = band.shape
+    return band.reshape(h // k, k, w // k, k).mean((1, 3)).astype(band.dtype)
 
 
 def endless(loader):

@@ -6,7 +6,9 @@ A split file holds `images` (N, C, H, W) in the sensor's native dtype (uint8, ui
 train split (native units), `schema_version` and `source`. Samples travel in their native dtype;
 casting, normalisation, resizing and augmentation happen on the training device.
 """
+import math
 import os
+import weakref
 
 import h5py
 import numpy as np
@@ -15,8 +17,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from rvit import distributed
-
-SCHEMA_VERSION = 1
+from rvit.schema import SCHEMA_VERSION
 
 
 def read_meta(path, dataset=None) -> dict:
@@ -95,6 +96,8 @@ class H5Dataset(torch.utils.data.Dataset):
         self.meta = read_meta(path, dataset)
         self.target_key = "masks" if self.meta["task"] == "segmentation" else "labels"
         self._file = self._arrays = None
+        self.pin_memory = False  # set by the loaders on CUDA: batches read into pinned memory
+        self._recycler = Recycler()
         if preload:
             self._arrays = self._load_all()
 
@@ -142,16 +145,20 @@ class H5Dataset(torch.utils.data.Dataset):
                 (torch.from_numpy(index),)
         out = []
         for ds, raw in zip(self._datasets(), self._raw):
-            batch = _empty((len(index), *ds.shape[1:]), ds.dtype.newbyteorder("="))
-            flat = batch.numpy().reshape(len(index), -1).view(np.uint8)
-            for j, i in enumerate(index.tolist()):
-                try:
-                    if raw:  # the limit: one read of the chunk's bytes into the batch row
-                        ds.id.read_direct_chunk((i,) + (0,) * (ds.ndim - 1), out=flat[j])
-                    else:
-                        ds.read_direct(batch.numpy(), np.s_[i], np.s_[j])
-                except (OSError, KeyError) as e:  # a damaged or missing chunk
-                    raise ValueError(f"{self.path}: sample {i} is unreadable ({e})") from e
+            batch = _empty((len(index), *ds.shape[1:]), ds.dtype.newbyteorder("="),
+                           self.pin_memory, self._recycler)
+            array, i = batch.numpy(), None
+            try:
+                if raw:  # the limit: one read of each chunk's bytes into its batch row
+                    read, zeros = ds.id.read_direct_chunk, (0,) * (ds.ndim - 1)
+                    rows = array.reshape(len(index), -1).view(np.uint8)
+                    for j, i in enumerate(index.tolist()):
+                        read((i, *zeros), out=rows[j])
+                else:
+                    for j, i in enumerate(index.tolist()):
+                        ds.read_direct(array, np.s_[i], np.s_[j])
+            except (OSError, KeyError) as e:  # a damaged or missing chunk
+                raise ValueError(f"{self.path}: sample {i} is unreadable ({e})") from e
             out.append(batch)
         return out[0], out[1], torch.from_numpy(index)
 
@@ -163,11 +170,42 @@ def _one_raw_chunk_per_sample(ds):
             and ds.dtype.isnative)
 
 
-def _empty(shape, dtype):
-    """An uninitialised CPU tensor; in a DataLoader worker, in shared memory, so that sending
-    the batch to the main process moves no bytes."""
-    t = torch.from_numpy(np.empty(0, dtype)).new_empty(shape)
-    return t.share_memory_() if torch.utils.data.get_worker_info() is not None else t
+def _empty(shape, dtype, pin=False, recycler=None):
+    """An uninitialised CPU batch tensor of numpy `dtype`, placed where it costs least: in a
+    DataLoader worker, straight in shared memory (as torch's own default_collate allocates),
+    so it crosses to the main process without a copy; pinned when `pin` (CUDA, read in the main
+    process), so the host-to-device copy can overlap; else an array of `recycler` that nothing
+    uses any more, or a new one from numpy, which asks Linux for huge pages."""
+    t = torch.from_numpy(np.empty(0, dtype))
+    if torch.utils.data.get_worker_info() is not None:
+        storage = t._typed_storage()._new_shared(math.prod(shape))
+        return t.new(storage).view(shape)
+    if pin:
+        return torch.empty(shape, dtype=t.dtype, pin_memory=True)
+    return recycler.take(shape, dtype) if recycler is not None else \
+        torch.from_numpy(np.empty(shape, dtype))
+
+
+class Recycler:
+    """Batch arrays handed out again once no tensor uses them: a weak reference to the storage
+    of the tensor last made from an array dies exactly when its last tensor or view does, so
+    nothing a caller still holds is ever overwritten. Reusing memory spares a fresh
+    allocation's page faults, which cost a large batch about as much as reading it."""
+
+    def __init__(self, per_shape=4):
+        self.slots, self.per_shape = {}, per_shape  # (shape, dtype) -> [(array, weakref)]
+
+    def take(self, shape, dtype):
+        slots = self.slots.setdefault((tuple(shape), np.dtype(dtype)), [])
+        free = next((k for k, (_, ref) in enumerate(slots) if ref() is None), None)
+        array = slots[free][0] if free is not None else np.empty(shape, dtype)
+        t = torch.from_numpy(array)
+        entry = (array, weakref.ref(t.untyped_storage()))
+        if free is not None:
+            slots[free] = entry
+        elif len(slots) < self.per_shape:
+            slots.append(entry)
+        return t
 
 
 def _as_is(batch):
@@ -194,6 +232,7 @@ def train_loader(ds, batch_size, workers, seed, device):
     `loader.sampler.start` to skip the samples a resumed run has already seen."""
     sampler = ResumableSampler(ds, distributed.world_size(), distributed.rank(),
                                shuffle=True, seed=seed, drop_last=True)
+    ds.pin_memory = device.type == "cuda" and workers == 0
     # its own generator: starting an epoch's iterator must not draw from the global RNG, which
     # drives masks and augmentation and is restored exactly on resume
     return DataLoader(ds, batch_size, sampler=sampler, num_workers=workers, drop_last=True,
@@ -203,6 +242,7 @@ def train_loader(ds, batch_size, workers, seed, device):
 
 def eval_loader(ds, batch_size, workers, device):
     """Loader over samples rank, rank + world, ...: every sample of the split exactly once."""
+    ds.pin_memory = device.type == "cuda" and workers == 0
     return DataLoader(Subset(ds, distributed.shard(len(ds))), batch_size, num_workers=workers,
                       collate_fn=_as_is, pin_memory=device.type == "cuda")
 
