@@ -15,7 +15,7 @@ import numpy as np
 from tqdm import tqdm
 
 from prepare.splits import SPLITS
-from rvit.data import SCHEMA_VERSION
+from rvit.schema import SCHEMA_VERSION
 
 
 class BandStats:
