@@ -117,8 +117,9 @@ class Predictor:
     @torch.no_grad()
     def __call__(self, images, index):
         """images (B, C, S, S) native dtype or float; index (B,) int64 tile numbers (seed the
-        random strategy). Returns (output, kept share (B,) float32 numpy, model input x, keep):
-        output is probabilities (B, classes) or logits (B, classes, S, S), float32 on the CPU."""
+        random strategy). Returns (output, kept share (B,) float32 numpy, model input x on the
+        device): output is sigmoid probabilities (B, classes), or logits (B, classes, S, S)
+        brought back to the tile's size, float32 on the CPU."""
         x, _ = self.transform(images, torch.zeros(len(images), 1))
         with autocast(self.device, self.amp):
             out = self.model(x, select=partial(self.masker, index=index))
@@ -191,7 +192,11 @@ def write_h5_predictions(args, pred, images, names, tmp):
     with out:
         for start in tqdm(range(0, n, args.batch_size), desc="predict", unit="batch"):
             stop = min(n, start + args.batch_size)
-            y, kept, _ = pred(torch.from_numpy(images[start:stop]), torch.arange(start, stop))
+            index = torch.arange(start, stop)
+            y, kept, x = pred(torch.from_numpy(images[start:stop]), index)
+            if args.save_examples and start < args.num_examples:
+                pred.examples(args.save_examples, x, y.argmax(1) if pred.seg else None, index,
+                              args.num_examples - start)
             if pred.seg:
                 classes[start:stop] = y.argmax(1).numpy().astype(np.uint8)
             else:

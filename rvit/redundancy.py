@@ -262,8 +262,8 @@ def markdown(result):
                   "|---|---|---|---|---|"]
         lines += [f"| {m} | {v['mean']:.3f} | {v['min']:.3f} | {v['max']:.3f} | "
                   f"{v['similarity_share']:.3f} |" for m, v in sp["dynamic_kept_share"].items()]
-        lines += ["", "Information lost (fill error: dropped patches replaced by their most similar "
-                  "kept patch; squared error over patch energy; lower keeps more):", "",
+        lines += ["", "Information lost (fill error: dropped patches replaced by their most "
+                  "similar kept patch; squared error over patch energy; lower keeps more):", "",
                   "| mask | " + " | ".join(STRATEGIES) + " |", "|---|" + "---|" * len(STRATEGIES)]
         lines += [f"| {m} | " + " | ".join(f"{sp['fill_error'][st][m]:.3f}" for st in STRATEGIES)
                   + " |" for m in sp["dynamic_kept_share"]]
