@@ -122,12 +122,18 @@ def test_sweep_rows_match_plain_evaluations_and_report_reads_them(trained, tmp_p
         "--strategy", "dynamic", "--out", dyn, *CPU)
     d = json.loads(dyn.read_text())
     assert d["tau_source"].startswith("train split") and 0 < d["kept_share"] < 1
+    cov = tmp_path / "eval-test-cov.json"
+    run("evaluate.py", "--checkpoint", ckpt, "--data-dir", data, "--mask", "0.75",
+        "--strategy", "coverage", "--out", cov, *CPU)
+    c = json.loads(cov.read_text())
+    assert c["strategy"] == "coverage" and c["kept_share"] == 4 / 16  # K of 16 patches at 64 px
+    assert c["gflops"] == rows[2]["gflops"]  # same kept count as similarity at 0.75
 
     records = load_records([tmp_path])
-    assert len(records) == 5
+    assert len(records) == 6
     md = table(records, "mlrsnet", ["mAP_micro", "F1_micro"]).splitlines()
     body = [[c.strip() for c in line.strip("|").split("|")] for line in md[2:]]
-    assert len(body) == 5
+    assert len(body) == 6 and sum(c[1] == "coverage" for c in body) == 1
     for r in rows:
         cells = next(c for c in body if c[1] == "similarity" and float(c[3]) == r["mask_ratio"]
                      and c[4] == f"{r['kept_share']:.3f}")
