@@ -6,6 +6,7 @@ A split file holds `images` (N, C, H, W) in the sensor's native dtype (uint8, ui
 train split (native units), `schema_version` and `source`. Samples travel in their native dtype;
 casting, normalisation, resizing and augmentation happen on the training device.
 """
+import copy
 import math
 import os
 import weakref
@@ -96,8 +97,9 @@ class H5Dataset(torch.utils.data.Dataset):
         self.meta = read_meta(path, dataset)
         self.target_key = "masks" if self.meta["task"] == "segmentation" else "labels"
         self._file = self._arrays = None
-        self.pin_memory = False  # set by the loaders on CUDA: batches read into pinned memory
+        self.pin_memory = False  # a loader's copy on CUDA: batches read into pinned memory
         self._recycler = Recycler()
+        self.ring = None  # a loader's copy with workers: their WorkerRing
         if preload:
             self._arrays = self._load_all()
 
@@ -143,10 +145,13 @@ class H5Dataset(torch.utils.data.Dataset):
         if self._arrays is not None:
             return tuple(torch.from_numpy(np.take(a, index, axis=0)) for a in self._arrays) + \
                 (torch.from_numpy(index),)
+        worker = torch.utils.data.get_worker_info()
+        slot = self.ring.claim(worker.id) if worker is not None and self.ring else None
         out = []
-        for ds, raw in zip(self._datasets(), self._raw):
-            batch = _empty((len(index), *ds.shape[1:]), ds.dtype.newbyteorder("="),
-                           self.pin_memory, self._recycler)
+        for field, (ds, raw) in enumerate(zip(self._datasets(), self._raw)):
+            shape, dtype = (len(index), *ds.shape[1:]), ds.dtype.newbyteorder("=")
+            batch = self.ring.array(slot, field, shape, dtype) if slot is not None else \
+                _empty(shape, dtype, self.pin_memory, self._recycler)
             array, i = batch.numpy(), None
             try:
                 if raw:  # the limit: one read of each chunk's bytes into its batch row
@@ -158,9 +163,78 @@ class H5Dataset(torch.utils.data.Dataset):
                     for j, i in enumerate(index.tolist()):
                         ds.read_direct(array, np.s_[i], np.s_[j])
             except (OSError, KeyError) as e:  # a damaged or missing chunk
+                if slot is not None:
+                    self.ring.release(worker.id, slot)
                 raise ValueError(f"{self.path}: sample {i} is unreadable ({e})") from e
             out.append(batch)
+        if slot is not None:
+            return _RingBatch((out[0], out[1], torch.from_numpy(index), self.ring.key,
+                               worker.id, slot))
         return out[0], out[1], torch.from_numpy(index)
+
+
+class WorkerRing:
+    """Shared-memory batch arrays that DataLoader workers reuse once the main process has let
+    go of the batch they carried, sparing each batch the page faults of fresh shared memory
+    (about as costly as reading it).
+
+    Each worker owns up to `size` slots of (images, targets) arrays. `busy` (workers, size, 2),
+    made in the main process before the workers start, marks a slot's arrays in use: the worker
+    sets both marks when it fills the slot; in the main process, as the batch arrives
+    (`_arrive`), a weak reference to each array's storage clears its mark when the last tensor
+    or view of it dies. A worker reuses only a slot whose marks are clear and otherwise reads
+    into fresh shared memory, so a caller that keeps many batches still gets correct data.
+    """
+
+    _live = weakref.WeakValueDictionary()  # key -> ring, in the main process
+
+    def __init__(self, workers, size=4):
+        self.size, self.key = size, id(self)
+        self.busy = torch.zeros(workers, size, 2, dtype=torch.uint8).share_memory_()
+        self.slots = {}  # in a worker: (slot, field) -> shared tensor
+        WorkerRing._live[self.key] = self
+
+    def __getstate__(self):  # a worker starts with no arrays of its own
+        return {**self.__dict__, "slots": {}}
+
+    def claim(self, worker):
+        """A free slot of `worker`, now marked busy, or None when every slot is in use."""
+        free = (self.busy[worker].sum(1) == 0).nonzero()
+        if len(free) == 0:
+            return None
+        slot = int(free[0])
+        self.busy[worker, slot] = 1
+        return slot
+
+    def release(self, worker, slot):
+        self.busy[worker, slot] = 0
+
+    def array(self, slot, field, shape, dtype):
+        """The slot's shared array for `field` (0 images, 1 targets), made anew on a new shape."""
+        t = self.slots.get((slot, field))
+        if t is None or tuple(t.shape) != tuple(shape) or t.numpy().dtype != dtype:
+            t = self.slots[(slot, field)] = _empty(shape, dtype)  # in a worker: shared memory
+        return t
+
+
+class _RingBatch(tuple):
+    """A batch from a ring slot; unpickled in the main process by `_arrive`."""
+
+    def __reduce__(self):
+        return _arrive, tuple(self)
+
+
+def _arrive(images, targets, index, key, worker, slot):
+    """Main-process side of a ring batch: clear each array's busy mark when its storage dies."""
+    ring = WorkerRing._live.get(key)
+    if ring is not None:
+        for field, t in enumerate((images, targets)):
+            weakref.finalize(t.untyped_storage(), _clear, ring.busy, worker, slot, field)
+    return images, targets, index
+
+
+def _clear(busy, worker, slot, field):
+    busy[worker, slot, field] = 0
 
 
 def _one_raw_chunk_per_sample(ds):
@@ -226,13 +300,21 @@ class ResumableSampler(DistributedSampler):
         return super().__len__() - self.start
 
 
+def for_loader(ds, workers, device):
+    """A shallow copy of `ds` for one loader: its own worker ring, pinned reads on CUDA."""
+    ds = copy.copy(ds)
+    ds.pin_memory = device.type == "cuda" and workers == 0
+    ds.ring = WorkerRing(workers) if workers > 0 else None
+    return ds
+
+
 def train_loader(ds, batch_size, workers, seed, device):
     """Shuffled loader over this rank's share (seeded, tail dropped so every rank takes the same
     number of steps); call `loader.sampler.set_epoch(e)` each epoch and set
     `loader.sampler.start` to skip the samples a resumed run has already seen."""
     sampler = ResumableSampler(ds, distributed.world_size(), distributed.rank(),
                                shuffle=True, seed=seed, drop_last=True)
-    ds.pin_memory = device.type == "cuda" and workers == 0
+    ds = for_loader(ds, workers, device)
     # its own generator: starting an epoch's iterator must not draw from the global RNG, which
     # drives masks and augmentation and is restored exactly on resume
     return DataLoader(ds, batch_size, sampler=sampler, num_workers=workers, drop_last=True,
@@ -242,7 +324,7 @@ def train_loader(ds, batch_size, workers, seed, device):
 
 def eval_loader(ds, batch_size, workers, device):
     """Loader over samples rank, rank + world, ...: every sample of the split exactly once."""
-    ds.pin_memory = device.type == "cuda" and workers == 0
+    ds = for_loader(ds, workers, device)
     return DataLoader(Subset(ds, distributed.shard(len(ds))), batch_size, num_workers=workers,
                       collate_fn=_as_is, pin_memory=device.type == "cuda")
 

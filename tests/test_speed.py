@@ -277,3 +277,24 @@ def test_recycled_batch_memory_is_never_memory_a_caller_still_holds(ben_v1):
     assert torch.equal(kept, want)
     del kept
     assert ds.__getitems__([4, 5])[0].data_ptr() == address  # released: recycled
+
+
+def test_worker_ring_reuses_released_slots_and_never_held_ones(ben_v1):
+    from rvit.data import train_loader
+    ds = H5Dataset(str(ben_v1 / "train.h5"))
+    with h5py.File(ben_v1 / "train.h5") as f:
+        images = f["images"][:]
+    loader = train_loader(ds, 1, 1, seed=2, device=torch.device("cpu"))
+    ring = loader.dataset.ring
+    for epoch in range(3):  # consumed and dropped at once: slots go round
+        loader.sampler.set_epoch(epoch)
+        for batch in loader:
+            assert np.array_equal(batch[0].numpy(), images[batch[2].numpy()])
+        del batch
+    assert ring.busy.sum() == 0  # every batch released
+    loader.sampler.set_epoch(3)
+    held = list(loader)  # 7 batches kept: more than the ring's 4 slots
+    assert all(np.array_equal(x.numpy(), images[idx.numpy()]) for x, _, idx in held)
+    assert ring.busy.sum() == 2 * ring.size  # all slots held; the rest came from fresh memory
+    del held
+    assert ring.busy.sum() == 0
