@@ -305,6 +305,8 @@ def for_loader(ds, workers, device):
     ds = copy.copy(ds)
     ds.pin_memory = device.type == "cuda" and workers == 0
     ds.ring = WorkerRing(workers) if workers > 0 else None
+    if workers > 0:
+        ds._file = None  # each worker opens its own handle: h5py's must not cross a fork
     return ds
 
 
