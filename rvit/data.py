@@ -218,19 +218,33 @@ class WorkerRing:
 
 
 class _RingBatch(tuple):
-    """A batch from a ring slot; unpickled in the main process by `_arrive`."""
+    """A batch from a ring slot; unpickled in the main process by `_arrive`. Small arrays (the
+    index, multi-hot labels) travel by value: each shared array costs the main process a
+    file-descriptor round trip to the worker."""
 
     def __reduce__(self):
-        return _arrive, tuple(self)
+        images, targets, index, key, worker, slot = self
+        small = targets.numel() * targets.element_size() <= SMALL_BYTES
+        return _arrive, (images, targets.numpy() if small else targets, index.numpy(), key,
+                         worker, slot)
+
+
+SMALL_BYTES = 1 << 16
 
 
 def _arrive(images, targets, index, key, worker, slot):
-    """Main-process side of a ring batch: clear each array's busy mark when its storage dies."""
+    """Main-process side of a ring batch: clear each array's busy mark when its storage dies
+    (at once for targets that came by value)."""
     ring = WorkerRing._live.get(key)
+    by_value = isinstance(targets, np.ndarray)
     if ring is not None:
-        for field, t in enumerate((images, targets)):
-            weakref.finalize(t.untyped_storage(), _clear, ring.busy, worker, slot, field)
-    return images, targets, index
+        weakref.finalize(images.untyped_storage(), _clear, ring.busy, worker, slot, 0)
+        if by_value:
+            _clear(ring.busy, worker, slot, 1)
+        else:
+            weakref.finalize(targets.untyped_storage(), _clear, ring.busy, worker, slot, 1)
+    targets = torch.from_numpy(targets) if by_value else targets
+    return images, targets, torch.from_numpy(index)
 
 
 def _clear(busy, worker, slot, field):
