@@ -1,7 +1,9 @@
 """Shared fixtures: paths to the real EO samples in tests/data, and prepared HDF5 splits."""
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -21,6 +23,18 @@ def run(script, *args, env=None, check=True):
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc
+
+
+def kill_when_exists(script, args, path, timeout=60):
+    """Start one of the entry points, SIGKILL it as soon as `path` exists (or after `timeout`
+    seconds), and wait for it to end."""
+    cmd = [sys.executable, os.path.join(ROOT, script), *map(str, args)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while not os.path.exists(path) and time.time() < deadline:
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
 
 
 @pytest.fixture(scope="session")

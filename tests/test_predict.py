@@ -1,10 +1,6 @@
 """predict.py on real input: georeferenced outputs equal the evaluation path's predictions."""
 import csv
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import h5py
 import numpy as np
@@ -13,7 +9,7 @@ import rasterio
 import torch
 from rasterio.transform import Affine
 
-from conftest import BEN_V1, FLAIR, ROOT, run
+from conftest import BEN_V1, FLAIR, kill_when_exists, run
 from rvit.checkpoint import load_checkpoint
 from rvit.data import DeviceTransform, H5Dataset
 from rvit.masking import TokenMasker
@@ -218,15 +214,9 @@ def test_killed_prediction_leaves_no_final_file(ben_model, ben_train, tmp_path):
     scene = np.tile(images[0], (1, 20, 20))  # 400 tiles
     write_tif(tmp_path / "big.tif", scene, crs, transform)
     out = tmp_path / "map"
-    cmd = [sys.executable, os.path.join(ROOT, "predict.py"), "--checkpoint", str(ben_model),
-           "--input", str(tmp_path / "big.tif"), "--out", str(out), "--device", "cpu",
-           "--batch-size", "4"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 60
-    while not (out / "predictions.csv.tmp").exists() and time.time() < deadline:
-        time.sleep(0.002)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when_exists("predict.py", ["--checkpoint", ben_model, "--input", tmp_path / "big.tif",
+                                    "--out", out, "--device", "cpu", "--batch-size", "4"],
+                     out / "predictions.csv.tmp")
     assert (out / "predictions.csv.tmp").exists()
     assert not any((out / n).exists() for n in ("predictions.csv", "probabilities.tif",
                                                 "kept_share.tif"))

@@ -13,7 +13,7 @@ import pytest
 import rasterio
 import torch
 
-from conftest import BEN_V1, ROOT, run
+from conftest import BEN_V1, ROOT, kill_when_exists, run
 from rvit.checkpoint import load_checkpoint
 
 S2 = os.path.join(BEN_V1, "BigEarthNet-S2")
@@ -145,14 +145,8 @@ def test_killed_conversion_leaves_no_file_and_a_rerun_equals_a_clean_run(archive
     run("prepare_data.py", "--dataset", "bigearthnet", "--root", archive / "S2", "--out",
         archive / "clean")
     out = archive / "killed"
-    cmd = [sys.executable, os.path.join(ROOT, "prepare_data.py"), "--dataset", "bigearthnet",
-           "--root", str(archive / "S2"), "--out", str(out)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 60
-    while not (out / "train.h5.tmp").exists() and time.time() < deadline:
-        time.sleep(0.002)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when_exists("prepare_data.py", ["--dataset", "bigearthnet", "--root", archive / "S2",
+                                         "--out", out], out / "train.h5.tmp")
     assert not (out / "train.h5").exists() and not (out / "test.h5").exists()
     run("prepare_data.py", "--dataset", "bigearthnet", "--root", archive / "S2", "--out", out)
     assert h5_content(out) == h5_content(archive / "clean")
