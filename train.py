@@ -188,6 +188,10 @@ def main(args):
             print(f"epoch {epoch + 1}/{args.epochs}: loss {stats['loss']:.4f}, "
                   f"val {args.main_metric} {100 * score:.2f}{' (best)' if is_best else ''}, "
                   f"kept {stats['kept_share']:.3f}, {stats['images_per_s']:.0f} img/s", flush=True)
+    # DDP's reducer holds the process group, and frees it holding the GIL, which can deadlock
+    # with a gloo thread that needs the GIL to free a finished collective's tensors: drop the
+    # reducer first, so the group dies in cleanup(), whose binding releases the GIL
+    del ddp
     distributed.cleanup()
 
 

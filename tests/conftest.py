@@ -18,7 +18,7 @@ MLRS_LABELS = os.path.join(DATA, "mlrsnet", "labels")
 def run(script, *args, env=None, check=True):
     """Run one of the project's entry points in a fresh interpreter; returns CompletedProcess."""
     target = [script] if script == "-m" else [os.path.join(ROOT, script)]
-    proc = subprocess.run([sys.executable, *target, *map(str, args)],
+    proc = subprocess.run([sys.executable, *target, *map(str, args)], timeout=900,
                           cwd=ROOT, capture_output=True, text=True, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")

@@ -109,7 +109,7 @@ def torchrun_eval(n, ckpt, data, out):
            "--master_port", str(29500 + n), os.path.join(ROOT, "evaluate.py"),
            "--checkpoint", str(ckpt), "--data-dir", str(data), "--split", "train",
            "--workers", "0", "--device", "cpu", "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(out.read_text())
 
@@ -134,7 +134,7 @@ def test_ddp_training_on_two_cpu_processes(ben_v2_s2, tmp_path):
            "--master_port", "29511", os.path.join(ROOT, "train.py"), "--dataset", "bigearthnet",
            "--data-dir", str(ben_v2_s2), "--out", str(tmp_path), "--mask", "0.6", "--strategy",
            "dynamic", "--epochs", "2", *SMALL]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     logs = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
     assert len(logs) == 2 and all(entry["val"]["num_samples"] == 2 for entry in logs)
