@@ -70,7 +70,7 @@ def parse_args(argv=None):
                         "needs Pillow")
     p.add_argument("--num-examples", type=int, default=4, help="how many with --save-examples")
     add_masking_args(p)
-    add_runtime_args(p)
+    add_runtime_args(p, loader=False)  # tiles are read here, strip by strip: no DataLoader
     return p.parse_args(argv)
 
 

@@ -70,15 +70,18 @@ def add_masking_args(p, mask_type=float):
                    help="redundancy = mean or max cosine similarity to the image's other patches")
 
 
-def add_runtime_args(p):
+def add_runtime_args(p, loader=True):
+    """Batch size, device, precision and --debug; with `loader`, also --workers, --preload."""
     p.add_argument("--batch-size", type=int, default=None, help="images per step per process")
     p.add_argument("--device", choices=("cuda", "cpu"), default=None,
                    help="default: cuda when available, else cpu")
     p.add_argument("--amp", choices=("bf16", "fp16", "none"), default=None,
                    help="autocast precision; default bf16 on CUDA, none on CPU")
-    p.add_argument("--workers", type=int, default=None, help="DataLoader worker processes")
-    p.add_argument("--preload", action="store_true",
-                   help="read each split into memory once (when it fits) instead of from disk")
+    if loader:
+        p.add_argument("--workers", type=int, default=None, help="DataLoader worker processes")
+        p.add_argument("--preload", action="store_true",
+                       help="read each split into memory once (when it fits) instead of from "
+                            "disk")
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
 
 
