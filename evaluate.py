@@ -10,19 +10,17 @@ commit, as one JSON object. Under torchrun every sample is counted exactly once.
 import argparse
 import os
 import re
-import sys
 
 import torch
 
 from rvit import distributed
-from rvit.checkpoint import load_checkpoint, provenance, write_json
-from rvit.config import add_masking_args, add_runtime_args, check, mask_list
+from rvit.checkpoint import provenance, write_json
+from rvit.config import (add_masking_args, add_runtime_args, check, mask_list, masking_from_run,
+                         run_cli)
 from rvit.data import DeviceTransform, H5Dataset, eval_loader
 from rvit.evaluation import calibrate_dynamic, evaluate
 from rvit.masking import TokenMasker
-from rvit.models import build_model
-
-MASK_KEYS = ("mask", "strategy", "score_space", "score_reduce")
+from rvit.models import load_run
 
 
 def parse_args(argv=None):
@@ -65,13 +63,9 @@ def make_masker(args, m, ckpt, model, data_dir, transform, device):
 
 
 def main(args):
-    ckpt = load_checkpoint(args.checkpoint)
-    if not isinstance(ckpt, dict) or not {"config", "meta", "model"} <= ckpt.keys():
-        raise ValueError(f"{args.checkpoint}: not an RViT training checkpoint")
+    ckpt, model = load_run(args.checkpoint)
     cfg, meta = ckpt["config"], ckpt["meta"]
-    for key in MASK_KEYS:
-        if getattr(args, key) is None:
-            setattr(args, key, [cfg[key]] if key == "mask" else cfg[key])
+    masking_from_run(args, cfg, as_list=True)
     check(args)
     device_name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     amp = args.amp or ("bf16" if device_name == "cuda" else "none")
@@ -85,8 +79,6 @@ def main(args):
         if ds.meta[key] != meta[key]:
             raise ValueError(f"{ds.path}: {key} {ds.meta[key]} differ from the checkpoint's "
                              f"{meta[key]} ({args.checkpoint})")
-    model = build_model(cfg, meta)
-    model.load_state_dict(ckpt["model"])
     model.to(device)
     loader = eval_loader(ds, args.batch_size or cfg["batch_size"],
                          cfg["workers"] if args.workers is None else args.workers, device)
@@ -129,11 +121,4 @@ def print_table(record, metrics, classes):
 
 
 if __name__ == "__main__":
-    args = parse_args()
-    try:
-        main(args)
-    except (ValueError, OSError, ImportError, RuntimeError) as e:
-        if args.debug:
-            raise
-        print(f"evaluate.py: error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_cli("evaluate.py", main, parse_args())

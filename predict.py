@@ -31,7 +31,6 @@ import argparse
 import csv
 import math
 import os
-import sys
 from functools import partial
 
 import h5py
@@ -40,13 +39,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from rvit.checkpoint import load_checkpoint
-from rvit.config import add_masking_args, add_runtime_args, check
+from rvit.config import add_masking_args, add_runtime_args, check, masking_from_run, run_cli
 from rvit.data import DeviceTransform
 from rvit.evaluation import autocast
 from rvit.figures import save_examples
 from rvit.masking import TokenMasker
-from rvit.models import build_model, encoder
+from rvit.models import encoder, load_run
 
 NODATA_CLASS = 255
 
@@ -83,17 +81,11 @@ class Predictor:
     """
 
     def __init__(self, args, device):
-        ckpt = load_checkpoint(args.checkpoint)
-        if not isinstance(ckpt, dict) or not {"config", "meta", "model"} <= ckpt.keys():
-            raise ValueError(f"{args.checkpoint}: not an RViT training checkpoint")
+        ckpt, self.model = load_run(args.checkpoint)
         cfg, self.meta = ckpt["config"], ckpt["meta"]
-        for key in ("mask", "strategy", "score_space", "score_reduce"):
-            if getattr(args, key) is None:
-                setattr(args, key, cfg[key])
+        masking_from_run(args, cfg)
         check(args)
-        self.model = build_model(cfg, self.meta)
-        self.model.load_state_dict(ckpt["model"])
-        self.model.to(device).eval()
+        self.model.to(device)
         self.masker = TokenMasker(args.strategy, args.mask, cfg["patch_size"], args.score_space,
                                   args.score_reduce).to(device).eval()
         if args.strategy == "dynamic" and args.mask > 0:
@@ -427,11 +419,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    args = parse_args()
-    try:
-        main(args)
-    except (ValueError, OSError, ImportError, RuntimeError) as e:
-        if args.debug:
-            raise
-        print(f"predict.py: error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_cli("predict.py", main, parse_args())

@@ -12,7 +12,6 @@ import json
 import math
 import os
 import random
-import sys
 import time
 
 import numpy as np
@@ -25,7 +24,7 @@ from tqdm import tqdm
 
 from rvit import distributed
 from rvit.checkpoint import atomic_save, load_checkpoint, load_pretrained, provenance
-from rvit.config import resolve, train_parser
+from rvit.config import resolve, run_cli, train_parser
 from rvit.data import DeviceTransform, H5Dataset, eval_loader, train_loader
 from rvit.evaluation import autocast, evaluate, peak_memory_mb
 from rvit.masking import TokenMasker
@@ -272,11 +271,5 @@ def train_one_epoch(ddp, model, masker, loader, transform, opt, sched, scaler, a
 
 
 if __name__ == "__main__":
-    args = train_parser().parse_args()
-    try:
-        main(args)
-    except (ValueError, OSError, ImportError, RuntimeError, FloatingPointError) as e:
-        if args.debug:
-            raise
-        print(f"train.py: error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_cli("train.py", main, train_parser().parse_args(),
+            (ValueError, OSError, ImportError, RuntimeError, FloatingPointError))

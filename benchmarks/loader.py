@@ -199,10 +199,9 @@ def endless(loader):
         yield from loader
 
 
-def loader_rate(loader, n, step, device, warmup=1):
-    """Samples/s of `step(batch)` over n batches of an endless loader, after `warmup` batches
+def loader_rate(batches, n, step, device, warmup=1):
+    """Samples/s of `step(batch)` over n batches of an endless iterator, after `warmup` batches
     (enough to drain the batches the workers prefetch at start, so the rate is steady state)."""
-    batches = endless(loader)
     for _ in range(warmup):
         step(next(batches))
     sync(device)
@@ -221,13 +220,13 @@ def reader_rows(args, ds, path, device):
         return len(batch[0])
     for w in (int(v) for v in args.workers.split(",")):
         loader = train_loader(ds, args.batch_size, w, 0, device)
-        rows.append((f"loader, {w} workers", loader_rate(loader, args.batches, count, device,
-                                                         warmup=2 * w + 1)))
+        rows.append((f"loader, {w} workers", loader_rate(endless(loader), args.batches, count,
+                                                         device, warmup=2 * w + 1)))
         print(f"  {rows[-1][0]}: {rows[-1][1]:,.0f} samples/s", flush=True)
         del loader
     pre = H5Dataset(path, preload=True)
     rows.append(("loader, preloaded split, 0 workers", loader_rate(
-        train_loader(pre, args.batch_size, 0, 0, device), args.batches, count, device)))
+        endless(train_loader(pre, args.batch_size, 0, 0, device)), args.batches, count, device)))
     print(f"  {rows[-1][0]}: {rows[-1][1]:,.0f} samples/s", flush=True)
     del pre
     if not args.no_references:
@@ -274,28 +273,17 @@ def training_rows(args, ds, device):
     for w in workers:
         loader = train_loader(ds, args.batch_size, w, 0, device)
         rows.append((f"loader + transform, {w} workers", loader_rate(
-            loader, args.batches, load, device, warmup=2 * w + 1)))
+            endless(loader), args.batches, load, device, warmup=2 * w + 1)))
         print(f"  {rows[-1][0]}: {rows[-1][1]:,.0f} samples/s", flush=True)
     loader = train_loader(ds, args.batch_size, max(workers), 0, device)
     first = next(iter(loader))
     on_device = tf(first[0], first[1], train=True)
-    fixed = repeat_rate(on_device, args.batches, train, device)
-    e2e = loader_rate(loader, args.batches, train, device, warmup=2 * max(workers) + 1)
+    fixed = loader_rate(itertools.repeat(on_device), args.batches, train, device)
+    e2e = loader_rate(endless(loader), args.batches, train, device, warmup=2 * max(workers) + 1)
     rows += [(f"train step at mask {args.mask:g}, batch already on device", fixed),
              (f"train step at mask {args.mask:g} fed by the loader ({max(workers)} workers)",
               e2e)]
     return rows, e2e / fixed, amp
-
-
-def repeat_rate(batch, n, step, device):
-    """Samples/s of `step` on one batch already on the device, after one warm-up step."""
-    step(batch)
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(n):
-        step(batch)
-    sync(device)
-    return n * len(batch[0]) / (time.perf_counter() - start)
 
 
 def main(argv=None):

@@ -5,10 +5,13 @@ chunked one sample per chunk; `labels` (N, classes) uint8 or `masks` (N, H, W) u
 (N,) str; attrs dataset, task, bands, classes, mean, std (per band, from the train split, native
 units), schema_version, source.
 """
+import collections
 import contextlib
 import csv
+import itertools
 import multiprocessing
 import os
+from concurrent.futures import ProcessPoolExecutor
 
 import h5py
 import numpy as np
@@ -170,8 +173,25 @@ def _reader(read, workers):
         if workers <= 1 or "fork" not in multiprocessing.get_all_start_methods():
             yield lambda ordered: map(_read_one, ordered)
             return
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
-            # small chunks keep the order cheap to restore and the workers evenly loaded
-            yield lambda ordered: pool.imap(_read_one, ordered, chunksize=4)
+        # concurrent.futures rather than multiprocessing.Pool: stopping a Pool mid-run
+        # (terminate, on a bad sample) deadlocked in 2 of 25 runs here
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+        try:
+            yield lambda ordered: _read_ahead(pool, ordered, 4 * workers)
+        finally:  # on a bad sample too: drop what is queued, wait for what is running
+            pool.shutdown(wait=True, cancel_futures=True)
     finally:
         _READ = None
+
+
+def _read_ahead(pool, ordered, depth):
+    """`_read_one` of each sample in order, at most `depth` submitted ahead, so memory holds a
+    few samples however large the archive."""
+    pending, todo = collections.deque(), iter(ordered)
+    for sample in itertools.islice(todo, depth):
+        pending.append(pool.submit(_read_one, sample))
+    while pending:
+        result = pending.popleft().result()
+        for sample in itertools.islice(todo, 1):
+            pending.append(pool.submit(_read_one, sample))
+        yield result

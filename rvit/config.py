@@ -6,6 +6,7 @@ file, key or flag.
 """
 import argparse
 import os
+import sys
 
 import yaml
 
@@ -139,6 +140,29 @@ def resolve(args, cfg_path) -> argparse.Namespace:
     args.data_dir = args.data_dir or os.path.join("data", args.dataset)
     args.out = args.out or os.path.join("runs", f"{args.dataset}-{args.strategy}-m{args.mask:g}")
     return args
+
+
+MASK_KEYS = ("mask", "strategy", "score_space", "score_reduce")
+
+
+def masking_from_run(args, cfg, as_list=False):
+    """Fill the masking flags left out with a run's own (`cfg`, its resolved config); with
+    `as_list`, --mask becomes a one-element list, as a sweep's is."""
+    for key in MASK_KEYS:
+        if getattr(args, key) is None:
+            setattr(args, key, [cfg[key]] if key == "mask" and as_list else cfg[key])
+
+
+def run_cli(name, main, args, errors=(ValueError, OSError, ImportError, RuntimeError)):
+    """Run an entry point's main(args): a bad file, flag or input ends as one line naming it
+    (exit 1), with the traceback only under --debug."""
+    try:
+        main(args)
+    except errors as e:
+        if args.debug:
+            raise
+        print(f"{name}: error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 def check(args):

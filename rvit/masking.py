@@ -206,9 +206,12 @@ class TokenMasker(nn.Module):
         self.register_buffer("tau", torch.tensor(float("nan")))
         self.kept = None  # (B,) int64 kept patch count of the last batch
 
+    def features(self, z, x):
+        """(B, N, F) what selection compares: patch embeddings, or standardised pixels."""
+        return z if self.score_space == "embedding" else pixel_patches(x, self.patch_size)
+
     def score(self, z, x):
-        feats = z if self.score_space == "embedding" else pixel_patches(x, self.patch_size)
-        return redundancy_score(feats, self.score_reduce)
+        return redundancy_score(self.features(z, x), self.score_reduce)
 
     @torch.no_grad()
     def update_tau(self, score):
@@ -240,8 +243,7 @@ class TokenMasker(nn.Module):
         elif self.strategy == "similarity":
             ids_keep, valid = keep_lowest(self.score(z, x), k), None
         elif self.strategy == "coverage":
-            feats = z if self.score_space == "embedding" else pixel_patches(x, self.patch_size)
-            ids_keep, valid = keep_coverage(feats, k), None
+            ids_keep, valid = keep_coverage(self.features(z, x), k), None
         else:
             score = self.score(z, x)
             if self.training:

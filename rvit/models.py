@@ -1,4 +1,5 @@
 """Build the model a run's config describes: a ViT classifier or an RUPerNet segmenter."""
+from rvit.checkpoint import load_checkpoint
 from rvit.upernet import RUPerNet
 from rvit.vit import MODELS
 
@@ -22,6 +23,24 @@ def build_model(cfg, meta):
         return vit
     return RUPerNet(vit, len(meta["classes"]), tuple(cfg["out_indices"]),
                     cfg["decoder_channels"], cfg["fill"], cfg["aux"])
+
+
+def load_run(path):
+    """A training run's checkpoint and its model with the trained weights, in eval mode.
+
+    Returns:
+        (checkpoint dict with config, meta, model, masker, ...; the model on the CPU).
+
+    Raises:
+        FileNotFoundError: no file at `path`.
+        ValueError: not a readable checkpoint, or not one train.py wrote (names the file).
+    """
+    ckpt = load_checkpoint(path)
+    if not isinstance(ckpt, dict) or not {"config", "meta", "model"} <= ckpt.keys():
+        raise ValueError(f"{path}: not an RViT training checkpoint")
+    model = build_model(ckpt["config"], ckpt["meta"])
+    model.load_state_dict(ckpt["model"])
+    return ckpt, model.eval()
 
 
 def encoder_depth(model):

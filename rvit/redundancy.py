@@ -26,12 +26,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from rvit.checkpoint import load_checkpoint, write_json
+from rvit.checkpoint import write_json
 from rvit.data import DeviceTransform, H5Dataset
 from rvit.figures import grey_dropped, pil_image, pyplot, to_rgb
 from rvit.masking import (STRATEGIES, keep_below, keep_coverage, keep_lowest, num_keep,
                           pixel_patches, redundancy_score, restore_grid, restore_index)
-from rvit.models import build_model, encoder
+from rvit.models import encoder, load_run
 
 BINS = np.linspace(-1.0, 1.0, 201)  # score histogram edges: cosine similarity in [-1, 1]
 
@@ -98,10 +98,8 @@ def analyse(args):
     vit = None
     spaces = ["pixel"]
     if args.checkpoint:
-        ckpt = load_checkpoint(args.checkpoint)
-        model = build_model(ckpt["config"], ckpt["meta"])
-        model.load_state_dict(ckpt["model"])
-        vit = encoder(model).eval()
+        ckpt, model = load_run(args.checkpoint)
+        vit = encoder(model)
         args.img_size, args.patch_size = ckpt["config"]["img_size"], ckpt["config"]["patch_size"]
         spaces.append("embedding")
     if args.img_size % args.patch_size:

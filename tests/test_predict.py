@@ -13,7 +13,7 @@ from conftest import BEN_V1, FLAIR, kill_when_exists, run
 from rvit.checkpoint import load_checkpoint
 from rvit.data import DeviceTransform, H5Dataset
 from rvit.masking import TokenMasker
-from rvit.models import build_model
+from rvit.models import load_run
 
 CPU = ["--workers", "0", "--device", "cpu"]
 
@@ -28,11 +28,8 @@ def ben_model(ben_v1, tmp_path_factory):
 
 def reference(ckpt_path, images, index, mask=None):
     """The evaluation path's output: probabilities (B, classes) or logits (B, classes, H, W)."""
-    ckpt = load_checkpoint(str(ckpt_path))
+    ckpt, model = load_run(str(ckpt_path))
     cfg, meta = ckpt["config"], ckpt["meta"]
-    model = build_model(cfg, meta)
-    model.load_state_dict(ckpt["model"])
-    model.eval()
     masker = TokenMasker(cfg["strategy"], cfg["mask"] if mask is None else mask,
                          cfg["patch_size"]).eval()
     x, _ = DeviceTransform(meta["mean"], meta["std"], cfg["img_size"], torch.device("cpu"))(
