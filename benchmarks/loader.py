@@ -66,6 +66,7 @@ def synthesize(src, n):
     """Path of an n-sample copy of split file `src` (its samples repeated in order, names
     suffixed), written once under a temporary name with prepare_data.py's writer."""
     from prepare.h5 import SplitWriter
+    from rvit.atomic import atomic_write
     root, _ = os.path.splitext(src)
     path = f"{root}-synthetic-{n}.h5"
     if os.path.exists(path):
@@ -75,16 +76,16 @@ def synthesize(src, n):
         images, targets = f["images"][:], f[key][:]
         names = [v.decode() for v in f["names"][:]]
         attrs = dict(f.attrs)
-    w = SplitWriter(path, key)
-    try:
-        for i in tqdm(range(n), desc=f"synthesize {n}"):
-            j = i % len(images)
-            w.append(images[j], targets[j], f"{names[j]}#{i // len(images)}")
-        w.finish({k: v for k, v in attrs.items() if k != "schema_version"}, images.shape[1:],
-                 images.dtype, targets.shape[1:])
-    except BaseException:
-        w.abort()
-        raise
+    with atomic_write(path) as tmp:
+        w = SplitWriter(tmp, key)
+        try:
+            for i in tqdm(range(n), desc=f"synthesize {n}"):
+                j = i % len(images)
+                w.append(images[j], targets[j], f"{names[j]}#{i // len(images)}")
+            w.finish({k: v for k, v in attrs.items() if k != "schema_version"},
+                     images.shape[1:], images.dtype, targets.shape[1:])
+        finally:
+            w.close()
     return path
 
 

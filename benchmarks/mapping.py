@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 import predict
+from rvit.atomic import atomic_write
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -64,11 +65,11 @@ def scene_and_checkpoint(args):
         for k in range(args.grid * args.grid):
             r, c = divmod(k, args.grid)
             scene[:, r * S:(r + 1) * S, c * S:(c + 1) * S] = images[k % n]
-        with rasterio.open(path + ".tmp", "w", driver="GTiff", height=scene.shape[1],
-                           width=scene.shape[2], count=C, dtype=scene.dtype, crs="EPSG:32633",
-                           transform=from_origin(500000, 5000000, 10, 10)) as dst:
+        with atomic_write(path) as tmp, rasterio.open(
+                tmp, "w", driver="GTiff", height=scene.shape[1], width=scene.shape[2], count=C,
+                dtype=scene.dtype, crs="EPSG:32633",
+                transform=from_origin(500000, 5000000, 10, 10)) as dst:
             dst.write(scene)
-        os.replace(path + ".tmp", path)
     return path, ckpt
 
 

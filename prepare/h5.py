@@ -18,6 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from prepare.splits import SPLITS
+from rvit.atomic import AtomicFiles
 from rvit.schema import SCHEMA_VERSION
 
 
@@ -50,17 +51,17 @@ class BandStats:
 
 
 class SplitWriter:
-    """Appends samples to `<path>.tmp`; `finish` sets the attrs and renames it to `path`.
+    """Appends samples to an HDF5 file; `finish` sets the attrs and closes it.
 
     Args:
-        path: final file, e.g. OUT/train.h5.
-        target_key: "labels" (multi-label) or "masks" (segmentation).
+        path: the file to write (a temporary name of rvit/atomic.py when used by
+            `write_splits`, which renames it once every split is complete).
+        target_key: "labels" (classification) or "masks" (segmentation).
     """
 
     def __init__(self, path, target_key):
-        self.path, self.tmp, self.target_key = path, path + ".tmp", target_key
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        self.f = h5py.File(self.tmp, "w")
+        self.path, self.target_key = path, target_key
+        self.f = h5py.File(path, "w")
         self.n = 0
 
     def _create(self, image, target):
@@ -83,20 +84,16 @@ class SplitWriter:
         self.n += 1
 
     def finish(self, attrs, image_shape, image_dtype, target_shape):
-        """Write attrs (and empty datasets for an empty split), close, rename into place."""
+        """Write attrs (and empty datasets for an empty split) and close."""
         if "images" not in self.f:
             self._create(np.zeros(image_shape, image_dtype), np.zeros(target_shape, np.uint8))
         for key, value in {**attrs, "schema_version": SCHEMA_VERSION}.items():
             self.f.attrs[key] = value
         self.f.close()
-        os.replace(self.tmp, self.path)
 
-    def abort(self):
-        """Close and delete the temporary file; the final path is left untouched."""
+    def close(self):
         if self.f.id.valid:
             self.f.close()
-        if os.path.exists(self.tmp):
-            os.remove(self.tmp)
 
 
 def write_splits(samples, read, out, attrs, target_key="labels", on_error="stop", workers=1):
@@ -116,7 +113,9 @@ def write_splits(samples, read, out, attrs, target_key="labels", on_error="stop"
     Returns:
         {split: number of samples written}.
     """
-    writers = {s: SplitWriter(os.path.join(out, f"{s}.h5"), target_key) for s in SPLITS}
+    files = AtomicFiles()  # the three splits appear together, or not at all
+    writers = {s: SplitWriter(files.path(os.path.join(out, f"{s}.h5")), target_key)
+               for s in SPLITS}
     ordered = [s for split in SPLITS for s in samples if s["split"] == split]
     stats, skipped, first = BandStats(), [], None
     try:
@@ -136,16 +135,19 @@ def write_splits(samples, read, out, attrs, target_key="labels", on_error="stop"
         mean, std = stats.result()
         for split, w in writers.items():
             if w.n == 0:
-                print(f"warning: split {split!r} has no samples; {w.path} is written empty")
+                print(f"warning: split {split!r} has no samples; {split}.h5 is written empty")
             w.finish({**attrs, "mean": mean, "std": std}, first[0].shape, first[0].dtype,
                      first[1].shape)
+        if skipped:
+            with open(files.path(os.path.join(out, "skipped.csv")), "w", newline="") as f:
+                csv.writer(f).writerows([("name", "reason"), *skipped])
     except BaseException:
         for w in writers.values():
-            w.abort()
+            w.close()
+        files.discard()
         raise
+    files.commit()
     if skipped:
-        with open(os.path.join(out, "skipped.csv"), "w", newline="") as f:
-            csv.writer(f).writerows([("name", "reason"), *skipped])
         print(f"skipped {len(skipped)} sample(s); names and reasons in {out}/skipped.csv")
     return {split: w.n for split, w in writers.items()}
 

@@ -4,6 +4,8 @@ import os
 
 import numpy as np
 
+from rvit.atomic import atomic_write
+
 SPLITS = ("train", "val", "test")
 
 
@@ -40,10 +42,8 @@ def seeded_split(names, seed, val_fraction=0.1, test_fraction=0.1):
 
 def write_split_csv(where, path):
     """Save {name: split} as `name,split` lines so the split can be reused."""
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
+    with atomic_write(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["name", "split"])
         for name in sorted(where):
             w.writerow([name, where[name]])
-    os.replace(tmp, path)

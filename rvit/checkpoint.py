@@ -10,43 +10,33 @@ import math
 import os
 import platform
 import subprocess
-import tempfile
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from rvit.atomic import atomic_write
+
 
 def atomic_save(obj, path):
-    """torch.save to a temporary file in the same folder, fsync, then rename over `path`.
+    """torch.save through a temporary file, fsynced and renamed over `path` (rvit/atomic.py):
+    a crash at any moment leaves either the previous file or the complete new one.
 
-    A crash at any moment leaves either the previous file or the complete new one.
+    Raises:
+        OSError naming `path` (disk full, permission); the previous file is left intact.
     """
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+        with atomic_write(path, durable=True) as tmp:
+            torch.save(obj, tmp)
+    except OSError as e:
+        raise OSError(f"{path}: could not write the checkpoint ({e.strerror or e}); "
+                      "the previous one is intact") from e
 
 
 def write_json(obj, path):
     """Write JSON through a temporary file renamed into place, so readers never see half."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(f"{path}.tmp", "w") as f:
+    with atomic_write(path) as tmp, open(tmp, "w") as f:
         json.dump(obj, f, indent=2)
-    os.replace(f"{path}.tmp", path)
 
 
 def load_checkpoint(path):
