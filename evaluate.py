@@ -11,12 +11,11 @@ import argparse
 import os
 import re
 
-import torch
 
 from rvit import distributed
 from rvit.checkpoint import provenance, write_json
-from rvit.config import (add_masking_args, add_runtime_args, check, mask_list, masking_from_run,
-                         run_cli)
+from rvit.config import (add_masking_args, add_runtime_args, check, device_and_amp, mask_list,
+                         masking_from_run, run_cli)
 from rvit.data import DeviceTransform, H5Dataset, eval_loader
 from rvit.evaluation import calibrate_dynamic, evaluate
 from rvit.masking import TokenMasker
@@ -67,8 +66,7 @@ def main(args):
     cfg, meta = ckpt["config"], ckpt["meta"]
     masking_from_run(args, cfg, as_list=True)
     check(args)
-    device_name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    amp = args.amp or ("bf16" if device_name == "cuda" else "none")
+    device_name, amp = device_and_amp(args)
     rank, world, device = distributed.setup(device_name)
     dataset = cfg["dataset"]
     if not re.fullmatch(r"[a-z0-9_]+", str(dataset)):  # it becomes part of a path below

@@ -29,7 +29,6 @@ rasterio (requirements-data.txt) is imported here only, for GeoTIFF input.
 """
 import argparse
 import csv
-import math
 import os
 from functools import partial
 
@@ -39,15 +38,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from rvit.config import add_masking_args, add_runtime_args, check, masking_from_run, run_cli
+from rvit.atomic import AtomicFiles
+from rvit.config import (add_masking_args, add_runtime_args, check, device_and_amp,
+                         masking_from_run, run_cli)
 from rvit.data import DeviceTransform
 from rvit.evaluation import autocast
 from rvit.figures import save_examples
 from rvit.masking import TokenMasker
 from rvit.models import encoder, load_run
-
-NODATA_CLASS = 255
-
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -80,7 +78,7 @@ class Predictor:
         the asked mask ratio.
     """
 
-    def __init__(self, args, device):
+    def __init__(self, args, device, amp):
         ckpt, self.model = load_run(args.checkpoint)
         cfg, self.meta = ckpt["config"], ckpt["meta"]
         masking_from_run(args, cfg)
@@ -101,36 +99,32 @@ class Predictor:
         if not self.tile:
             raise ValueError(f"{args.checkpoint}: stores no training tile size (trained before "
                              "predict.py existed); give --tile-size")
-        self.amp = args.amp or ("bf16" if device.type == "cuda" else "none")
-        self.patch = cfg["patch_size"]
+        self.device, self.amp, self.patch = device, amp, cfg["patch_size"]
         self.num_patches = encoder(self.model).patch_embed.num_patches
-        self.device = device
+        self.examples_left = args.num_examples if args.save_examples else 0
+        self.examples_dir = args.save_examples
 
     @torch.no_grad()
-    def __call__(self, images, index):
+    def __call__(self, images, index, names):
         """images (B, C, S, S) native dtype or float; index (B,) int64 tile numbers (seed the
-        random strategy). Returns (output, kept share (B,) float32 numpy, model input x on the
-        device): output is sigmoid probabilities (B, classes), or logits (B, classes, S, S)
-        brought back to the tile's size, float32 on the CPU."""
+        random strategy); names: B stems for example PNGs. Returns (output, kept share (B,)
+        float32 numpy): output is sigmoid probabilities (B, classes), or logits (B, classes,
+        S, S) brought back to the tile's size, float32 on the CPU."""
         x, _ = self.transform(images, torch.zeros(len(images), 1))
         with autocast(self.device, self.amp):
             out = self.model(x, select=partial(self.masker, index=index))
-        kept = (self.masker.kept.float() / self.num_patches).cpu().numpy()
+        keep = self.masker.last  # what this forward pass kept
+        kept = (keep.num_kept.float() / self.num_patches).cpu().numpy()
         out = out.float()
-        if self.seg:
-            if out.shape[-1] != images.shape[-1]:
-                out = F.interpolate(out, size=images.shape[-2:], mode="bilinear",
-                                    align_corners=False)
-            return out.cpu(), kept, x
-        return torch.sigmoid(out).cpu(), kept, x
-
-    def examples(self, folder, x, pred, index, n):
-        """PNGs of the first n tiles of a batch (rvit/figures.py)."""
-        vit = encoder(self.model)
-        keep = self.masker(vit.patch_embed(x[:n]), x[:n], index[:n])
-        save_examples(folder, x[:n], keep, self.meta, self.patch,
-                      [f"tile_{int(i):06d}" for i in index[:n]],
-                      pred[:n] if self.seg else None)
+        if self.seg and out.shape[-1] != images.shape[-1]:
+            out = F.interpolate(out, size=images.shape[-2:], mode="bilinear",
+                                align_corners=False)
+        n = min(self.examples_left, len(images))
+        if n:  # PNGs of the first tiles (rvit/figures.py)
+            save_examples(self.examples_dir, x[:n], keep, self.meta, self.patch, names[:n],
+                          out[:n].argmax(1) if self.seg else None)
+            self.examples_left -= n
+        return (out if self.seg else torch.sigmoid(out)).cpu(), kept
 
 
 def batched(items, size):
@@ -145,8 +139,9 @@ def batched(items, size):
         yield batch
 
 
-def predict_h5(args, pred):
-    """Predictions for every sample of an HDF5 split; returns the files written."""
+def predict_h5(args, pred, files):
+    """Predictions for every sample of an HDF5 split: classes.h5 (segmentation) or
+    predictions.csv (classification), under `files`' temporary names."""
     with h5py.File(args.input, "r") as f:
         if not isinstance(f.get("images"), h5py.Dataset) or f["images"].ndim != 4:
             raise ValueError(f"{args.input}: no (N, C, H, W) dataset 'images'")
@@ -160,40 +155,25 @@ def predict_h5(args, pred):
         n = len(images)
         names = [v.decode() if isinstance(v, bytes) else str(v) for v in f["names"][:]] \
             if "names" in f else [str(i) for i in range(n)]
-        tmp = Outputs(args.out)
-        try:
-            write_h5_predictions(args, pred, images, names, tmp)
-        except BaseException:
-            tmp.discard()
-            raise
-    return tmp.commit()
-
-
-def write_h5_predictions(args, pred, images, names, tmp):
-    """classes.h5 (segmentation) or predictions.csv (classification) under `tmp`'s names."""
-    n = len(images)
-    if pred.seg:
-        out = h5py.File(tmp.path("classes.h5"), "w")
-        classes = out.create_dataset("classes", (n, *images.shape[2:]), np.uint8,
-                                     chunks=(1, *images.shape[2:]))
-        out.create_dataset("names", data=names, dtype=h5py.string_dtype())
-    else:
-        out = open(tmp.path("predictions.csv"), "w", newline="")
-        rows = csv.writer(out)
-        rows.writerow(["name", "kept_share", *pred.meta["classes"]])
-    with out:
-        for start in tqdm(range(0, n, args.batch_size), desc="predict", unit="batch"):
-            stop = min(n, start + args.batch_size)
-            index = torch.arange(start, stop)
-            y, kept, x = pred(torch.from_numpy(images[start:stop]), index)
-            if args.save_examples and start < args.num_examples:
-                pred.examples(args.save_examples, x, y.argmax(1) if pred.seg else None, index,
-                              args.num_examples - start)
-            if pred.seg:
-                classes[start:stop] = y.argmax(1).numpy().astype(np.uint8)
-            else:
-                for i, p, k in zip(range(start, stop), y.numpy(), kept):
-                    rows.writerow([names[i], f"{k:.4f}", *(f"{v:.6f}" for v in p)])
+        if pred.seg:
+            out = h5py.File(files.path(os.path.join(args.out, "classes.h5")), "w")
+            classes = out.create_dataset("classes", (n, *images.shape[2:]), np.uint8,
+                                         chunks=(1, *images.shape[2:]))
+            out.create_dataset("names", data=names, dtype=h5py.string_dtype())
+        else:
+            out = open(files.path(os.path.join(args.out, "predictions.csv")), "w", newline="")
+            rows = csv.writer(out)
+            rows.writerow(["name", "kept_share", *pred.meta["classes"]])
+        with out:
+            for start in tqdm(range(0, n, args.batch_size), desc="predict", unit="batch"):
+                stop = min(n, start + args.batch_size)
+                y, kept = pred(torch.from_numpy(images[start:stop]), torch.arange(start, stop),
+                               [f"sample_{i:06d}" for i in range(start, stop)])
+                if pred.seg:
+                    classes[start:stop] = y.argmax(1).numpy().astype(np.uint8)
+                    continue
+                for name, p, k in zip(names[start:stop], y.numpy(), kept):
+                    rows.writerow([name, f"{k:.4f}", *(f"{v:.6f}" for v in p)])
 
 
 def check_bands(path, count, bands, expected):
@@ -206,125 +186,12 @@ def check_bands(path, count, bands, expected):
                          f"{', '.join(expected)} in that order")
 
 
-class Outputs:
-    """Output files under temporary names, renamed all together by `commit` (or removed by
-    `discard`), so a killed or failed run leaves no final file."""
-
-    def __init__(self, folder):
-        os.makedirs(folder, exist_ok=True)
-        self.folder, self.files = folder, []
-
-    def path(self, name):
-        self.files.append(name)
-        return os.path.join(self.folder, name + ".tmp")
-
-    def commit(self):
-        done = []
-        for name in self.files:
-            os.replace(os.path.join(self.folder, name + ".tmp"), os.path.join(self.folder, name))
-            done.append(os.path.join(self.folder, name))
-        return done
-
-    def discard(self):
-        for name in self.files:
-            tmp = os.path.join(self.folder, name + ".tmp")
-            if os.path.exists(tmp):
-                os.remove(tmp)
-
-
-class Grid:
-    """Tile origins of a scene: tiles of `tile` px every `step` px, the last row and column
-    reaching the edge (padded past it)."""
-
-    def __init__(self, height, width, tile, step):
-        self.height, self.width, self.tile, self.step = height, width, tile, step
-        self.rows = 1 + math.ceil(max(height - tile, 0) / step)
-        self.cols = 1 + math.ceil(max(width - tile, 0) / step)
-
-    def __len__(self):
-        return self.rows * self.cols
-
-
-def read_tiles(src, grid, mean):
-    """Yield (row, col, tile (C, S, S) float32 or None when all nodata, valid (S, S) bool) in
-    raster order, reading one strip of tile rows at a time."""
-    from rasterio.windows import Window
-    S = grid.tile
-    for r in range(grid.rows):
-        y0 = r * grid.step
-        h = min(S, grid.height - y0)
-        window = Window(0, y0, grid.width, h)
-        strip = src.read(window=window)  # (C, h, W) native dtype
-        valid = src.dataset_mask(window=window) > 0  # (h, W)
-        for c in range(grid.cols):
-            x0 = c * grid.step
-            w = min(S, grid.width - x0)
-            ok = np.zeros((S, S), bool)
-            ok[:h, :w] = valid[:, x0:x0 + w]
-            if not ok.any():
-                yield r, c, None, ok
-                continue
-            tile = np.empty((len(mean), S, S), np.float32)
-            tile[:] = np.asarray(mean, np.float32)[:, None, None]  # 0 after normalisation
-            tile[:, :h, :w] = strip[:, :, x0:x0 + w]
-            yield r, c, tile, ok
-
-
-def ramp(tile, overlap):
-    """(S, S) blending weights: rising linearly over `overlap` px from every edge, 1 inside."""
-    i = np.arange(tile, dtype=np.float32)
-    w = np.minimum(np.minimum(i + 1, tile - i) / (overlap + 1), 1.0)
-    return w[:, None] * w[None, :]
-
-
-class SegmentationSink:
-    """Blends tile logits in a rolling buffer one tile high and the scene wide, and writes each
-    band of rows to classes.tif once no later tile can touch it."""
-
-    def __init__(self, dst, grid, num_classes, overlap):
-        self.dst, self.grid = dst, grid
-        S, W = grid.tile, grid.width
-        self.acc = np.zeros((num_classes, S, W), np.float32)
-        self.weight = np.zeros((S, W), np.float32)
-        self.valid = np.zeros((S, W), bool)
-        self.ramp = ramp(S, overlap)
-        self.row = 0  # tile row whose top edge is the buffer's top
-
-    def add(self, r, c, logits, ok):
-        """logits (classes, S, S) float32 numpy of tile (r, c), or None (skipped); ok (S, S)."""
-        while r > self.row:
-            self.flush(self.grid.step)
-        x0, S = c * self.grid.step, self.grid.tile
-        w = min(S, self.grid.width - x0)
-        self.valid[:, x0:x0 + w] |= ok[:, :w]
-        if logits is not None:
-            self.acc[:, :, x0:x0 + w] += self.ramp[:, :w] * logits[:, :, :w]
-            self.weight[:, x0:x0 + w] += self.ramp[:, :w]
-
-    def flush(self, rows):
-        """Write the buffer's top `rows` rows (those inside the scene), then shift it up."""
-        from rasterio.windows import Window
-        y0 = self.row * self.grid.step
-        n = max(0, min(rows, self.grid.height - y0))
-        if n:
-            classes = self.acc[:, :n].argmax(0).astype(np.uint8)
-            classes[(self.weight[:n] == 0) | ~self.valid[:n]] = NODATA_CLASS
-            self.dst.write(classes[None], window=Window(0, y0, self.grid.width, n))
-        S = self.grid.tile
-        for a in (self.acc, self.weight, self.valid):  # rows are the second-last axis
-            a[..., :S - rows, :] = a[..., rows:, :].copy()
-            a[..., S - rows:, :] = 0
-        self.row += 1
-
-    def close(self):
-        self.flush(self.grid.tile)
-
-
-def predict_scene(args, pred):
-    """Tile a GeoTIFF / VRT scene and map it; returns the files written."""
+def predict_scene(args, pred, files):
+    """Tile a GeoTIFF / VRT scene and map it, under `files`' temporary names."""
     try:
         import rasterio
-        from rasterio.transform import Affine
+
+        import scene
     except ImportError as e:
         raise ImportError("GeoTIFF input needs rasterio: pip install -r requirements-data.txt") \
             from e
@@ -340,82 +207,47 @@ def predict_scene(args, pred):
         if args.overlap and not pred.seg:
             raise ValueError("--overlap blends segmentation tiles; classification tiles do not "
                              "overlap")
-        grid = Grid(src.height, src.width, S, S - args.overlap)
-        out = Outputs(args.out)
-        try:
-            written = map_scene(args, pred, src, grid, out, rasterio, Affine)
-        except BaseException:
-            out.discard()
-            raise
-    return written
+        map_scene(args, pred, src, scene.Grid(src.height, src.width, S, S - args.overlap), files)
 
 
-def map_scene(args, pred, src, grid, out, rasterio, Affine):
-    K = len(pred.meta["classes"])
-    coarse = dict(driver="GTiff", height=grid.rows, width=grid.cols, dtype="float32",
-                  crs=src.crs, transform=src.transform @ Affine.scale(grid.step), nodata=np.nan)
+def map_scene(args, pred, src, grid, files):
+    """Run every tile of the scene through `pred` and hand each result to the task's sink
+    (scene.py); kept_share.tif records the share of tokens each tile kept."""
+    import rasterio
+
+    import scene
+    sink = (scene.SegmentationSink if pred.seg else scene.ClassificationSink).open(
+        files, src, grid, pred.meta, args)
     kept_map = np.full((grid.rows, grid.cols), np.nan, np.float32)
-    if pred.seg:
-        dst = rasterio.open(out.path("classes.tif"), "w", driver="GTiff", height=src.height,
-                            width=src.width, count=1, dtype="uint8", crs=src.crs,
-                            transform=src.transform, nodata=NODATA_CLASS)
-        sink = SegmentationSink(dst, grid, K, args.overlap)
-    else:
-        probs = np.full((K, grid.rows, grid.cols), np.nan, np.float32)
-        table = open(out.path("predictions.csv"), "w", newline="")
-        rows = csv.writer(table)
-        rows.writerow(["row", "col", "x", "y", "kept_share", "labels"])
-    tiles = read_tiles(src, grid, pred.meta["mean"])
-    bar = tqdm(total=len(grid), desc="predict", unit="tile")
-    done = 0
-    for batch in batched(tiles, args.batch_size):
-        real = [t for t in batch if t[2] is not None]
-        results = {}
-        if real:
-            index = torch.tensor([r * grid.cols + c for r, c, _, _ in real])
-            y, kept, x = pred(torch.from_numpy(np.stack([t[2] for t in real])), index)
-            if args.save_examples and done < args.num_examples:
-                pred.examples(args.save_examples, x, y.argmax(1) if pred.seg else None, index,
-                              args.num_examples - done)
-                done += min(len(real), args.num_examples - done)
-            results = {(r, c): (y[j].numpy(), kept[j]) for j, (r, c, _, _) in enumerate(real)}
-        for r, c, _, ok in batch:
-            y, kept = results.get((r, c), (None, np.nan))
-            kept_map[r, c] = kept
-            if pred.seg:
-                sink.add(r, c, y, ok)
-            elif y is not None:
-                probs[:, r, c] = y
-                cx, cy = src.transform @ (c * grid.step + grid.tile / 2,
-                                          r * grid.step + grid.tile / 2)
-                labels = [n for n, p in zip(pred.meta["classes"], y) if p > args.threshold]
-                rows.writerow([r, c, f"{cx:.3f}", f"{cy:.3f}", f"{kept:.4f}", ";".join(labels)])
-        bar.update(len(batch))
-    bar.close()
-    if pred.seg:
-        sink.close()
-        dst.close()
-    else:
-        table.close()
-        with rasterio.open(out.path("probabilities.tif"), "w", count=K, **coarse) as dst:
-            dst.write(probs)
-            dst.descriptions = tuple(pred.meta["classes"])
-    with rasterio.open(out.path("kept_share.tif"), "w", count=1, **coarse) as dst:
+    with tqdm(total=len(grid), desc="predict", unit="tile") as bar:
+        for batch in batched(scene.read_tiles(src, grid, pred.meta["mean"]), args.batch_size):
+            real = [(r, c, t) for r, c, t, _ in batch if t is not None]
+            results = {}
+            if real:
+                index = [r * grid.cols + c for r, c, _ in real]
+                y, kept = pred(torch.from_numpy(np.stack([t for _, _, t in real])),
+                               torch.tensor(index), [f"tile_{i:06d}" for i in index])
+                results = {(r, c): (y[j].numpy(), kept[j]) for j, (r, c, _) in enumerate(real)}
+            for r, c, _, ok in batch:
+                y, kept = results.get((r, c), (None, np.nan))
+                kept_map[r, c] = kept
+                sink.add(r, c, y, ok, kept)
+            bar.update(len(batch))
+    sink.close()
+    with rasterio.open(files.path(os.path.join(args.out, "kept_share.tif")), "w", count=1,
+                       **scene.coarse_profile(src, grid)) as dst:
         dst.write(kept_map[None])
-    return out.commit()
 
 
 def main(args):
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device_name, amp = device_and_amp(args)
     args.batch_size = args.batch_size or 32
-    pred = Predictor(args, device)
+    pred = Predictor(args, torch.device(device_name), amp)
     if not os.path.isfile(args.input):
         raise FileNotFoundError(f"{args.input}: no such file")
-    if h5py.is_hdf5(args.input):
-        written = predict_h5(args, pred)
-    else:
-        written = predict_scene(args, pred)
-    print(f"mask {args.mask:g} ({args.strategy}); wrote " + ", ".join(written))
+    with AtomicFiles() as files:  # every output appears at once, or none does
+        (predict_h5 if h5py.is_hdf5(args.input) else predict_scene)(args, pred, files)
+    print(f"mask {args.mask:g} ({args.strategy}); wrote " + ", ".join(files.files))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from rvit import distributed
 from rvit.checkpoint import atomic_save, load_checkpoint, load_pretrained, provenance
-from rvit.config import resolve, run_cli, train_parser
+from rvit.config import device_and_amp, resolve, run_cli, train_parser
 from rvit.data import DeviceTransform, H5Dataset, eval_loader, train_loader
 from rvit.evaluation import autocast, evaluate, peak_memory_mb
 from rvit.masking import TokenMasker
@@ -44,10 +44,12 @@ def lr_lambda(warmup_steps, total_steps):
 
 
 def param_groups(model, weight_decay):
-    """No weight decay on biases, norms, positions and the class token (1-d or token params)."""
+    """No weight decay on 1-d parameters (biases, norms, a mask token) nor on the names of the
+    model's `no_weight_decay()` (positions and class token, timm's convention)."""
+    skip = model.no_weight_decay()
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        (no_decay if p.dim() < 2 or name in ("pos_embed", "cls_token") else decay).append(p)
+        (no_decay if p.dim() < 2 or name in skip else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
 
@@ -79,8 +81,7 @@ def check_resume(ckpt, args, meta, path):
 
 def main(args):
     resolve(args, args.config)
-    device_name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    amp = args.amp or ("bf16" if device_name == "cuda" else "none")
+    device_name, amp = device_and_amp(args)
     rank, world, device = distributed.setup(device_name)
     torch.manual_seed(args.seed)  # same initial weights on every rank
     train_ds = H5Dataset(os.path.join(args.data_dir, "train.h5"), args.dataset, args.preload)
@@ -94,17 +95,17 @@ def main(args):
     if meta["task"] == "segmentation" and args.batch_size < 2:
         raise ValueError("--batch-size must be at least 2 for segmentation: the decoder's "
                          "BatchNorm needs more than one value per channel")
-    model = build_model(vars(args), meta)
+    model_without_ddp = build_model(vars(args), meta)
     if args.pretrained and not args.resume:
-        for note in load_pretrained(encoder(model), args.pretrained):
+        for note in load_pretrained(encoder(model_without_ddp), args.pretrained):
             distributed.print0(f"pretrained: {note}")
-    model.to(device)
+    model_without_ddp.to(device)
     masker = TokenMasker(args.strategy, args.mask, args.patch_size, args.score_space,
                          args.score_reduce).to(device)
     loader = train_loader(train_ds, args.batch_size, args.workers, args.seed, device)
     val = eval_loader(val_ds, args.batch_size, args.workers, device)
     transform = DeviceTransform(meta["mean"], meta["std"], args.img_size, device)
-    opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr,
+    opt = torch.optim.AdamW(param_groups(model_without_ddp, args.weight_decay), lr=args.lr,
                             fused=device.type == "cuda")
     steps = len(loader)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -115,7 +116,7 @@ def main(args):
     if args.resume:
         ckpt = load_checkpoint(last_path)
         check_resume(ckpt, args, meta, last_path)
-        model.load_state_dict(ckpt["model"])
+        model_without_ddp.load_state_dict(ckpt["model"])
         masker.load_state_dict(ckpt["masker"])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
@@ -127,14 +128,15 @@ def main(args):
     else:
         torch.manual_seed(args.seed + rank)  # masks and augmentation differ across ranks
     if world > 1 and device.type == "cuda":  # BatchNorm statistics over the global batch
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    # `model` stays the plain module: it is what checkpoints save and validation runs
-    ddp = torch.compile(model) if args.compile else model
+        model_without_ddp = nn.SyncBatchNorm.convert_sync_batchnorm(model_without_ddp)
+    # MAE's pair: `model` is what training calls (compiled and / or DDP-wrapped),
+    # `model_without_ddp` the plain module that checkpoints save and validation runs
+    model = torch.compile(model_without_ddp) if args.compile else model_without_ddp
     if world > 1:
         # blocks after the last tapped one get no gradient in segmentation
         unused = meta["task"] == "segmentation" and max(args.out_indices) < len(
-            encoder(model).blocks) - 1
-        ddp = DDP(ddp, device_ids=[device.index] if device.type == "cuda" else None,
+            encoder(model_without_ddp).blocks) - 1
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                   find_unused_parameters=unused)
     info = provenance(device)
     config = dict(vars(args))
@@ -152,7 +154,7 @@ def main(args):
             rngs = [None] * world
             torch.distributed.all_gather_object(rngs, rng_state())
         if rank == 0:
-            ckpt = {"model": model.state_dict(), "masker": masker.state_dict(),
+            ckpt = {"model": model_without_ddp.state_dict(), "masker": masker.state_dict(),
                     "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                     "scaler": scaler.state_dict(), "epoch": epoch,
                     "step_in_epoch": step_in_epoch, "global_step": epoch * steps + step_in_epoch,
@@ -166,14 +168,14 @@ def main(args):
         first = skip if epoch == start_epoch else 0  # a mid-epoch resume skips done batches
         loader.sampler.start = first * args.batch_size
         try:
-            stats = train_one_epoch(ddp, model, masker, loader, transform, opt, sched, scaler,
-                                    amp, epoch, meta["ignore_index"], first,
+            stats = train_one_epoch(model, model_without_ddp, masker, loader, transform, opt,
+                                    sched, scaler, amp, epoch, meta["ignore_index"], first,
                                     args.checkpoint_every, lambda step: save(epoch, step))
         except NonFiniteLoss as e:
-            kept = f"the last good checkpoint {last_path} is kept" if os.path.exists(last_path) \
+            note = f"the last good checkpoint {last_path} is kept" if os.path.exists(last_path) \
                 else "no checkpoint had been written yet"
-            raise NonFiniteLoss(f"{e}; run stopped, {kept}") from e
-        metrics = evaluate(model, masker, val, transform, meta, amp, desc="val")
+            raise NonFiniteLoss(f"{e}; run stopped, {note}") from e
+        metrics = evaluate(model_without_ddp, masker, val, transform, meta, amp, desc="val")
         score = metrics[args.main_metric]
         is_best = score > best
         best = max(best, score)
@@ -190,7 +192,7 @@ def main(args):
     # DDP's reducer holds the process group, and frees it holding the GIL, which can deadlock
     # with a gloo thread that needs the GIL to free a finished collective's tensors: drop the
     # reducer first, so the group dies in cleanup(), whose binding releases the GIL
-    del ddp
+    del model
     distributed.cleanup()
 
 
@@ -209,8 +211,8 @@ def check_finite(first_bad, model, epoch, done):
         raise NonFiniteLoss(f"weights are not finite at epoch {epoch + 1}, batch {done}")
 
 
-def train_one_epoch(ddp, model, masker, loader, transform, opt, sched, scaler, amp, epoch,
-                    ignore_index=None, first=0, every=0, save=None):
+def train_one_epoch(model, model_without_ddp, masker, loader, transform, opt, sched, scaler, amp,
+                    epoch, ignore_index=None, first=0, every=0, save=None):
     """One pass over this rank's shard, from batch `first` (after a mid-epoch resume), calling
     `save(batches done)` every `every` batches. Returns mean loss, lr, kept share (mean, min,
     max over images), encoder GFLOPs per image and images/s, pooled over ranks.
@@ -218,13 +220,13 @@ def train_one_epoch(ddp, model, masker, loader, transform, opt, sched, scaler, a
     Raises:
         NonFiniteLoss: a loss was NaN or infinite; no checkpoint is written after it.
     """
-    ddp.train()
+    model.train()
     masker.train()
     dev = transform.device
     loss_sum, kept_sum = torch.zeros((), device=dev), torch.zeros((), device=dev)
     kept_min, kept_max = kept_sum + math.inf, kept_sum - math.inf
     flops_sum = torch.zeros((), device=dev, dtype=torch.float64)
-    vit, depth = encoder(model), encoder_depth(model)
+    vit, depth = encoder(model_without_ddp), encoder_depth(model_without_ddp)
     first_bad = torch.full((), -1, device=dev)
     n, start = 0, time.perf_counter()
     bar = tqdm(loader, desc=f"epoch {epoch + 1}", disable=distributed.rank() != 0, leave=False,
@@ -232,7 +234,7 @@ def train_one_epoch(ddp, model, masker, loader, transform, opt, sched, scaler, a
     for step, (images, targets, _) in enumerate(bar, start=first):
         x, y = transform(images, targets, train=True)
         with autocast(dev, amp):
-            out = ddp(x, select=masker)
+            out = model(x, select=masker)
             loss = segmentation_loss(out, y, ignore_index) if y.dim() == 3 else \
                 F.binary_cross_entropy_with_logits(out.float(), y)
         opt.zero_grad(set_to_none=True)
@@ -242,20 +244,22 @@ def train_one_epoch(ddp, model, masker, loader, transform, opt, sched, scaler, a
         sched.step()
         loss_sum += loss.detach()
         first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), step, first_bad)
-        share = masker.kept.float() / vit.patch_embed.num_patches  # (B,)
-        flops_sum += vit_flops(vit, masker.kept.double(), depth).mean()
+        num_kept = masker.num_kept  # (B,) what this step's forward pass kept
+        share = num_kept.float() / vit.patch_embed.num_patches
+        flops_sum += vit_flops(vit, num_kept.double(), depth).mean()
         kept_sum += share.mean()
         kept_min, kept_max = kept_min.minimum(share.min()), kept_max.maximum(share.max())
         n += 1
         if step % 20 == 0:  # .item() syncs the device: not every step
             bar.set_postfix(loss=f"{loss.item():.4f}")
             if int(first_bad) >= 0:  # the weights are checked only before checkpoints
-                check_finite(first_bad, model, epoch, step + 1)
+                check_finite(first_bad, model_without_ddp, epoch, step + 1)
         if every and save is not None and (step + 1) % every == 0 and step + 1 < first + len(
                 loader):
-            check_finite(first_bad, model, epoch, step + 1)  # never checkpoint a broken model
+            # never checkpoint a broken model
+            check_finite(first_bad, model_without_ddp, epoch, step + 1)
             save(step + 1)
-    check_finite(first_bad, model, epoch, first + n)
+    check_finite(first_bad, model_without_ddp, epoch, first + n)
     if dev.type == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start

@@ -169,7 +169,7 @@ def rvit_setting(args, strategy, m, train):
     run = torch.compile(model) if args.compile else model
     if args.compile and args.encoder_only:
         run.encode = torch.compile(model.encode)
-    return (*measure(run, masker, args, device, train), float(masker.kept.float().mean()))
+    return (*measure(run, masker, args, device, train), float(masker.num_kept.float().mean()))
 
 
 def isolated(fn, *args):

@@ -8,6 +8,7 @@ import argparse
 import os
 import sys
 
+import torch
 import yaml
 
 from rvit.masking import FILLS, SCORE_REDUCES, SCORE_SPACES, STRATEGIES, num_keep
@@ -18,7 +19,7 @@ DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__
 TRAIN_KEYS = {"model", "img_size", "patch_size", "mask", "strategy", "score_space",
               "score_reduce", "epochs", "batch_size", "lr", "weight_decay", "warmup_epochs",
               "workers", "seed", "fill", "decoder_channels", "aux", "out_indices"}
-DATASET_KEYS = TRAIN_KEYS | {"task", "main_metric", "metrics"}
+DATASET_KEYS = TRAIN_KEYS | {"main_metric", "metrics"}  # the HDF5 file says the task
 
 
 def load_config(path) -> dict:
@@ -151,6 +152,13 @@ def masking_from_run(args, cfg, as_list=False):
     for key in MASK_KEYS:
         if getattr(args, key) is None:
             setattr(args, key, [cfg[key]] if key == "mask" and as_list else cfg[key])
+
+
+def device_and_amp(args):
+    """(device name, autocast precision) from --device / --amp and their defaults: cuda when
+    available, else cpu; bf16 on CUDA, none (fp32) elsewhere."""
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return device, args.amp or ("bf16" if device == "cuda" else "none")
 
 
 def run_cli(name, main, args, errors=(ValueError, OSError, ImportError, RuntimeError)):

@@ -86,12 +86,13 @@ def evaluate(model, masker, loader, transform, meta, amp, desc="eval", examples_
         with autocast(dev, amp):
             out = model(x, select=partial(masker, index=index))
         meter.update(out.float(), y)
+        keep = masker.last  # what this forward pass kept: examples grey exactly these patches
         if examples_dir and seen < num_examples and distributed.rank() == 0:
-            write_examples(examples_dir, model, masker, x, y, out, index, meta,
+            write_examples(examples_dir, keep, x, y, out, index, meta, vit.patch_embed.patch_size,
                            num_examples - seen)
-        share = masker.kept.float() / num_patches  # (B,) share of patch tokens kept
+        share = keep.num_kept.float() / num_patches  # (B,) share of patch tokens kept
         kept_sum += share.sum()
-        flops_sum += vit_flops(vit, masker.kept.double(), depth).sum()
+        flops_sum += vit_flops(vit, keep.num_kept.double(), depth).sum()
         kept_min, kept_max = kept_min.minimum(share.min()), kept_max.maximum(share.max())
         seen += len(images)
     if dev.type == "cuda":
@@ -109,13 +110,11 @@ def evaluate(model, masker, loader, transform, meta, amp, desc="eval", examples_
     return result
 
 
-def write_examples(folder, model, masker, x, y, out, index, meta, n):
-    """PNGs of the first n samples of a batch: image, kept tokens, prediction, reference."""
-    vit = encoder(model)
-    x, index = x[:n], index[:n]
-    keep = masker(vit.patch_embed(x), x, index)
+def write_examples(folder, keep, x, y, out, index, meta, patch, n):
+    """PNGs of the first n samples of a batch: image, kept tokens (`keep`, the selection the
+    batch's forward pass made), prediction, reference."""
     seg = meta["task"] == "segmentation"
-    save_examples(folder, x, keep, meta, vit.patch_embed.patch_size,
+    save_examples(folder, x[:n], keep, meta, patch,
                   [f"{re.sub(r'[^A-Za-z0-9_-]', '_', str(meta['dataset']))}_{int(i):06d}"
-                   for i in index],  # a name from a data file never steers the path
+                   for i in index[:n]],  # a name from a data file never steers the path
                   out[:n].argmax(1) if seg else None, y[:n] if seg else None)

@@ -74,8 +74,9 @@ def save_examples(folder, x, keep, meta, patch, names, pred=None, target=None):
     predict.py has no reference).
 
     Args:
-        x: (B, C, H, W) normalised input. keep: (ids_keep (B, K), valid (B, K) or None) or None
-        (all kept). pred, target: (B, H, W) class maps or None. names: B file stems.
+        x: (B, C, H, W) normalised input. keep: `rvit.masking.Selection` of at least B images
+        (ids_keep (B', K), valid (B', K) or None). pred, target: (B, H, W) class maps or None.
+        names: B file stems.
 
     Returns:
         number of files written (0 when Pillow is missing).
@@ -87,12 +88,8 @@ def save_examples(folder, x, keep, meta, patch, names, pred=None, target=None):
     n_cls, ignore = len(meta["classes"]), meta.get("ignore_index")
     for b, name in enumerate(names):
         rgb = to_rgb(x[b], list(meta["bands"]))
-        if keep is None:
-            kept = np.arange((x.shape[2] // patch) * (x.shape[3] // patch))
-        else:
-            ids, valid = keep
-            kept = ids[b][valid[b]] if valid is not None else ids[b]
-            kept = kept.cpu().numpy()
+        ids, valid = keep
+        kept = (ids[b][valid[b]] if valid is not None else ids[b]).cpu().numpy()
         panels = [rgb, grey_dropped(rgb, kept, patch)]
         if pred is not None:
             panels.append(colorize(pred[b], n_cls, ignore))

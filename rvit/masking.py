@@ -32,6 +32,7 @@ Strategies:
         rule, not the study's.
 """
 import math
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -162,6 +163,58 @@ def keep_below(score, tau: float, min_keep: int):
     return ids_keep, torch.gather(keep, 1, ids_keep)
 
 
+def dynamic_floor(num_patches: int) -> int:
+    """The fewest patches the dynamic strategy keeps of an image: max(1, ceil(0.02 N))."""
+    return max(1, math.ceil(0.02 * num_patches))
+
+
+class Selection(NamedTuple):
+    """The patch tokens a strategy keeps of each image.
+
+    ids_keep: (B, K) int64 kept patch indices, ascending (then padding, for a ragged batch).
+    valid: (B, K) bool, False at padding; None when every image keeps K.
+    """
+    ids_keep: torch.Tensor
+    valid: Optional[torch.Tensor] = None
+
+    @property
+    def num_kept(self):
+        """(B,) int64 patch tokens kept per image."""
+        if self.valid is None:
+            return self.ids_keep.new_full((self.ids_keep.shape[0],), self.ids_keep.shape[1])
+        return self.valid.sum(1)
+
+
+@torch.no_grad()
+def select(strategy, feats, mask_ratio, score=None, tau=None, noise=None):
+    """The one dispatch from a strategy's name to its rule (used by `TokenMasker` and by the
+    redundancy report, so both select exactly alike).
+
+    Args:
+        strategy: one of STRATEGIES.
+        feats: (B, N, F) float features compared (patch embeddings or standardised pixels).
+        mask_ratio: m in (0, 1); K = num_keep(N, m) for the fixed-count strategies.
+        score: (B, N) redundancy scores of `feats` (similarity, dynamic), computed with the
+            mean reduce when None.
+        tau: dynamic threshold (float or 0-d tensor). noise: (B, N) random ranks (random).
+
+    Returns:
+        `Selection`.
+    """
+    N = feats.shape[1]
+    k = num_keep(N, mask_ratio)
+    if strategy == "random":
+        return Selection(keep_lowest(noise, k))
+    if strategy == "coverage":
+        return Selection(keep_coverage(feats, k))
+    score = redundancy_score(feats) if score is None else score
+    if strategy == "similarity":
+        return Selection(keep_lowest(score, k))
+    if strategy == "dynamic":
+        return Selection(*keep_below(score, tau, dynamic_floor(N)))
+    raise ValueError(f"unknown strategy {strategy!r}; choose from {STRATEGIES}")
+
+
 @torch.no_grad()
 def random_noise(batch: int, num_patches: int, device, index=None):
     """(B, N) uniform noise: the global RNG, or one generator seeded per sample index (B,)."""
@@ -188,6 +241,11 @@ class TokenMasker(nn.Module):
     Buffers:
         tau: () float32, the dynamic threshold (NaN until the first training batch).
 
+    Attributes:
+        last: the `Selection` of the last call (every patch after a mask-0 call): the one
+            record of what a forward pass kept, from which the loops derive kept shares and
+            FLOPs (`num_kept`) and the example figures their greyed patches.
+
     Raises:
         ValueError: on an unknown strategy, score space or reduce, or m outside [0, 1).
     """
@@ -204,7 +262,7 @@ class TokenMasker(nn.Module):
         self.strategy, self.mask_ratio, self.patch_size = strategy, mask_ratio, patch_size
         self.score_space, self.score_reduce, self.momentum = score_space, score_reduce, momentum
         self.register_buffer("tau", torch.tensor(float("nan")))
-        self.kept = None  # (B,) int64 kept patch count of the last batch
+        self.last = None
 
     def features(self, z, x):
         """(B, N, F) what selection compares: patch embeddings, or standardised pixels."""
@@ -227,40 +285,46 @@ class TokenMasker(nn.Module):
         (random strategy at evaluation: seeds each sample's noise), or None.
 
         Returns:
-            None when m == 0 (plain ViT), else (ids_keep (B, K) int64, valid (B, K) bool or None).
+            None when m == 0 (plain ViT), else a `Selection`.
 
         Raises:
             RuntimeError: dynamic strategy at evaluation with a threshold never calibrated.
         """
         B, N, _ = z.shape
         if self.mask_ratio == 0:
-            self.kept = torch.full((B,), N, device=z.device)
+            self.last = Selection(torch.arange(N, device=z.device).expand(B, N))
             return None
-        k = num_keep(N, self.mask_ratio)
+        self.last = self.choose(z, x, index)
+        return self.last
+
+    @property
+    def num_kept(self):
+        """(B,) int64 patch tokens kept per image by the last call."""
+        return self.last.num_kept
+
+    def choose(self, z, x, index):
+        """The `Selection` at m > 0 (see `forward`)."""
         if self.strategy == "random":
-            noise = random_noise(B, N, z.device, None if self.training else index)
-            ids_keep, valid = keep_lowest(noise, k), None
-        elif self.strategy == "similarity":
-            ids_keep, valid = keep_lowest(self.score(z, x), k), None
-        elif self.strategy == "coverage":
-            ids_keep, valid = keep_coverage(self.features(z, x), k), None
-        else:
-            score = self.score(z, x)
+            noise = random_noise(z.shape[0], z.shape[1], z.device,
+                                 None if self.training else index)
+            return select("random", z, self.mask_ratio, noise=noise)
+        feats = self.features(z, x)
+        score = None if self.strategy == "coverage" else redundancy_score(feats,
+                                                                          self.score_reduce)
+        if self.strategy == "dynamic":
             if self.training:
                 self.update_tau(score)
             elif torch.isnan(self.tau):
                 raise RuntimeError("dynamic strategy: the threshold tau was never calibrated "
                                    "(train with --strategy dynamic first)")
-            ids_keep, valid = keep_below(score, self.tau, max(1, math.ceil(0.02 * N)))
-        self.kept = ids_keep.new_full((B,), ids_keep.shape[1]) if valid is None else valid.sum(1)
-        return ids_keep, valid
+        return select(self.strategy, feats, self.mask_ratio, score, self.tau)
 
 
 FILLS = ("nearest", "mask_token", "zeros")
 
 
 @torch.no_grad()
-def restore_index(ids_keep, valid, num_patches: int, z=None):
+def restore_index(keep, num_patches: int, z=None):
     """For each of the N grid positions, the kept-token slot whose feature goes there.
 
     Kept positions take their own slot. A dropped position takes, with `z` given ("nearest"
@@ -269,12 +333,13 @@ def restore_index(ids_keep, valid, num_patches: int, z=None):
     Computed once per batch and reused at every tapped block.
 
     Args:
-        ids_keep: (B, K) int64 kept patch indices. valid: (B, K) bool (False at padding) or None.
+        keep: `Selection` (ids_keep (B, K) int64, valid (B, K) bool or None).
         num_patches: N. z: (B, N, D) patch embeddings, or None.
 
     Returns:
         (B, N) int64 slots in [0, K].
     """
+    ids_keep, valid = keep
     B, K = ids_keep.shape
     if valid is None:
         valid = torch.ones_like(ids_keep, dtype=torch.bool)

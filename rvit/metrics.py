@@ -131,21 +131,6 @@ def jaccard_from_counts(counts, average: str = "macro"):
     return _average(iou, counts, average)
 
 
-def f1_score(preds, targets, average: str = "macro") -> float:
-    """Multi-label F1 of (N, C) {0, 1} predictions against (N, C) {0, 1} targets.
-
-    average: "micro" (pooled counts), "macro" (mean over present classes) or "weighted" (by
-    target support). Raises ValueError on an unknown average.
-    """
-    return f1_from_counts(multilabel_counts(preds, targets), average)
-
-
-def jaccard_index(preds, targets, num_classes: int, average: str = "macro", ignore_index=None):
-    """Jaccard index (IoU) of class maps: "macro" = mIoU, "weighted", "micro" or "none"."""
-    cm = confusion_matrix(preds, targets, num_classes, ignore_index)
-    return jaccard_from_counts(counts_from_confusion(cm), average)
-
-
 class MultiLabelMeter:
     """Collects logits and targets over an evaluation; `compute` gives the study's metrics.
 

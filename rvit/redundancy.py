@@ -19,7 +19,6 @@ are installed (optional, imported only for the figures).
 """
 import argparse
 import heapq
-import math
 import os
 
 import numpy as np
@@ -29,8 +28,8 @@ from tqdm import tqdm
 from rvit.checkpoint import write_json
 from rvit.data import DeviceTransform, H5Dataset
 from rvit.figures import grey_dropped, pil_image, pyplot, to_rgb
-from rvit.masking import (STRATEGIES, keep_below, keep_coverage, keep_lowest, num_keep,
-                          pixel_patches, redundancy_score, restore_grid, restore_index)
+from rvit.masking import (STRATEGIES, dynamic_floor, keep_lowest, num_keep,
+                          pixel_patches, redundancy_score, restore_grid, restore_index, select)
 from rvit.models import encoder, load_run
 
 BINS = np.linspace(-1.0, 1.0, 201)  # score histogram edges: cosine similarity in [-1, 1]
@@ -113,7 +112,7 @@ def analyse(args):
     class_sum = {s: np.zeros(len(classes)) for s in spaces}
     class_n = np.zeros(len(classes))
     spectral = Spectral(len(meta["bands"]))
-    extremes = {"most": [], "least": []}  # heaps of (mean score, index)
+    extremes = {s: {"most": [], "least": []} for s in spaces}  # heaps of (mean score, index)
     count = 0
     for images, x, y, idx in batches(ds, args, tf, "pass 1"):
         spectral.add(images)
@@ -123,8 +122,8 @@ def analyse(args):
             above[s] += np.stack([(r > t).mean(1) for t in args.thresholds], 1).sum(0)
             sums, counts = per_class(r, y, seg, len(classes), args.patch_size)
             class_sum[s] += sums
+            track_extremes(extremes[s], r.mean(1), idx, args.num_examples)
         class_n += counts
-        track_extremes(extremes, r.mean(1), idx, args.num_examples)
         count += len(idx)
     if count == 0:
         raise ValueError(f"{ds.path}: no samples")
@@ -147,8 +146,8 @@ def analyse(args):
                                          else None) for i, c in enumerate(classes)}}
     if len(meta["bands"]) > 1:
         result["spectral"] = {"bands": meta["bands"], **spectral.result()}
-    result["examples"] = {k: [i for _, i in sorted(v, reverse=True)]  # most extreme first
-                          for k, v in extremes.items()}
+    result["examples"] = {s: {k: [i for _, i in sorted(v, reverse=True)]  # most extreme first
+                              for k, v in heaps.items()} for s, heaps in extremes.items()}
     return result, ds, tf
 
 
@@ -184,7 +183,7 @@ def track_extremes(extremes, means, idx, k):
 def second_pass(ds, args, tf, vit, spaces, taus, N):
     """Per-image kept share of the dynamic rule at each mask ratio's threshold, and the fill
     error of every strategy (see `fill_error`), per space and mask ratio."""
-    floor = max(1, math.ceil(0.02 * N))
+    floor = dynamic_floor(N)
     shares = {s: {m: [] for m in args.mask} for s in spaces}
     errors = {s: {st: {m: [] for m in args.mask} for st in STRATEGIES} for s in spaces}
     for _, x, _, idx in batches(ds, args, tf, "pass 2"):
@@ -196,7 +195,7 @@ def second_pass(ds, args, tf, vit, spaces, taus, N):
                     (r.shape[0],), N)
                 shares[s][m] += (k.float() / N).tolist()
                 for st in STRATEGIES:
-                    errors[s][st][m] += strategy_error(feats, r, st, m, taus[s][m], floor,
+                    errors[s][st][m] += strategy_error(feats, r, st, m, taus[s][m],
                                                        idx[0]).tolist()
     out = {}
     for s in spaces:
@@ -211,25 +210,21 @@ def second_pass(ds, args, tf, vit, spaces, taus, N):
     return out, fill
 
 
-def strategy_error(feats, r, strategy, m, tau, floor, seed, draws=5):
-    """(B,) fill error of one strategy at mask ratio m; random: the mean of `draws` seeded draws.
-    The embedding-space selection of each strategy is applied to `feats`, as the masker would."""
+def strategy_error(feats, r, strategy, m, tau, seed, draws=5):
+    """(B,) fill error of one strategy at mask ratio m, selecting on `feats` exactly as the
+    masker does (`rvit.masking.select`); random: the mean of `draws` seeded draws."""
     B, N, _ = feats.shape
     if m == 0:
         return torch.zeros(B)
-    k = num_keep(N, m)
-    if strategy == "similarity":
-        return fill_error(feats, keep_lowest(r, k))
-    if strategy == "coverage":
-        return fill_error(feats, keep_coverage(feats, k))
-    if strategy == "dynamic":
-        return fill_error(feats, *keep_below(r, tau, floor))
+    if strategy != "random":
+        return fill_error(feats, select(strategy, feats, m, r, tau))
     g = torch.Generator().manual_seed(int(seed))
-    return torch.stack([fill_error(feats, keep_lowest(torch.rand(B, N, generator=g), k))
+    return torch.stack([fill_error(feats, select("random", feats, m,
+                                                 noise=torch.rand(B, N, generator=g)))
                         for _ in range(draws)]).mean(0)
 
 
-def fill_error(feats, ids_keep, valid=None):
+def fill_error(feats, keep):
     """How much of an image a selection loses: replace each dropped patch by its most
     cosine-similar kept patch (RUPerNet's `nearest` fill), and take the squared error summed
     over the image's patches, over the image's patch energy sum_i |z_i|^2. 0: nothing lost;
@@ -237,13 +232,13 @@ def fill_error(feats, ids_keep, valid=None):
 
     Args:
         feats: (B, N, F) float patches (standardised pixels, or patch embeddings).
-        ids_keep: (B, K) int64 kept indices; valid: (B, K) bool or None, as from the masker.
+        keep: `rvit.masking.Selection`, as from the masker.
 
     Returns:
         (B,) float32.
     """
-    src = restore_index(ids_keep, valid, feats.shape[1], feats)
-    kept = torch.gather(feats, 1, ids_keep[..., None].expand(-1, -1, feats.shape[-1]))
+    src = restore_index(keep, feats.shape[1], feats)
+    kept = torch.gather(feats, 1, keep.ids_keep[..., None].expand(-1, -1, feats.shape[-1]))
     err = (feats - restore_grid(kept, src)).pow(2).sum((1, 2))
     return (err / feats.pow(2).sum((1, 2)).clamp_min(1e-12)).float()
 
@@ -333,6 +328,8 @@ def fill_error_plot(plt, result, out):
 
 
 def example_grid(result, ds, tf, args):
+    """The most (top row) and least (bottom row) redundant images in pixel space, the patches
+    similarity would drop at --show-mask greyed."""
     Image = pil_image("the example grid")
     if Image is None:
         return []
@@ -340,7 +337,7 @@ def example_grid(result, ds, tf, args):
     N = result["num_patches"]
     for name in ("most", "least"):
         tiles = []
-        for i in result["examples"][name]:
+        for i in result["examples"]["pixel"][name]:
             image, target, _ = ds[i]
             x, _ = tf(image[None], target[None])
             kept = keep_lowest(scores_of(x, "pixel", None, args.patch_size),

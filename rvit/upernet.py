@@ -14,7 +14,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from rvit.masking import FILLS, restore_grid, restore_index
-from rvit.vit import Packed
 
 
 class ConvModule(nn.Sequential):
@@ -139,30 +138,24 @@ class RUPerNet(nn.Module):
         self.decode_head = UPerHead([D] * 4, decoder_channels, num_classes)
         self.auxiliary_head = FCNHead(D, decoder_channels, num_classes) if aux else None
 
+    def no_weight_decay(self):
+        """The backbone's no-decay names, prefixed (timm's convention); `mask_token` is 1-d."""
+        return {f"backbone.{n}" for n in self.backbone.no_weight_decay()}
+
     def encode(self, x, select=None):
         """(B, C, H, W) -> four (B, D, h, w) maps from the tapped blocks, full grid restored."""
         bb = self.backbone
-        tokens, key_mask, ids_keep, z = bb.embed(x, select)
         h, w = x.shape[2] // bb.patch_embed.patch_size, x.shape[3] // bb.patch_embed.patch_size
+        out = bb.forward_intermediates(x, select, self.out_indices, stop_early=True)
         src = fill = None
-        if ids_keep is not None:
-            valid = None if key_mask is None else key_mask[:, 1:]
-            src = restore_index(ids_keep, valid, h * w, z if self.fill == "nearest" else None)
-            fill = {"nearest": None, "zeros": z.new_zeros(z.shape[-1]),
+        if out.keep is not None:
+            src = restore_index(out.keep, h * w, out.z if self.fill == "nearest" else None)
+            fill = {"nearest": None, "zeros": out.z.new_zeros(out.z.shape[-1]),
                     "mask_token": self.mask_token}[self.fill]
-        packed = None if key_mask is None else Packed.of(key_mask)  # ragged: run packed
-        if packed is not None:
-            tokens = packed.pack(tokens)
         feats = []
-        for i, blk in enumerate(bb.blocks):
-            tokens = blk(tokens, packed)
-            if i in self.out_indices:
-                t = bb.norm(tokens) if i == len(bb.blocks) - 1 else tokens
-                t = t if packed is None else packed.unpack(t)  # (B, 1 + K, D)
-                t = t[:, 1:] if src is None else restore_grid(t[:, 1:], src, fill)  # (B, N, D)
-                feats.append(t.transpose(1, 2).reshape(t.shape[0], -1, h, w))  # (B, D, h, w)
-            if i == self.out_indices[-1]:
-                break
+        for t in out.intermediates:  # (B, 1 + K, D)
+            t = t[:, 1:] if src is None else restore_grid(t[:, 1:], src, fill)  # (B, N, D)
+            feats.append(t.transpose(1, 2).reshape(t.shape[0], -1, h, w))  # (B, D, h, w)
         return feats
 
     def forward(self, x, select=None):

@@ -10,7 +10,7 @@ Tensor letters: B batch, C bands, H, W pixels, h, w patch grid, N = h * w patch 
 K kept tokens, D width.
 """
 from functools import lru_cache, partial
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -77,6 +77,15 @@ class Packed(NamedTuple):
         """(T, F) -> (B, L, F), zeros at padding."""
         B, L = self.key_mask.shape
         return t.new_zeros(B * L, t.shape[-1]).index_copy(0, self.index, t).view(B, L, -1)
+
+
+class Encoded(NamedTuple):
+    """What `VisionTransformer.forward_intermediates` computed: tokens (B, 1 + K, D),
+    intermediates (list of (B, 1 + K, D)), keep (the selection, or None), z (B, N, D)."""
+    tokens: torch.Tensor
+    intermediates: list
+    keep: Optional[object]
+    z: torch.Tensor
 
 
 class Attention(nn.Module):
@@ -181,49 +190,69 @@ class VisionTransformer(nn.Module):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
 
+    def no_weight_decay(self):
+        """Parameter names kept out of weight decay besides 1-d ones (timm's convention)."""
+        return {"pos_embed", "cls_token"}
+
     def embed(self, x, select=None):
         """Patch-embed, add positions, keep the selected tokens, prepend the class token.
 
         Args:
             x: (B, C, H, W) float image.
             select: None, or a callable `select(z, x)` on the patch embeddings z (B, N, D)
-                returning None (keep all) or `(ids_keep, valid)`: ids_keep (B, K) int64 patch
-                indices, valid (B, K) bool (False for padding) or None.
+                returning None (keep all) or a `rvit.masking.Selection` (ids_keep (B, K)
+                int64, valid (B, K) bool or None).
 
         Returns:
-            tokens (B, 1 + K, D); key_mask (B, 1 + K) bool or None; ids_keep (B, K) int64 or
-            None; z (B, N, D), the patch embeddings before positions (for restoring the grid).
+            tokens (B, 1 + K, D); the selection or None; z (B, N, D), the patch embeddings
+            before positions (for restoring the grid).
         """
         z = self.patch_embed(x)  # (B, N, D)
         keep = select(z, x) if select is not None else None
         tokens = z + self.pos_embed[:, 1:]
-        key_mask = ids_keep = None
         if keep is not None:
-            ids_keep, valid = keep
             # (B, N, D) -> (B, K, D): each sample keeps its own tokens, with their positions
-            index = ids_keep[..., None].expand(-1, -1, tokens.shape[-1])
+            index = keep.ids_keep[..., None].expand(-1, -1, tokens.shape[-1])
             tokens = torch.gather(tokens, 1, index)
-            if valid is not None:
-                key_mask = F.pad(valid, (1, 0), value=True)  # the class token is always real
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(tokens.shape[0], -1, -1)
-        return torch.cat([cls, tokens], dim=1), key_mask, ids_keep, z
+        return torch.cat([cls, tokens], dim=1), keep, z
 
-    def forward_features(self, x, select=None):
-        """(B, C, H, W) -> normed tokens (B, 1 + K, D); see `embed` for `select`.
+    def forward_intermediates(self, x, select=None, indices=(), stop_early=False):
+        """Run the blocks on the kept tokens; the outputs of blocks `indices` too (timm's name).
 
         A padded batch (variable K, dynamic strategy) runs packed: the blocks see only its real
         tokens (T, D), so they cost the true token count; padding comes back as zeros.
+
+        Args:
+            x: (B, C, H, W) float image. select: see `embed`.
+            indices: 0-based blocks whose outputs to return.
+            stop_early: run no block after the last of `indices`.
+
+        Returns:
+            `Encoded`: tokens (B, 1 + K, D), the output of the last block run (after the final
+            `norm` when that is the last block); intermediates, a (B, 1 + K, D) output per index
+            (the last block's normed, as mmsegmentation's `final_norm`); the selection; z.
         """
-        x, key_mask, _, _ = self.embed(x, select)
-        if key_mask is None:
-            for blk in self.blocks:
-                x = blk(x)
-            return self.norm(x)
-        packed = Packed.of(key_mask)
-        x = packed.pack(x)  # (B, L, D) -> (T, D)
-        for blk in self.blocks:
+        x, keep, z = self.embed(x, select)
+        packed = None
+        if keep is not None and keep.valid is not None:
+            packed = Packed.of(F.pad(keep.valid, (1, 0), value=True))  # class token is real
+            x = packed.pack(x)  # (B, L, D) -> (T, D)
+        unpack = (lambda t: t) if packed is None else packed.unpack
+        depth = len(self.blocks)
+        stop = max(indices) + 1 if stop_early and len(indices) else depth
+        intermediates = []
+        for i, blk in enumerate(self.blocks[:stop]):
             x = blk(x, packed)
-        return packed.unpack(self.norm(x))
+            if i == depth - 1:
+                x = self.norm(x)
+            if i in indices:
+                intermediates.append(unpack(x))
+        return Encoded(unpack(x), intermediates, keep, z)
+
+    def forward_features(self, x, select=None):
+        """(B, C, H, W) -> normed tokens (B, 1 + K, D); see `embed` for `select`."""
+        return self.forward_intermediates(x, select).tokens
 
     def forward(self, x, select=None):
         """(B, C, H, W) float -> logits (B, num_classes), pooled from the class token."""

@@ -50,6 +50,36 @@ def ben_v1(tmp_path_factory):
     return out
 
 
+CPU = ["--workers", "0", "--device", "cpu"]
+
+
+@pytest.fixture(scope="session")
+def ben_run(ben_v1, tmp_path_factory):
+    """One trained BigEarthNet classifier (64 px, 1 epoch, mask 0.5, similarity) shared by the
+    tests that only need a checkpoint: its run folder. Copy it before changing anything."""
+    out = tmp_path_factory.mktemp("ben_run")
+    run("train.py", "--dataset", "bigearthnet", "--data-dir", ben_v1, "--out", out,
+        "--img-size", "64", "--batch-size", "2", "--epochs", "1", "--mask", "0.5", *CPU)
+    return out
+
+
+@pytest.fixture(scope="session")
+def flair_h5(tmp_path_factory):
+    """The real FLAIR #1 patches of tests/data, converted."""
+    out = tmp_path_factory.mktemp("flair_h5")
+    run("prepare_data.py", "--dataset", "flair", "--root", FLAIR, "--out", out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def flair_run(flair_h5, tmp_path_factory):
+    """One trained RUPerNet (512 px, 1 epoch, mask 0.6, decoder width 16): its run folder."""
+    out = tmp_path_factory.mktemp("flair_run")
+    run("train.py", "--dataset", "flair", "--data-dir", flair_h5, "--out", out,
+        "--batch-size", "2", "--epochs", "1", "--mask", "0.6", "--decoder-channels", "16", *CPU)
+    return out
+
+
 def write_woody_site(folder, site, size=(300, 260), canopy_px=((40, 60, 140, 150),),
                      aoi_px=(0, 0, 200, 260), alpha_hole=None, seed=0):
     """Write one Woody site in its Zenodo form: `<site>_ortho.tif` (RGB + alpha, uint8, UTM 19S,

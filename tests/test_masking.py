@@ -61,16 +61,16 @@ def test_identical_patches_are_dropped_first(space):
     distinct = [[0, 5, 10, 15], [1, 2, 3, 12]]
     x = torch.stack([redundant_image(d, seed=i) for i, d in enumerate(distinct)])
     masker = TokenMasker("similarity", 0.75, 16, score_space=space).eval()  # K = 4 of 16
-    _, _, ids_keep, _ = model.embed(x, masker)
-    assert ids_keep.tolist() == distinct  # per sample: each image keeps its own distinct patches
+    _, keep, _ = model.embed(x, masker)
+    assert keep.ids_keep.tolist() == distinct  # per sample: each image keeps its own distinct patches
 
 
 def test_class_token_kept_and_kept_tokens_keep_their_positions():
     torch.manual_seed(0)
     model = vit_tiny(img_size=64, num_classes=2)
     x = torch.randn(4, 3, 64, 64)
-    tokens, key_mask, ids, _ = model.embed(x, TokenMasker("similarity", 0.5).eval())
-    assert tokens.shape == (4, 1 + 8, 192) and key_mask is None
+    tokens, (ids, valid), _ = model.embed(x, TokenMasker("similarity", 0.5).eval())
+    assert tokens.shape == (4, 1 + 8, 192) and valid is None
     assert_close(tokens[:, 0], (model.cls_token + model.pos_embed[:, 0]).expand(4, -1, -1)[:, 0])
     full = model.patch_embed(x) + model.pos_embed[:, 1:]
     for b in range(4):
@@ -82,8 +82,8 @@ def test_selection_is_per_sample_and_independent_of_the_batch():
     model = vit_tiny(img_size=64, num_classes=2)
     x = torch.randn(5, 3, 64, 64)
     masker = TokenMasker("similarity", 0.6).eval()
-    together = model.embed(x, masker)[2]
-    alone = torch.cat([model.embed(x[i:i + 1], masker)[2] for i in range(5)])
+    together = model.embed(x, masker)[1].ids_keep
+    alone = torch.cat([model.embed(x[i:i + 1], masker)[1].ids_keep for i in range(5)])
     assert torch.equal(together, alone)
     assert len({tuple(r) for r in together.tolist()}) > 1
 
@@ -112,9 +112,9 @@ def test_dynamic_threshold_gives_about_the_asked_share_and_is_stored():
     masker = calibrated_dynamic(model)
     assert "tau" in masker.state_dict() and torch.isfinite(masker.tau)
     model.embed(torch.randn(64, 3, 64, 64), masker)
-    share = masker.kept.float().mean() / 16
+    share = masker.num_kept.float().mean() / 16
     assert abs(share - 0.4) < 0.1
-    assert masker.kept.min() >= 1 and masker.kept.max() > masker.kept.min()
+    assert masker.num_kept.min() >= 1 and masker.num_kept.max() > masker.num_kept.min()
 
 
 def test_dynamic_keeps_fewer_tokens_of_a_uniform_scene():
@@ -123,7 +123,7 @@ def test_dynamic_keeps_fewer_tokens_of_a_uniform_scene():
     masker = calibrated_dynamic(model)
     uniform = redundant_image(distinct=(3,))[None]
     model.embed(uniform, masker)
-    assert masker.kept.item() == 1  # the one distinct patch; the floor is ceil(0.02 * 16) = 1
+    assert masker.num_kept.item() == 1  # the one distinct patch; the floor is ceil(0.02 * 16) = 1
 
 
 def test_dynamic_eval_does_not_depend_on_batch_composition():
@@ -133,7 +133,7 @@ def test_dynamic_eval_does_not_depend_on_batch_composition():
     x = torch.cat([torch.randn(3, 3, 64, 64), redundant_image()[None]])
     with torch.no_grad():
         batch = model(x, select=masker)
-        assert masker.kept.unique().numel() > 1  # really padded
+        assert masker.num_kept.unique().numel() > 1  # really padded
         alone = torch.cat([model(x[i:i + 1], select=masker) for i in range(4)])
     assert_close(batch, alone, rtol=1e-5, atol=1e-5)
 

@@ -4,8 +4,20 @@ import pytest
 import torch
 
 from rvit.metrics import (MultiLabelMeter, SegmentationMeter, average_precision,
-                          confusion_matrix, counts_from_confusion, f1_from_counts, f1_score,
-                          jaccard_from_counts, jaccard_index)
+                          confusion_matrix, counts_from_confusion, f1_from_counts,
+                          jaccard_from_counts, multilabel_counts)
+
+
+def f1_score(preds, targets, average):
+    """Ours, in scikit-learn's call shape: F1 from the multi-label counts."""
+    return f1_from_counts(multilabel_counts(preds, targets), average)
+
+
+def jaccard_index(preds, targets, num_classes, average):
+    """Ours, in scikit-learn's call shape: IoU from the confusion matrix."""
+    return jaccard_from_counts(counts_from_confusion(confusion_matrix(preds, targets,
+                                                                      num_classes)), average)
+
 
 sk = pytest.importorskip("sklearn.metrics", reason="scikit-learn is the test-only reference")
 

@@ -105,8 +105,8 @@ def ben_v2_s2(tmp_path_factory):
 
 
 def torchrun_eval(n, ckpt, data, out):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n),
-           "--master_port", str(29500 + n), os.path.join(ROOT, "evaluate.py"),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+           str(n), os.path.join(ROOT, "evaluate.py"),
            "--checkpoint", str(ckpt), "--data-dir", str(data), "--split", "train",
            "--workers", "0", "--device", "cpu", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
@@ -130,8 +130,8 @@ def test_sharded_evaluation_counts_every_sample_once(ben_v2_s2, tmp_path, strate
 
 
 def test_ddp_training_on_two_cpu_processes(ben_v2_s2, tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", "29511", os.path.join(ROOT, "train.py"), "--dataset", "bigearthnet",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+           "2", os.path.join(ROOT, "train.py"), "--dataset", "bigearthnet",
            "--data-dir", str(ben_v2_s2), "--out", str(tmp_path), "--mask", "0.6", "--strategy",
            "dynamic", "--epochs", "2", *SMALL]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)

@@ -19,11 +19,8 @@ CPU = ["--workers", "0", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
-def ben_model(ben_v1, tmp_path_factory):
-    out = tmp_path_factory.mktemp("ben_model")
-    run("train.py", "--dataset", "bigearthnet", "--data-dir", ben_v1, "--out", out,
-        "--img-size", "64", "--batch-size", "2", "--epochs", "1", "--mask", "0.5", *CPU)
-    return out / "last.pt"
+def ben_model(ben_run):
+    return ben_run / "last.pt"
 
 
 def reference(ckpt_path, images, index, mask=None):
@@ -122,13 +119,8 @@ def test_mosaic_tiles_skips_nodata_pads_edges_and_keeps_georeferencing(
 
 
 @pytest.fixture(scope="module")
-def flair_model(tmp_path_factory):
-    base = tmp_path_factory.mktemp("flair_model")
-    run("prepare_data.py", "--dataset", "flair", "--root", FLAIR, "--out", base / "data")
-    run("train.py", "--dataset", "flair", "--data-dir", base / "data", "--out", base / "run",
-        "--batch-size", "2", "--epochs", "1", "--mask", "0.6", "--decoder-channels", "16",
-        *CPU)
-    return base / "data", base / "run" / "last.pt"
+def flair_model(flair_h5, flair_run):
+    return flair_h5, flair_run / "last.pt"
 
 
 def test_real_flair_patch_maps_to_the_evaluation_class_map(flair_model, tmp_path):
@@ -161,10 +153,13 @@ class Recorder:
         self.out[window.row_off:window.row_off + window.height,
                  window.col_off:window.col_off + window.width] = data[0]
 
+    def close(self):
+        pass
+
 
 @pytest.mark.parametrize("overlap", [0, 3, 5])
 def test_overlapping_tiles_blend_like_one_scene_wide_weighted_average(overlap):
-    from predict import Grid, SegmentationSink, ramp
+    from scene import Grid, SegmentationSink, ramp
     H, W, S, K = 23, 30, 8, 4
     grid = Grid(H, W, S, S - overlap)
     rng = np.random.default_rng(overlap)

@@ -86,7 +86,7 @@ def test_figures_match_numpy_on_real_bigearthnet_patches(ben_v1, tmp_path):
     eig = np.sort(np.linalg.eigvalsh(np.corrcoef(pixels)))[::-1]
     explained = np.cumsum(eig) / eig.sum()
     assert r["spectral"]["components_95"] == int(np.argmax(explained >= 0.95)) + 1
-    assert r["num_samples"] == 7 and len(r["examples"]["most"]) == 4
+    assert r["num_samples"] == 7 and len(r["examples"]["pixel"]["most"]) == 4
 
 
 def brute_fill_error(feats, kept):
@@ -102,7 +102,7 @@ def brute_fill_error(feats, kept):
 
 
 def test_fill_error_matches_a_brute_force_and_coverage_loses_least(ben_v1, tmp_path):
-    from rvit.masking import keep_coverage, keep_lowest, num_keep, redundancy_score
+    from rvit.masking import Selection, keep_coverage, keep_lowest, num_keep, redundancy_score
     from rvit.redundancy import fill_error
     main(["--data-dir", str(ben_v1), "--out", str(tmp_path), "--img-size", "120",
           "--patch-size", "8", "--mask", "0.6", "0.85"])
@@ -118,7 +118,7 @@ def test_fill_error_matches_a_brute_force_and_coverage_loses_least(ben_v1, tmp_p
     k = num_keep(225, 0.85)
     for st, ids in (("similarity", keep_lowest(redundancy_score(feats), k)),
                     ("coverage", keep_coverage(feats, k))):
-        mine = fill_error(feats, ids).double().numpy()
+        mine = fill_error(feats, Selection(ids)).double().numpy()
         brute = [brute_fill_error(feats[b].numpy(), ids[b].tolist()) for b in range(7)]
         assert np.allclose(mine, brute, rtol=1e-4)
         assert err[st]["0.85"] == pytest.approx(float(np.mean(brute)), rel=1e-3)
@@ -134,3 +134,23 @@ def _has_matplotlib():
         return True
     except ImportError:
         return False
+
+
+def test_example_images_are_the_extremes_of_each_score_space(ben_v1, ben_run, tmp_path):
+    from rvit.data import DeviceTransform, H5Dataset
+    from rvit.masking import pixel_patches, redundancy_score
+    from rvit.models import load_run
+    main(["--data-dir", str(ben_v1), "--out", str(tmp_path), "--checkpoint",
+          str(ben_run / "last.pt"), "--num-examples", "2"])
+    examples = json.loads((tmp_path / "redundancy.json").read_text())["examples"]
+    ckpt, model = load_run(str(ben_run / "last.pt"))
+    ds = H5Dataset(str(ben_v1 / "train.h5"))
+    images, targets, _ = ds.__getitems__(list(range(len(ds))))
+    x, _ = DeviceTransform(ds.meta["mean"], ds.meta["std"], 64, torch.device("cpu"))(
+        images, targets)
+    with torch.no_grad():
+        feats = {"pixel": pixel_patches(x, 16), "embedding": model.patch_embed(x)}
+    for space, f in feats.items():
+        order = torch.argsort(redundancy_score(f).mean(1), descending=True).tolist()
+        assert examples[space] == {"most": order[:2], "least": order[::-1][:2]}, space
+    assert examples["pixel"] != examples["embedding"]  # else this test could not tell them apart

@@ -242,7 +242,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(ben_v1, tmp_pa
     ("checkpoint_bands", "bands"),
     ("unknown_strategy", "invalid choice: 'smart'"),
 ])
-def test_train_and_evaluate_errors_are_one_line(ben_v1, tmp_path, case, message):
+def test_train_and_evaluate_errors_are_one_line(ben_v1, ben_run, tmp_path, case, message):
     if case == "other_dataset":
         proc = run("train.py", "--dataset", "flair", "--data-dir", ben_v1, "--out", tmp_path,
                    *CPU, check=False)
@@ -257,12 +257,11 @@ def test_train_and_evaluate_errors_are_one_line(ben_v1, tmp_path, case, message)
         proc = run("evaluate.py", "--checkpoint", tmp_path / "bad.pt", "--data-dir", ben_v1,
                    *CPU, check=False)
     elif case == "checkpoint_bands":
-        train(ben_v1, tmp_path / "r", "--epochs", "1")
         data = tmp_path / "data"
         shutil.copytree(ben_v1, data)
         with h5py.File(data / "test.h5", "r+") as f:
             f.attrs["bands"] = [b.upper() + "x" for b in f.attrs["bands"]]
-        proc = run("evaluate.py", "--checkpoint", tmp_path / "r" / "last.pt", "--data-dir",
+        proc = run("evaluate.py", "--checkpoint", ben_run / "last.pt", "--data-dir",
                    data, *CPU, check=False)
     else:
         proc = train(ben_v1, tmp_path / "r", "--strategy", "smart", check=False)
@@ -270,12 +269,14 @@ def test_train_and_evaluate_errors_are_one_line(ben_v1, tmp_path, case, message)
     assert message in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_resume_refuses_a_checkpoint_of_another_dataset(ben_v1, tmp_path):
-    train(ben_v1, tmp_path / "r", "--epochs", "1")
+def test_resume_refuses_a_checkpoint_of_another_dataset(ben_v1, ben_run, tmp_path):
+    shutil.copytree(ben_run, tmp_path / "r")
     ckpt = load_checkpoint(str(tmp_path / "r" / "last.pt"))
     ckpt["meta"]["classes"] = ckpt["meta"]["classes"][:5]
     torch.save(ckpt, tmp_path / "r" / "last.pt")
-    proc = train(ben_v1, tmp_path / "r", "--epochs", "2", "--resume", check=False)
+    proc = run("train.py", "--dataset", "bigearthnet", "--data-dir", ben_v1, "--out",
+               tmp_path / "r", "--img-size", "64", "--batch-size", "2", "--epochs", "2",
+               "--mask", "0.5", "--resume", *CPU, check=False)
     assert proc.returncode == 1 and "classes differ" in proc.stderr
 
 
@@ -293,14 +294,13 @@ def damaged_split(src, dst, bad_index):
         fh.write(b"\x00" * 64)
 
 
-def test_one_failing_rank_ends_every_rank(ben_v1, tmp_path):
-    train(ben_v1, tmp_path / "r", "--epochs", "1")
+def test_one_failing_rank_ends_every_rank(ben_v1, ben_run, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(ben_v1, data)
     damaged_split(ben_v1 / "train.h5", data / "train.h5", bad_index=1)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", "29531", os.path.join(ROOT, "evaluate.py"), "--checkpoint",
-           str(tmp_path / "r" / "last.pt"), "--data-dir", str(data), "--split", "train",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+           "2", os.path.join(ROOT, "evaluate.py"), "--checkpoint",
+           str(ben_run / "last.pt"), "--data-dir", str(data), "--split", "train",
            "--batch-size", "1", *CPU]
     start = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)

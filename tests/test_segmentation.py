@@ -57,13 +57,6 @@ def test_woody_bad_site_name_is_an_error(tmp_path):
     assert not (tmp_path / "out" / "train.h5").exists()
 
 
-@pytest.fixture(scope="module")
-def flair_h5(tmp_path_factory):
-    out = tmp_path_factory.mktemp("flair_h5")
-    run("prepare_data.py", "--dataset", "flair", "--root", FLAIR, "--out", out)
-    return out
-
-
 def test_flair_conversion_keeps_pixels_and_shifts_classes(flair_h5, tmp_path):
     with h5py.File(flair_h5 / "test.h5") as f:
         assert f["images"].shape == (1, 5, 512, 512) and f["images"].dtype == np.uint8

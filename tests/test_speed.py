@@ -25,7 +25,8 @@ def calibrated(model, m=0.6):
 
 def padded_forward(model, x, masker):
     """The padded path written out: every block on (B, L, D) with the key mask."""
-    tokens, key_mask, _, _ = model.embed(x, masker)
+    tokens, keep, _ = model.embed(x, masker)
+    key_mask = torch.nn.functional.pad(keep.valid, (1, 0), value=True)  # class token is real
     for blk in model.blocks:
         tokens = blk(tokens, key_mask)
     return model.norm(tokens), key_mask

@@ -154,3 +154,29 @@ def test_report_command_writes_markdown(trained, tmp_path):
     except ImportError:
         return
     assert (tmp_path / "report" / "mlrsnet_mAP_micro.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("which", ["bigearthnet", "flair"])
+def test_save_examples_leaves_the_evaluation_record_unchanged(which, request, tmp_path):
+    """The example PNGs grey the patches the evaluation's own forward pass kept: nothing runs
+    the masker again, so kept share and GFLOPs describe every sample, with or without them."""
+    from rvit.data import DeviceTransform, H5Dataset, eval_loader
+    from rvit.evaluation import evaluate
+    from rvit.masking import TokenMasker
+    from rvit.models import load_run
+    data = request.getfixturevalue("ben_v1" if which == "bigearthnet" else "flair_h5")
+    run_dir = request.getfixturevalue("ben_run" if which == "bigearthnet" else "flair_run")
+    ckpt, model = load_run(str(run_dir / "last.pt"))
+    cfg, meta = ckpt["config"], ckpt["meta"]
+    cpu = torch.device("cpu")
+    loader = eval_loader(H5Dataset(str(data / "train.h5")), 2, 0, cpu)  # a short last batch
+    transform = DeviceTransform(meta["mean"], meta["std"], cfg["img_size"], cpu)
+    records = []
+    for examples in (None, tmp_path / "png"):
+        masker = TokenMasker("random", 0.5, cfg["patch_size"])  # seeded per sample at eval
+        r = evaluate(model, masker, loader, transform, meta, "none", examples_dir=examples,
+                     num_examples=3)
+        records.append({k: v for k, v in r.items() if k not in ("images_per_s",
+                                                                 "peak_memory_mb")})
+    assert records[0] == records[1]
+    assert len(os.listdir(tmp_path / "png")) == 3

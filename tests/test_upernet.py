@@ -7,7 +7,7 @@ import torch
 from torch.testing import assert_close
 
 from rvit import vit_tiny
-from rvit.masking import TokenMasker, restore_grid, restore_index
+from rvit.masking import Selection, TokenMasker, restore_grid, restore_index
 from rvit.upernet import FCNHead, Feature2Pyramid, RUPerNet, UPerHead, segmentation_loss
 
 
@@ -26,22 +26,41 @@ def test_output_has_the_input_size(img_size, patch_size, strategy):
     assert out.shape == (2, 4, img_size, img_size)
 
 
-def test_every_fill_gives_the_same_output_at_mask_zero():
+def test_each_fill_puts_its_feature_at_the_dropped_positions():
+    """At mask 0.5 the kept positions of every map are the same for every fill; a dropped one
+    holds zeros, the learned mask token, or the feature of its most similar kept patch."""
     x = torch.randn(2, 3, 64, 64)
-    outs = []
+    maps = {}
     for fill in ("nearest", "mask_token", "zeros"):
         m = model(fill=fill).eval()
+        if fill == "mask_token":
+            torch.nn.init.normal_(m.mask_token)
+            mask_token = m.mask_token.detach()
+        masker = TokenMasker("similarity", 0.5)
         with torch.no_grad():
-            outs.append(m(x, select=TokenMasker("similarity", 0.0)))
-    assert_close(outs[0], outs[1])
-    assert_close(outs[0], outs[2])
+            maps[fill] = [f.flatten(2) for f in m.encode(x, masker)]  # (B, D, N) per block
+            z = m.backbone.patch_embed(x)
+        ids = masker.last.ids_keep
+    u = torch.nn.functional.normalize(z, dim=-1)
+    for b in range(2):
+        kept = ids[b].tolist()
+        dropped = [n for n in range(16) if n not in kept]
+        for i in range(4):
+            assert_close(maps["zeros"][i][b][:, kept], maps["nearest"][i][b][:, kept])
+            assert_close(maps["mask_token"][i][b][:, kept], maps["nearest"][i][b][:, kept])
+            assert (maps["zeros"][i][b][:, dropped] == 0).all()
+            token = mask_token[:, None].expand(-1, len(dropped))
+            assert_close(maps["mask_token"][i][b][:, dropped], token)
+            for n in dropped:
+                j = kept[int((u[b, kept] @ u[b, n]).argmax())]
+                assert torch.equal(maps["nearest"][i][b][:, n], maps["nearest"][i][b][:, j])
 
 
 def test_nearest_fill_copies_the_most_similar_kept_patch():
     torch.manual_seed(0)
     z = torch.randn(2, 16, 8)
     ids = torch.tensor([[0, 3, 9, 12], [1, 2, 5, 15]])
-    src = restore_index(ids, None, 16, z)
+    src = restore_index(Selection(ids), 16, z)
     kept = torch.randn(2, 4, 8)
     grid = restore_grid(kept, src)
     u = torch.nn.functional.normalize(z, dim=-1)
@@ -57,7 +76,7 @@ def test_nearest_fill_copies_the_most_similar_kept_patch():
 def test_mask_token_and_zeros_fill_dropped_positions_and_skip_padding():
     ids = torch.tensor([[2, 7, 0], [4, 1, 6]])
     valid = torch.tensor([[True, True, False], [True, True, True]])  # slot 2 of row 0 is padding
-    src = restore_index(ids, valid, 8)
+    src = restore_index(Selection(ids, valid), 8)
     kept = torch.arange(2 * 3 * 2, dtype=torch.float32).reshape(2, 3, 2)
     grid = restore_grid(kept, src, torch.full((2,), -1.0))
     assert torch.equal(grid[0, 0], torch.tensor([-1.0, -1.0]))  # padding points at 0: not kept
@@ -133,3 +152,14 @@ def test_uperhead_neck_and_fcn_match_mmsegmentation():
             assert_close(a, b)
         assert_close(ours[0](pyr), ref_head(list(pyr_ref)), rtol=1e-5, atol=1e-5)
         assert_close(ours[2](pyr[2]), ref_aux(list(pyr_ref)), rtol=1e-5, atol=1e-5)
+
+
+def test_weight_decay_skips_positions_class_token_and_1d_parameters_of_both_models():
+    from train import param_groups
+    for m in (vit_tiny(num_classes=3, img_size=32), model(fill="mask_token")):
+        decay, no_decay = param_groups(m, 0.05)
+        assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+        skipped = {id(p) for p in no_decay["params"]}
+        for name, p in m.named_parameters():
+            token = name.split(".")[-1] in ("pos_embed", "cls_token")
+            assert (id(p) in skipped) == (token or p.dim() < 2), name
