@@ -201,3 +201,15 @@ def test_load_pretrained_rejects_other_patch_size(tmp_path):
     torch.save(vit_tiny(patch_size=8, img_size=64).state_dict(), tmp_path / "p8.pth")
     with pytest.raises(ValueError, match="patch size"):
         load_pretrained(vit_tiny(), str(tmp_path / "p8.pth"))
+
+
+def test_logits_match_a_fixture_made_with_timm():
+    """timm parity without timm: outputs timm computed once (tests/data/timm/make_fixture.py)."""
+    from pathlib import Path
+    from rvit.vit import VisionTransformer
+    fx = torch.load(Path(__file__).parent / "data" / "timm" / "vit_depth2.pt", weights_only=True)
+    m = VisionTransformer(**fx["args"]).eval()
+    m.load_state_dict(fx["state_dict"], strict=True)
+    with torch.no_grad():
+        assert_close(m.forward_features(fx["input"]), fx["features"], rtol=1e-5, atol=1e-5)
+        assert_close(m(fx["input"]), fx["logits"], rtol=1e-5, atol=1e-5)
