@@ -36,17 +36,17 @@ def read_window(src, window, indexes, fill=0):
     return image, np.ma.getmaskarray(valid)
 
 
-def pad_window(array, row, col, tile, fill=0):
-    """The tile x tile window at (row, col) of an in-memory (..., H, W) array.
+def pad_window(array, row, col, height, width, fill=0):
+    """The window (row, col, height, width) of an in-memory (..., H, W) array.
 
     Returns:
-        (..., tile, tile) copy in the array's dtype, `fill` beyond the edge, and (tile, tile)
-        bool, True beyond the edge.
+        (..., height, width) copy in the array's dtype, `fill` beyond the edge, and
+        (height, width) bool, True beyond the edge.
     """
-    part = array[..., row:row + tile, col:col + tile]
+    part = array[..., row:row + height, col:col + width]
     h, w = part.shape[-2:]
-    out = np.full((*array.shape[:-2], tile, tile), fill, array.dtype)
+    out = np.full((*array.shape[:-2], height, width), fill, array.dtype)
     out[..., :h, :w] = part
-    outside = np.ones((tile, tile), bool)
+    outside = np.ones((height, width), bool)
     outside[:h, :w] = False
     return out, outside

@@ -18,6 +18,7 @@ from prepare.tiles import read_window, tile_grid
 CLASSES = ("background", "Acacia dealbata", "Pinus radiata", "Ulex europaeus")
 SPECIES = {"acacia": 1, "pinus": 2, "ulex": 3}
 IGNORE = 255
+TILE = 224  # default tile side in pixels: the ViT's 224 x 224 input, no resizing
 TEST_SITES = ("pinus_f2", "ulex_f4", "acacia_f1")  # FoMo-Bench's held-out sites
 
 
