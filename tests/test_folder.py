@@ -223,6 +223,38 @@ def test_edge_tiles_are_padded_as_ignored_and_empty_tiles_dropped(tmp_path):
         assert (got["masks"][i][padding] == 0).all()  # the ignore index
 
 
+def test_skip_lists_a_bad_pair_and_converts_the_others(tmp_path):
+    rows = [("image", "mask")]
+    for k, (image_path, mask_path, _) in enumerate(flair_rows()[:2]):
+        shutil.copy(os.path.join(FLAIR_ROOT, image_path), tmp_path / f"img{k}.tif")
+        shutil.copy(os.path.join(FLAIR_ROOT, mask_path), tmp_path / f"msk{k}.tif")
+        rows.append((f"img{k}.tif", f"msk{k}.tif"))
+    open(tmp_path / "msk1.tif", "r+b").truncate(3000)
+    manifest = write_csv(tmp_path / "masks.csv", rows)
+    convert(tmp_path, tmp_path / "out", "--manifest", manifest, "--tile-size", 256,
+            "--on-error", "skip")
+    assert splits(tmp_path / "out")["train"]["names"] == [
+        f"img0.tif/r{r}_c{c}" for r in (0, 256) for c in (0, 256)]
+    with open(tmp_path / "out" / "skipped.csv") as f:
+        (name, reason), = [(r["name"], r["reason"]) for r in csv.DictReader(f)]
+    assert name == "img1.tif" and reason.startswith(f"{tmp_path / 'msk1.tif'}: unreadable")
+
+
+def test_png_and_jpeg_modes_become_bands(ben, tmp_path):
+    rgb = to_uint8(ben[PATCHES[0]][0]).transpose(1, 2, 0)  # (H, W, 3)
+    Image.fromarray(rgb).convert("RGBA").save(tmp_path / "rgba.png")
+    Image.fromarray(rgb[..., 0]).save(tmp_path / "grey.png")
+    Image.fromarray(rgb).save(tmp_path / "rgb.jpg", quality=95)
+    assert np.array_equal(folder.read_image(str(tmp_path / "rgba.png")), rgb.transpose(2, 0, 1))
+    assert np.array_equal(folder.read_image(str(tmp_path / "grey.png")), rgb[None, ..., 0])
+    decoded = np.asarray(Image.open(tmp_path / "rgb.jpg")).transpose(2, 0, 1)  # lossy: as read
+    assert np.array_equal(folder.read_image(str(tmp_path / "rgb.jpg")), decoded)
+    for name, bands in (("rgba.png", ["R", "G", "B"]), ("grey.png", ["grey"]),
+                        ("rgb.jpg", ["R", "G", "B"])):
+        shape, dtype, names = folder.probe(str(tmp_path / name))
+        assert names == bands and shape == (len(bands), 120, 120) and dtype == np.uint8
+
+
 def test_stratified_split_gives_every_class_its_share():
     names = [f"{c}/{i}" for c in "abcdefghij" for i in range(4)]
     where = seeded_split(names, 0, 0.25, 0.25, {n: n[0] for n in names})
