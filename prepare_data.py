@@ -5,6 +5,9 @@
         --s1-root BigEarthNet-S1-v1.0 --modality s2 --splits splits/ --out data/bigearthnet
     python prepare_data.py --dataset woody --root woody_zenodo/ --out data/woody
     python prepare_data.py --dataset flair --root FLAIR/ --out data/flair
+    python prepare_data.py --dataset folder --root my_images/ --out data/mine
+    python prepare_data.py --dataset folder --root my_images/ --manifest labels.csv \\
+        --out data/mine
 
 Writes OUT/train.h5, OUT/val.h5, OUT/test.h5 (schema in prepare/h5.py). Each file is written
 under a temporary name and renamed only when complete, so an interrupted run leaves no partial
@@ -17,7 +20,7 @@ import sys
 import tarfile
 import zipfile
 
-from prepare import bigearthnet, flair, mlrsnet, woody
+from prepare import bigearthnet, flair, folder, mlrsnet, woody
 from prepare.h5 import write_splits
 from prepare.splits import official_splits, read_list, seeded_split, write_split_csv
 
@@ -27,14 +30,15 @@ EXAMPLE_WHEEL = "bigearthnet-common==2.8.0"
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", required=True,
-                   choices=("bigearthnet", "mlrsnet", "woody", "flair"),
-                   help="which dataset")
+                   choices=("bigearthnet", "mlrsnet", "woody", "flair", "folder"),
+                   help="which dataset; folder: your own imagery (class folders or a manifest)")
     p.add_argument("--out", required=True, help="output folder for train.h5, val.h5, test.h5")
     p.add_argument("--root", help="the dataset's root folder (BigEarthNet v1: the S2 patch "
                                   "folders; v2: the folder holding BigEarthNet-S2/, -S1/; "
                                   "MLRSNet: the folder holding Images/ and labels/; "
                                   "Woody: the sites' files, searched recursively; FLAIR: the "
-                                  "folder holding flair_aerial_train/ etc.)")
+                                  "folder holding flair_aerial_train/ etc.; folder: the "
+                                  "class folders, or the folder manifest paths start from)")
     p.add_argument("--s1-root", help="BigEarthNet v1: folder of the Sentinel-1 patch folders")
     p.add_argument("--version", choices=("v1", "v2"), default="v1",
                    help="BigEarthNet v1.0 layout, or v2.0 (reBEN) with metadata.parquet")
@@ -56,8 +60,29 @@ def parse_args(argv=None):
     p.add_argument("--train-fraction", type=float, default=0.4,
                    help="MLRSNet: share of images for training (the paper's largest ratio)")
     p.add_argument("--val-fraction", type=float, default=0.1,
-                   help="MLRSNet: share for validation; the rest is the test split")
-    p.add_argument("--tile-size", type=int, default=224, help="Woody: tile side in pixels")
+                   help="MLRSNet: share for validation, the rest is the test split; folder: "
+                        "share of images for validation when there is no split column")
+    p.add_argument("--test-fraction", type=float, default=0.1,
+                   help="folder: share of images for test when there is no split column; "
+                        "the rest is the train split")
+    p.add_argument("--tile-size", type=int,
+                   help=f"tile side in pixels. Woody: default {woody.TILE}; folder "
+                        "segmentation: cut every image into tiles (edge tiles padded with "
+                        "--ignore-index), default whole images, which must share one size")
+    p.add_argument("--manifest",
+                   help="folder: CSV with header image,labels[,split] (multi-label, labels "
+                        "separated by ';') or image,mask[,split] (segmentation); paths "
+                        "relative to --root, split one of train, val, test. Without it, "
+                        "--root is a class-per-folder tree (single-label)")
+    p.add_argument("--classes",
+                   help="folder: file of class names, one per line, in index order; default "
+                        "the sorted folder names or labels, or for masks 0..(highest value)")
+    p.add_argument("--bands",
+                   help="folder: comma-separated band names, e.g. B04,B03,B02; default the "
+                        "GeoTIFF band descriptions, R,G,B for PNG / JPEG, else B1..Bn")
+    p.add_argument("--ignore-index", type=int,
+                   help="folder segmentation: mask value (0..255) of unlabelled pixels, left "
+                        "out of loss and metrics; tiles with no other value are dropped")
     p.add_argument("--test-sites", nargs="+", default=list(woody.TEST_SITES),
                    help="Woody: sites held out whole for test (FoMo-Bench's by default)")
     p.add_argument("--flair-classes", type=int, choices=(19, 13), default=19,
@@ -181,8 +206,9 @@ def woody_main(args):
     if unknown:
         print(f"warning: --test-sites {sorted(unknown)} not found under {args.root}")
     sites = {name: woody.Site(name, *paths) for name, paths in found.items()}
+    tile = args.tile_size or woody.TILE
     samples = [{"name": f"{name}/r{row}_c{col}", "site": name, "row": row, "col": col}
-               for name, site in sites.items() for row, col in site.tile_origins(args.tile_size)]
+               for name, site in sites.items() for row, col in site.tile_origins(tile)]
     held = [s["name"] for s in samples if s["site"] not in args.test_sites]
     where = seeded_split(held, args.seed, val_fraction=0.1, test_fraction=0.0)
     for s in samples:
@@ -194,7 +220,7 @@ def woody_main(args):
              "source": f"Woody (Kattenborn et al. 2019) sites {sorted(sites)} from {args.root}"}
 
     def read(s):
-        return sites[s["site"]].read_tile(s["row"], s["col"], args.tile_size)
+        return sites[s["site"]].read_tile(s["row"], s["col"], tile)
     return write_splits(samples, read, args.out, attrs, "masks", args.on_error,
                         args.workers)
 
@@ -219,13 +245,91 @@ def flair_main(args):
                         args.workers)
 
 
+def folder_splits(rows, args, strata=None):
+    """Give each row its split: the manifest's split column, else a seeded split of the images
+    (stratified by `strata`, {name: class}) written to OUT/split.csv."""
+    if "split" in rows[0]:
+        return
+    if not (args.val_fraction >= 0 and args.test_fraction >= 0
+            and args.val_fraction + args.test_fraction < 1):
+        raise ValueError("--val-fraction and --test-fraction must be at least 0 and sum below 1")
+    where = seeded_split([r["name"] for r in rows], args.seed, args.val_fraction,
+                         args.test_fraction, strata)
+    os.makedirs(args.out, exist_ok=True)
+    write_split_csv(where, os.path.join(args.out, "split.csv"))
+    for r in rows:
+        r["split"] = where[r["name"]]
+
+
+def folder_main(args):
+    """Your own imagery (prepare/folder.py): a manifest's header picks multi-label or
+    segmentation; without one, --root is a class-per-folder tree (single-label)."""
+    classes = folder.read_classes(args.classes) if args.classes else None
+    if args.manifest:
+        kind, rows = folder.read_manifest(args.manifest, args.root)
+    else:
+        kind, (rows, classes, others) = "folders", folder.find_class_folders(args.root, classes)
+        if others:
+            print(f"warning: {others} file(s) under {args.root} are not "
+                  f"{' '.join(folder.SUFFIXES)} images; left out")
+    for flag, value in (("--tile-size", args.tile_size), ("--ignore-index", args.ignore_index)):
+        if value is not None and kind != "mask":
+            raise ValueError(f"{flag} is for segmentation manifests (header image,mask)")
+    folder_splits(rows, args, {r["name"]: r["label"] for r in rows} if kind == "folders"
+                  else None)
+    attrs = {"dataset": "folder", "source": f"your own imagery from {args.root}"
+             + (f", manifest {args.manifest}" if args.manifest else ", class folders")}
+    if kind == "mask":
+        return folder_segmentation(args, rows, classes, attrs)
+    if kind == "labels":
+        classes = folder.multi_hot(rows, args.manifest, classes)
+    shape, dtype, names = folder.probe(rows[0]["image"])
+    first = (shape, dtype, rows[0]["image"])
+    attrs.update(task="multilabel" if kind == "labels" else "multiclass", classes=classes,
+                 bands=folder.band_names(rows[0]["image"], shape[0], names, bands_flag(args)))
+
+    def read(s):
+        return folder.read_checked(s["image"], first), s["target"]
+    return write_splits(rows, read, args.out, attrs, "labels", args.on_error, args.workers)
+
+
+def folder_segmentation(args, rows, classes, attrs):
+    """Image / mask pairs, whole or in tiles; classes from --classes, else 0..highest value."""
+    ignore = args.ignore_index
+    if ignore is not None and not 0 <= ignore <= 255:
+        raise ValueError(f"--ignore-index {ignore}: must be a mask value, 0..255")
+    samples, first, (top, top_mask), dropped = folder.tile_pairs(rows, args.tile_size, ignore,
+                                                                  args.on_error)
+    if first is None or top < 0:
+        raise ValueError(f"{args.manifest}: no readable image / mask pair with labelled pixels")
+    if classes and top >= len(classes):
+        raise ValueError(f"{top_mask}: class value {top}, but {args.classes} names "
+                         f"{len(classes)} classes (0..{len(classes) - 1})")
+    if dropped:
+        print(f"left out {dropped} tile(s) whose mask is all --ignore-index {ignore}")
+    attrs.update(task="segmentation", classes=classes or [str(i) for i in range(top + 1)],
+                 bands=folder.band_names(first[2], first[0][0], first[3], bands_flag(args)))
+    if ignore is not None:
+        attrs["ignore_index"] = ignore
+
+    def read(s):
+        return folder.read_pair(s, ignore)
+    return write_splits(samples, read, args.out, attrs, "masks", args.on_error, args.workers)
+
+
+def bands_flag(args):
+    return [b.strip() for b in args.bands.split(",")] if args.bands else None
+
+
 def main(args):
     if args.workers < 1:
         raise ValueError(f"--workers {args.workers}: must be at least 1")
+    if args.tile_size is not None and args.tile_size < 1:
+        raise ValueError(f"--tile-size {args.tile_size}: must be at least 1 pixel")
     if not args.root and not args.example:
         raise ValueError("--root is required (or --example for BigEarthNet)")
     run = {"bigearthnet": bigearthnet_main, "mlrsnet": mlrsnet_main, "woody": woody_main,
-           "flair": flair_main}
+           "flair": flair_main, "folder": folder_main}
     counts = run[args.dataset](args)
     print(f"wrote {args.out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
 

@@ -3,7 +3,9 @@
 Schema (read by rvit/data.py, version `SCHEMA_VERSION`): `images` (N, C, H, W) native dtype,
 chunked one sample per chunk; `labels` (N, classes) uint8 or `masks` (N, H, W) uint8; `names`
 (N,) str; attrs dataset, task, bands, classes, mean, std (per band, from the train split, native
-units), schema_version, source.
+units), schema_version, source, and for masks with unlabelled pixels ignore_index. task is
+"multilabel" (multi-hot labels), "multiclass" (one-hot labels, one class per image) or
+"segmentation".
 """
 import collections
 import contextlib

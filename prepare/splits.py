@@ -28,10 +28,25 @@ def official_splits(folder):
     return where
 
 
-def seeded_split(names, seed, val_fraction=0.1, test_fraction=0.1):
-    """{name: split}: a seeded shuffle of the sorted names, val and test sizes rounded."""
+def seeded_split(names, seed, val_fraction=0.1, test_fraction=0.1, strata=None):
+    """{name: split}: a seeded shuffle of the sorted names, val and test sizes rounded.
+
+    Args:
+        strata: optional {name: group} (a class): each group is shuffled on its own and the
+            groups are interleaved evenly, so val and test hold every group in about its share
+            (systematic sampling); the val and test sizes are those of the plain split.
+    """
     names = sorted(names)
-    order = np.random.default_rng(seed).permutation(len(names))
+    rng = np.random.default_rng(seed)
+    if strata is None:
+        order = rng.permutation(len(names))
+    else:
+        position = np.empty(len(names))  # a sample's rank within its group, scaled to [0, 1)
+        for group in sorted(set(strata.values())):
+            members = [i for i, name in enumerate(names) if strata[name] == group]
+            ranks = rng.permutation(len(members)) + rng.random(len(members))
+            position[members] = ranks / len(members)
+        order = np.argsort(position, kind="stable")
     n_test = int(round(test_fraction * len(names)))
     n_val = int(round(val_fraction * len(names)))
     where = {}

@@ -13,9 +13,12 @@ import os
 
 import numpy as np
 
+from prepare.tiles import read_window, tile_grid
+
 CLASSES = ("background", "Acacia dealbata", "Pinus radiata", "Ulex europaeus")
 SPECIES = {"acacia": 1, "pinus": 2, "ulex": 3}
 IGNORE = 255
+TILE = 224  # default tile side in pixels: the ViT's 224 x 224 input, no resizing
 TEST_SITES = ("pinus_f2", "ulex_f4", "acacia_f1")  # FoMo-Bench's held-out sites
 
 
@@ -90,7 +93,7 @@ class Site:
 
         if not self.aoi:
             return []
-        rows, cols = -(-self.height // tile), -(-self.width // tile)
+        rows, cols = tile_grid(self.height, self.width, tile)
         coarse = self.transform @ self.transform.scale(tile, tile)  # one pixel per tile
         touched = rasterize([(g, 1) for g in self.aoi], out_shape=(rows, cols),
                             transform=coarse, all_touched=True, dtype="uint8")
@@ -105,9 +108,7 @@ class Site:
 
         window = Window(col, row, tile, tile)
         with rasterio.open(self.ortho) as src:
-            image = src.read([1, 2, 3], window=window, boundless=True, fill_value=0)
-            outside = np.asarray(src.read(1, window=window, boundless=True, masked=True).mask,
-                                 dtype=bool)
+            image, outside = read_window(src, window, [1, 2, 3])
             if src.count >= 4:
                 outside |= src.read(4, window=window, boundless=True, fill_value=0) == 0
             transform = src.window_transform(window)
