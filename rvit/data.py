@@ -7,9 +7,7 @@ train split (native units), `schema_version` and `source`. Samples travel in the
 casting, normalisation, resizing and augmentation happen on the training device.
 """
 import copy
-import math
 import os
-import weakref
 
 import h5py
 import numpy as np
@@ -18,6 +16,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from rvit import distributed
+from rvit.buffers import BatchBuffers
 from rvit.schema import SCHEMA_VERSION
 
 
@@ -97,9 +96,7 @@ class H5Dataset(torch.utils.data.Dataset):
         self.meta = read_meta(path, dataset)
         self.target_key = "masks" if self.meta["task"] == "segmentation" else "labels"
         self._file = self._arrays = None
-        self.pin_memory = False  # a loader's copy on CUDA: batches read into pinned memory
-        self._recycler = Recycler()
-        self.ring = None  # a loader's copy with workers: their WorkerRing
+        self.buffers = BatchBuffers()  # a loader's copy gets its own (rvit/buffers.py)
         if preload:
             self._arrays = self._load_all()
 
@@ -145,15 +142,13 @@ class H5Dataset(torch.utils.data.Dataset):
         if self._arrays is not None:
             return tuple(torch.from_numpy(np.take(a, index, axis=0)) for a in self._arrays) + \
                 (torch.from_numpy(index),)
-        worker = torch.utils.data.get_worker_info()
-        slot = self.ring.claim(worker.id) if worker is not None and self.ring else None
-        out = []
-        for field, (ds, raw) in enumerate(zip(self._datasets(), self._raw)):
-            shape, dtype = (len(index), *ds.shape[1:]), ds.dtype.newbyteorder("=")
-            batch = self.ring.array(slot, field, shape, dtype) if slot is not None else \
-                _empty(shape, dtype, self.pin_memory, self._recycler)
-            array, i = batch.numpy(), None
-            try:
+        datasets = self._datasets()
+        specs = [((len(index), *ds.shape[1:]), ds.dtype.newbyteorder("=")) for ds in datasets]
+        arrays, ticket = self.buffers.take(specs)
+        i = None
+        try:
+            for ds, raw, array in zip(datasets, self._raw, arrays):
+                array = array.numpy()
                 if raw:  # the limit: one read of each chunk's bytes into its batch row
                     read, zeros = ds.id.read_direct_chunk, (0,) * (ds.ndim - 1)
                     rows = array.reshape(len(index), -1).view(np.uint8)
@@ -162,93 +157,10 @@ class H5Dataset(torch.utils.data.Dataset):
                 else:
                     for j, i in enumerate(index.tolist()):
                         ds.read_direct(array, np.s_[i], np.s_[j])
-            except (OSError, KeyError) as e:  # a damaged or missing chunk
-                if slot is not None:
-                    self.ring.release(worker.id, slot)
-                raise ValueError(f"{self.path}: sample {i} is unreadable ({e})") from e
-            out.append(batch)
-        if slot is not None:
-            return _RingBatch((out[0], out[1], torch.from_numpy(index), self.ring.key,
-                               worker.id, slot))
-        return out[0], out[1], torch.from_numpy(index)
-
-
-class WorkerRing:
-    """Shared-memory batch arrays that DataLoader workers reuse once the main process has let
-    go of the batch they carried, sparing each batch the page faults of fresh shared memory
-    (about as costly as reading it).
-
-    Each worker owns up to `size` slots of (images, targets) arrays. `busy` (workers, size, 2),
-    made in the main process before the workers start, marks a slot's arrays in use: the worker
-    sets both marks when it fills the slot; in the main process, as the batch arrives
-    (`_arrive`), a weak reference to each array's storage clears its mark when the last tensor
-    or view of it dies. A worker reuses only a slot whose marks are clear and otherwise reads
-    into fresh shared memory, so a caller that keeps many batches still gets correct data.
-    """
-
-    _live = weakref.WeakValueDictionary()  # key -> ring, in the main process
-
-    def __init__(self, workers, size=4):
-        self.size, self.key = size, id(self)
-        self.busy = torch.zeros(workers, size, 2, dtype=torch.uint8).share_memory_()
-        self.slots = {}  # in a worker: (slot, field) -> shared tensor
-        WorkerRing._live[self.key] = self
-
-    def __getstate__(self):  # a worker starts with no arrays of its own
-        return {**self.__dict__, "slots": {}}
-
-    def claim(self, worker):
-        """A free slot of `worker`, now marked busy, or None when every slot is in use."""
-        free = (self.busy[worker].sum(1) == 0).nonzero()
-        if len(free) == 0:
-            return None
-        slot = int(free[0])
-        self.busy[worker, slot] = 1
-        return slot
-
-    def release(self, worker, slot):
-        self.busy[worker, slot] = 0
-
-    def array(self, slot, field, shape, dtype):
-        """The slot's shared array for `field` (0 images, 1 targets), made anew on a new shape."""
-        t = self.slots.get((slot, field))
-        if t is None or tuple(t.shape) != tuple(shape) or t.numpy().dtype != dtype:
-            t = self.slots[(slot, field)] = _empty(shape, dtype)  # in a worker: shared memory
-        return t
-
-
-class _RingBatch(tuple):
-    """A batch from a ring slot; unpickled in the main process by `_arrive`. Small arrays (the
-    index, multi-hot labels) travel by value: each shared array costs the main process a
-    file-descriptor round trip to the worker."""
-
-    def __reduce__(self):
-        images, targets, index, key, worker, slot = self
-        small = targets.numel() * targets.element_size() <= SMALL_BYTES
-        return _arrive, (images, targets.numpy() if small else targets, index.numpy(), key,
-                         worker, slot)
-
-
-SMALL_BYTES = 1 << 16
-
-
-def _arrive(images, targets, index, key, worker, slot):
-    """Main-process side of a ring batch: clear each array's busy mark when its storage dies
-    (at once for targets that came by value)."""
-    ring = WorkerRing._live.get(key)
-    by_value = isinstance(targets, np.ndarray)
-    if ring is not None:
-        weakref.finalize(images.untyped_storage(), _clear, ring.busy, worker, slot, 0)
-        if by_value:
-            _clear(ring.busy, worker, slot, 1)
-        else:
-            weakref.finalize(targets.untyped_storage(), _clear, ring.busy, worker, slot, 1)
-    targets = torch.from_numpy(targets) if by_value else targets
-    return images, targets, torch.from_numpy(index)
-
-
-def _clear(busy, worker, slot, field):
-    busy[worker, slot, field] = 0
+        except (OSError, KeyError) as e:  # a damaged or missing chunk
+            self.buffers.give_back(ticket)
+            raise ValueError(f"{self.path}: sample {i} is unreadable ({e})") from e
+        return self.buffers.pack(*arrays, torch.from_numpy(index), ticket)
 
 
 def _one_raw_chunk_per_sample(ds):
@@ -256,44 +168,6 @@ def _one_raw_chunk_per_sample(ds):
     machine's byte order: the layout prepare_data.py writes."""
     return (ds.chunks == (1, *ds.shape[1:]) and ds.id.get_create_plist().get_nfilters() == 0
             and ds.dtype.isnative)
-
-
-def _empty(shape, dtype, pin=False, recycler=None):
-    """An uninitialised CPU batch tensor of numpy `dtype`, placed where it costs least: in a
-    DataLoader worker, straight in shared memory (as torch's own default_collate allocates),
-    so it crosses to the main process without a copy; pinned when `pin` (CUDA, read in the main
-    process), so the host-to-device copy can overlap; else an array of `recycler` that nothing
-    uses any more, or a new one from numpy, which asks Linux for huge pages."""
-    t = torch.from_numpy(np.empty(0, dtype))
-    if torch.utils.data.get_worker_info() is not None:
-        storage = t._typed_storage()._new_shared(math.prod(shape))
-        return t.new(storage).view(shape)
-    if pin:
-        return torch.empty(shape, dtype=t.dtype, pin_memory=True)
-    return recycler.take(shape, dtype) if recycler is not None else \
-        torch.from_numpy(np.empty(shape, dtype))
-
-
-class Recycler:
-    """Batch arrays handed out again once no tensor uses them: a weak reference to the storage
-    of the tensor last made from an array dies exactly when its last tensor or view does, so
-    nothing a caller still holds is ever overwritten. Reusing memory spares a fresh
-    allocation's page faults, which cost a large batch about as much as reading it."""
-
-    def __init__(self, per_shape=4):
-        self.slots, self.per_shape = {}, per_shape  # (shape, dtype) -> [(array, weakref)]
-
-    def take(self, shape, dtype):
-        slots = self.slots.setdefault((tuple(shape), np.dtype(dtype)), [])
-        free = next((k for k, (_, ref) in enumerate(slots) if ref() is None), None)
-        array = slots[free][0] if free is not None else np.empty(shape, dtype)
-        t = torch.from_numpy(array)
-        entry = (array, weakref.ref(t.untyped_storage()))
-        if free is not None:
-            slots[free] = entry
-        elif len(slots) < self.per_shape:
-            slots.append(entry)
-        return t
 
 
 def _as_is(batch):
@@ -315,10 +189,10 @@ class ResumableSampler(DistributedSampler):
 
 
 def for_loader(ds, workers, device):
-    """A shallow copy of `ds` for one loader: its own worker ring, pinned reads on CUDA."""
+    """A shallow copy of `ds` for one loader: its own batch buffers (a worker ring with
+    workers, pinned reads on CUDA without)."""
     ds = copy.copy(ds)
-    ds.pin_memory = device.type == "cuda" and workers == 0
-    ds.ring = WorkerRing(workers) if workers > 0 else None
+    ds.buffers = BatchBuffers(workers, pin=device.type == "cuda" and workers == 0)
     if workers > 0:
         ds._file = None  # each worker opens its own handle: h5py's must not cross a fork
     return ds

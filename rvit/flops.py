@@ -1,7 +1,7 @@
 """Encoder FLOPs per image as a function of the kept tokens, counted from the architecture.
 
 Convention: one multiply-add counts as 2 FLOPs (torch.utils.flop_counter's, against which
-tests/test_report.py checks this count). Only convolutions and matrix products are counted:
+tests/test_study.py checks this count). Only convolutions and matrix products are counted:
 patch embedding, qkv, attention scores and values, projection and MLP, as fvcore and the flop
 counter do; norms, GELU and softmax are left out. (Papers that quote fvcore "GFLOPs" count a
 multiply-add once, i.e. half these figures; ratios between mask ratios are the same.)

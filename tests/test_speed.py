@@ -286,7 +286,7 @@ def test_worker_ring_reuses_released_slots_and_never_held_ones(ben_v1):
     with h5py.File(ben_v1 / "train.h5") as f:
         images = f["images"][:]
     loader = train_loader(ds, 1, 1, seed=2, device=torch.device("cpu"))
-    ring = loader.dataset.ring
+    ring = loader.dataset.buffers.ring
     for epoch in range(3):  # consumed and dropped at once: slots go round
         loader.sampler.set_epoch(epoch)
         for batch in loader:
