@@ -15,10 +15,9 @@ import re
 from rvit import distributed
 from rvit.checkpoint import provenance, write_json
 from rvit.config import (add_masking_args, add_runtime_args, check, device_and_amp, mask_list,
-                         masking_from_run, run_cli)
+                         masker_from_args, masking_from_run, run_cli)
 from rvit.data import DeviceTransform, H5Dataset, eval_loader
 from rvit.evaluation import calibrate_dynamic, evaluate
-from rvit.masking import TokenMasker
 from rvit.models import load_run
 
 
@@ -47,8 +46,7 @@ def make_masker(args, m, ckpt, model, data_dir, transform, device):
     """TokenMasker for ratio m; a dynamic threshold comes from the checkpoint when it was trained
     at m, else it is calibrated on the train split. Returns (masker, where tau came from)."""
     cfg = ckpt["config"]
-    masker = TokenMasker(args.strategy, m, cfg["patch_size"], args.score_space,
-                         args.score_reduce).to(device)
+    masker = masker_from_args(args, m, cfg["patch_size"]).to(device)
     if args.strategy != "dynamic" or m == 0:
         return masker, None
     if cfg["strategy"] == "dynamic" and cfg["mask"] == m:
@@ -91,7 +89,9 @@ def main(args):
                           examples_dir=examples, num_examples=args.num_examples)
         rows.append({"dataset": cfg["dataset"], "split": args.split,
                      "checkpoint": args.checkpoint, "mask_ratio": m,
-                     "train_mask_ratio": cfg["mask"], "strategy": args.strategy,
+                     "train_mask_ratio": cfg["mask"],
+                     "train_mask_range": cfg.get("mask_range"), "merge": args.merge,
+                     "prop_attn": args.prop_attn, "strategy": args.strategy,
                      "train_strategy": cfg["strategy"], "tau_source": tau_source, "amp": amp,
                      "world_size": world, **result, **provenance(device)})
         if rank == 0:

@@ -40,11 +40,10 @@ from tqdm import tqdm
 
 from rvit.atomic import AtomicFiles
 from rvit.config import (add_masking_args, add_runtime_args, check, device_and_amp,
-                         masking_from_run, run_cli)
+                         masker_from_args, masking_from_run, run_cli)
 from rvit.data import DeviceTransform
 from rvit.evaluation import autocast
 from rvit.figures import save_examples
-from rvit.masking import TokenMasker
 from rvit.models import encoder, load_run
 
 def parse_args(argv=None):
@@ -84,8 +83,7 @@ class Predictor:
         masking_from_run(args, cfg)
         check(args)
         self.model.to(device)
-        self.masker = TokenMasker(args.strategy, args.mask, cfg["patch_size"], args.score_space,
-                                  args.score_reduce).to(device).eval()
+        self.masker = masker_from_args(args, args.mask, cfg["patch_size"]).to(device).eval()
         if args.strategy == "dynamic" and args.mask > 0:
             if cfg["strategy"] != "dynamic" or cfg["mask"] != args.mask:
                 raise ValueError(f"--strategy dynamic at mask {args.mask:g}: {args.checkpoint} "

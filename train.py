@@ -24,11 +24,11 @@ from tqdm import tqdm
 
 from rvit import distributed
 from rvit.checkpoint import atomic_save, load_checkpoint, load_pretrained, provenance
-from rvit.config import device_and_amp, resolve, run_cli, train_parser
+from rvit.config import device_and_amp, masker_from_args, resolve, run_cli, run_tag, train_parser
 from rvit.data import DeviceTransform, H5Dataset, eval_loader, train_loader
 from rvit.evaluation import autocast, evaluate, peak_memory_mb
-from rvit.masking import TokenMasker
 from rvit.flops import vit_flops
+from rvit.masking import mask_ratio_at
 from rvit.models import build_model, encoder, encoder_depth
 from rvit.upernet import segmentation_loss
 
@@ -100,8 +100,7 @@ def main(args):
         for note in load_pretrained(encoder(model_without_ddp), args.pretrained):
             distributed.print0(f"pretrained: {note}")
     model_without_ddp.to(device)
-    masker = TokenMasker(args.strategy, args.mask, args.patch_size, args.score_space,
-                         args.score_reduce).to(device)
+    masker = masker_from_args(args, args.mask, args.patch_size).to(device)
     loader = train_loader(train_ds, args.batch_size, args.workers, args.seed, device)
     val = eval_loader(val_ds, args.batch_size, args.workers, device)
     transform = DeviceTransform(meta["mean"], meta["std"], args.img_size, device)
@@ -145,8 +144,9 @@ def main(args):
         with open(os.path.join(args.out, "config.yaml"), "w") as f:
             yaml.safe_dump({**config, "amp": amp, "world_size": world, **info}, f, sort_keys=False)
         print(f"RViT {args.model} on {args.dataset}: {len(train_ds)} train / {len(val_ds)} val, "
-              f"mask {args.mask:g} ({args.strategy}), {info['device']}, torch {info['torch']}, "
-              f"commit {info['commit']}, {world} process(es), amp {amp}", flush=True)
+              f"mask {run_tag(args)[1:]} ({args.strategy}), {info['device']}, "
+              f"torch {info['torch']}, commit {info['commit']}, {world} process(es), amp {amp}",
+              flush=True)
     def save(epoch, step_in_epoch, is_best=False):
         """last.pt (and best.pt) with everything a resume needs; rank 0 writes, all gather RNG."""
         rngs = [rng_state()]
@@ -167,14 +167,18 @@ def main(args):
         loader.sampler.set_epoch(epoch)
         first = skip if epoch == start_epoch else 0  # a mid-epoch resume skips done batches
         loader.sampler.start = first * args.batch_size
+        ratio_at = None if args.mask_range is None else (  # --mask-range: m per step
+            lambda step: mask_ratio_at(epoch * steps + step, args.mask_range, args.seed))
         try:
             stats = train_one_epoch(model, model_without_ddp, masker, loader, transform, opt,
                                     sched, scaler, amp, epoch, meta["ignore_index"], first,
-                                    args.checkpoint_every, lambda step: save(epoch, step))
+                                    args.checkpoint_every, lambda step: save(epoch, step),
+                                    ratio_at)
         except NonFiniteLoss as e:
             note = f"the last good checkpoint {last_path} is kept" if os.path.exists(last_path) \
                 else "no checkpoint had been written yet"
             raise NonFiniteLoss(f"{e}; run stopped, {note}") from e
+        masker.mask_ratio = args.mask  # validation at --mask, also under --mask-range
         metrics = evaluate(model_without_ddp, masker, val, transform, meta, amp, desc="val")
         score = metrics[args.main_metric]
         is_best = score > best
@@ -182,7 +186,8 @@ def main(args):
         save(epoch + 1, 0, is_best)
         if rank == 0:
             log = {"epoch": epoch + 1, "dataset": args.dataset, "strategy": args.strategy,
-                   "train_mask_ratio": args.mask, **stats, "val": metrics,
+                   "train_mask_ratio": args.mask, "train_mask_range": args.mask_range, **stats,
+                   "val": metrics,
                    "peak_memory_mb": peak_memory_mb(device), **info}
             with open(os.path.join(args.out, "log.jsonl"), "a") as f:
                 f.write(json.dumps(log) + "\n")
@@ -212,9 +217,10 @@ def check_finite(first_bad, model, epoch, done):
 
 
 def train_one_epoch(model, model_without_ddp, masker, loader, transform, opt, sched, scaler, amp,
-                    epoch, ignore_index=None, first=0, every=0, save=None):
+                    epoch, ignore_index=None, first=0, every=0, save=None, ratio_at=None):
     """One pass over this rank's shard, from batch `first` (after a mid-epoch resume), calling
-    `save(batches done)` every `every` batches. Returns mean loss, lr, kept share (mean, min,
+    `save(batches done)` every `every` batches and, with `ratio_at`, setting the masker's
+    ratio to `ratio_at(batch)` before each step. Returns mean loss, lr, kept share (mean, min,
     max over images), encoder GFLOPs per image and images/s, pooled over ranks.
 
     Raises:
@@ -233,6 +239,8 @@ def train_one_epoch(model, model_without_ddp, masker, loader, transform, opt, sc
                initial=first, total=first + len(loader))
     for step, (images, targets, _) in enumerate(bar, start=first):
         x, y = transform(images, targets, train=True)
+        if ratio_at is not None:
+            masker.mask_ratio = ratio_at(step)
         with autocast(dev, amp):
             out = model(x, select=masker)
             loss = segmentation_loss(out, y, ignore_index) if y.dim() == 3 else \

@@ -11,12 +11,13 @@ import sys
 import torch
 import yaml
 
-from rvit.masking import FILLS, SCORE_REDUCES, SCORE_SPACES, STRATEGIES, num_keep
+from rvit.masking import FILLS, SCORE_REDUCES, SCORE_SPACES, STRATEGIES, TokenMasker, num_keep
 from rvit.vit import MODELS
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                               "config.yaml")
-TRAIN_KEYS = {"model", "img_size", "patch_size", "mask", "strategy", "score_space",
+TRAIN_KEYS = {"model", "img_size", "patch_size", "mask", "mask_range", "merge", "prop_attn",
+              "strategy", "score_space",
               "score_reduce", "epochs", "batch_size", "lr", "weight_decay", "warmup_epochs",
               "workers", "seed", "fill", "decoder_channels", "aux", "out_indices"}
 DATASET_KEYS = TRAIN_KEYS | {"main_metric", "metrics"}  # the HDF5 file says the task
@@ -65,7 +66,14 @@ def add_masking_args(p, mask_type=float):
     p.add_argument("--strategy", choices=STRATEGIES, default=None,
                    help="which tokens to drop: similarity (the most redundant), dynamic "
                         "(those above a learned redundancy threshold), random, coverage "
-                        "(keep one token of every region: greedy k-center)")
+                        "(keep one token of every region: greedy k-center), kmedoids (keep "
+                        "the tokens that best represent all others: greedy k-medoids)")
+    p.add_argument("--merge", action=argparse.BooleanOptionalAction, default=None,
+                   help="average each dropped token into its most similar kept token (ToMe) "
+                        "instead of discarding it")
+    p.add_argument("--prop-attn", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --merge: add log(size) to the attention logits of merged "
+                        "tokens (ToMe's proportional attention)")
     p.add_argument("--score-space", choices=SCORE_SPACES, default=None,
                    help="redundancy scored on patch embeddings or on standardised pixels")
     p.add_argument("--score-reduce", choices=SCORE_REDUCES, default=None,
@@ -102,6 +110,10 @@ def train_parser():
     p.add_argument("--img-size", type=int, default=None, help="input side in pixels (resized)")
     p.add_argument("--patch-size", type=int, default=None, help="patch side in pixels")
     add_masking_args(p)
+    p.add_argument("--mask-range", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="draw each training batch's mask ratio from U[LO, HI) (the same on "
+                        "every process), so one model serves every ratio; --mask is then the "
+                        "validation ratio")
     seg = p.add_argument_group("segmentation (RUPerNet)")
     seg.add_argument("--fill", choices=FILLS, default=None,
                      help="dropped grid positions take the feature of the most similar kept "
@@ -139,19 +151,34 @@ def resolve(args, cfg_path) -> argparse.Namespace:
             setattr(args, key, value)
     check(args)
     args.data_dir = args.data_dir or os.path.join("data", args.dataset)
-    args.out = args.out or os.path.join("runs", f"{args.dataset}-{args.strategy}-m{args.mask:g}")
+    args.out = args.out or os.path.join("runs", f"{args.dataset}-{args.strategy}-{run_tag(args)}")
     return args
 
 
-MASK_KEYS = ("mask", "strategy", "score_space", "score_reduce")
+def run_tag(args):
+    """'m0.6', 'm0-0.9' for a mask range, with '-merge' when merging: a run folder's suffix."""
+    tag = f"m{args.mask_range[0]:g}-{args.mask_range[1]:g}" if args.mask_range else \
+        f"m{args.mask:g}"
+    return tag + ("-merge" if args.merge else "")
+
+
+MASK_KEYS = ("mask", "strategy", "score_space", "score_reduce", "merge", "prop_attn")
 
 
 def masking_from_run(args, cfg, as_list=False):
     """Fill the masking flags left out with a run's own (`cfg`, its resolved config); with
-    `as_list`, --mask becomes a one-element list, as a sweep's is."""
+    `as_list`, --mask becomes a one-element list, as a sweep's is. Runs older than merging
+    did not merge."""
     for key in MASK_KEYS:
         if getattr(args, key) is None:
-            setattr(args, key, [cfg[key]] if key == "mask" and as_list else cfg[key])
+            value = cfg.get(key, False)
+            setattr(args, key, [value] if key == "mask" and as_list else value)
+
+
+def masker_from_args(args, mask_ratio, patch_size):
+    """The `TokenMasker` the resolved masking flags describe, at `mask_ratio`."""
+    return TokenMasker(args.strategy, mask_ratio, patch_size, args.score_space,
+                       args.score_reduce, merge=args.merge, prop_attn=args.prop_attn)
 
 
 def device_and_amp(args):
@@ -180,6 +207,14 @@ def check(args):
             num_keep(1, m)
         except ValueError as e:
             raise ValueError(f"--mask {m}: {e}") from e
+    if args.prop_attn and not args.merge:
+        raise ValueError("--prop-attn weighs merged tokens: it needs --merge")
+    lo, hi = getattr(args, "mask_range", None) or (0, 0.5)
+    if not 0 <= lo < hi < 1:
+        raise ValueError(f"--mask-range {lo:g} {hi:g}: need 0 <= LO < HI < 1")
+    if getattr(args, "mask_range", None) and args.strategy == "dynamic":
+        raise ValueError("--mask-range with --strategy dynamic: the dynamic threshold is "
+                         "learned for one ratio; use similarity, random, coverage or kmedoids")
     for flag in ("batch_size", "epochs", "img_size", "patch_size"):
         value = getattr(args, flag, None)
         if value is not None and value <= 0:

@@ -88,7 +88,7 @@ def save_examples(folder, x, keep, meta, patch, names, pred=None, target=None):
     n_cls, ignore = len(meta["classes"]), meta.get("ignore_index")
     for b, name in enumerate(names):
         rgb = to_rgb(x[b], list(meta["bands"]))
-        ids, valid = keep
+        ids, valid = keep.ids_keep, keep.valid
         kept = (ids[b][valid[b]] if valid is not None else ids[b]).cpu().numpy()
         panels = [rgb, grey_dropped(rgb, kept, patch)]
         if pred is not None:

@@ -30,17 +30,28 @@ Strategies:
         it is, so a dropped patch always has a similar kept one (what RUPerNet's `nearest` fill
         relies on). O(K N D) per image, one (B, N) update per step, no N x N matrix. RViT's own
         rule, not the study's.
+    kmedoids: greedy k-medoids (PAM's BUILD step) on squared Euclidean distance in the score
+        space: keep the medoid, then K - 1 times the patch that most lowers the summed distance
+        of all patches to their nearest kept patch. It targets what a dropped patch loses (the
+        fill error of rvit/redundancy.py), where coverage targets the worst case. O(K N^2).
+
+Merging (`merge=True`, any strategy): instead of discarding the dropped tokens, each is averaged
+(with its positional embedding) into the kept token it is most cosine-similar to, weighted by
+size, as ToMe does (Bolya et al. 2023); the assignment is RUPerNet's `nearest` fill's. With
+`prop_attn`, log(size) is added to the attention logits of each merged key (ToMe's
+proportional attention), so a token that stands for many patches weighs as much as they would.
 """
 import math
 from typing import NamedTuple, Optional
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from rvit import distributed
 
-STRATEGIES = ("similarity", "dynamic", "random", "coverage")
+STRATEGIES = ("similarity", "dynamic", "random", "coverage", "kmedoids")
 SCORE_SPACES = ("embedding", "pixel")
 SCORE_REDUCES = ("mean", "max")
 
@@ -141,6 +152,43 @@ def keep_coverage(z, k: int):
 
 
 @torch.no_grad()
+def keep_kmedoids(z, k: int):
+    """Greedy k-medoids (the BUILD step of PAM, Kaufman & Rousseeuw 1990) on squared Euclidean
+    distance, per sample.
+
+    The first kept patch is the medoid (least total distance to every patch); each next one is
+    the patch whose keeping most lowers the sum over all patches of the distance to their
+    nearest kept patch (ties by index). That sum is what a dropped patch loses when it is
+    represented by its nearest kept one, so this keeps typical patches of every large region
+    and few outliers, where k-center keeps outliers first.
+
+    Args:
+        z: (B, N, F) patch features (embeddings, or flattened standardised pixels), any float.
+        k: patches to keep, 1 <= k <= N.
+
+    Returns:
+        (B, k) int64 kept indices, ascending. O(N^2 F) for the distances, then O(k N^2).
+    """
+    B, N, _ = z.shape
+    z = z.float()
+    sq = (z * z).sum(-1)  # (B, N)
+    dist = (sq[:, :, None] + sq[:, None, :] - 2 * z @ z.transpose(1, 2)).clamp_min_(0)  # (B, N, N)
+    rows = torch.arange(B, device=z.device)
+    ids = torch.empty(B, k, dtype=torch.long, device=z.device)
+    ids[:, 0] = dist.sum(2).argmin(1)
+    nearest = dist[rows, ids[:, 0]]  # (B, N): each patch's distance to its nearest kept patch
+    taken = torch.zeros(B, N, dtype=torch.bool, device=z.device)
+    taken[rows, ids[:, 0]] = True
+    for t in range(1, k):
+        # gain[b, c]: how much keeping c lowers sum_i nearest[b, i]
+        gain = (nearest[:, None, :] - dist).clamp_min_(0).sum(-1).masked_fill_(taken, -1.0)
+        ids[:, t] = gain.argmax(1)
+        taken[rows, ids[:, t]] = True
+        nearest = torch.minimum(nearest, dist[rows, ids[:, t]])
+    return ids.sort(dim=1).values
+
+
+@torch.no_grad()
 def keep_below(score, tau: float, min_keep: int):
     """Patches with score < tau (at least the `min_keep` lowest), padded to the longest row.
 
@@ -163,19 +211,33 @@ def keep_below(score, tau: float, min_keep: int):
     return ids_keep, torch.gather(keep, 1, ids_keep)
 
 
+def mask_ratio_at(step: int, mask_range, seed: int) -> float:
+    """The mask ratio of training step `step` under --mask-range: m ~ U[LO, HI) drawn from a
+    generator seeded by (seed, step) alone, so every DDP rank draws the same m (equal work per
+    step) and a resumed run the same sequence, without any state to save."""
+    lo, hi = mask_range
+    return float(np.random.default_rng([seed, step]).uniform(lo, hi))
+
+
 def dynamic_floor(num_patches: int) -> int:
     """The fewest patches the dynamic strategy keeps of an image: max(1, ceil(0.02 N))."""
     return max(1, math.ceil(0.02 * num_patches))
 
 
 class Selection(NamedTuple):
-    """The patch tokens a strategy keeps of each image.
+    """The patch tokens a strategy keeps of each image, and how dropped ones are merged.
 
     ids_keep: (B, K) int64 kept patch indices, ascending (then padding, for a ragged batch).
     valid: (B, K) bool, False at padding; None when every image keeps K.
+    src: (B, N) int64, with merging: the kept slot each patch is merged into (a kept patch
+        its own; a dropped one its most cosine-similar kept patch's); None: dropped ones go.
+    prop_attn: with merging, add log(size) to the attention logits of merged keys (ToMe's
+        proportional attention).
     """
     ids_keep: torch.Tensor
     valid: Optional[torch.Tensor] = None
+    src: Optional[torch.Tensor] = None
+    prop_attn: bool = False
 
     @property
     def num_kept(self):
@@ -183,6 +245,27 @@ class Selection(NamedTuple):
         if self.valid is None:
             return self.ids_keep.new_full((self.ids_keep.shape[0],), self.ids_keep.shape[1])
         return self.valid.sum(1)
+
+    def sizes(self):
+        """(B, K) float32 patches merged into each kept token (0 at padding; 1 unmerged)."""
+        if self.src is None:
+            ones = torch.ones(self.ids_keep.shape, device=self.ids_keep.device)
+            return ones if self.valid is None else ones * self.valid
+        size = torch.zeros(self.ids_keep.shape, device=self.src.device)
+        return size.scatter_add_(1, self.src, torch.ones(self.src.shape, device=self.src.device))
+
+
+def merge_tokens(tokens, keep):
+    """ToMe's size-weighted average (Bolya et al., ICLR 2023): each kept token becomes the mean
+    of itself and the dropped tokens merged into it, every patch weighing 1.
+
+    tokens: (B, N, D) patch tokens with positions; keep: `Selection` with `src`.
+    Returns (B, K, D); zeros at padding.
+    """
+    B, N, D = tokens.shape
+    sums = tokens.new_zeros(B, keep.ids_keep.shape[1], D).scatter_add(
+        1, keep.src[..., None].expand(-1, -1, D), tokens)  # (B, K, D)
+    return sums / keep.sizes().clamp_min(1)[..., None].to(sums.dtype)
 
 
 @torch.no_grad()
@@ -207,6 +290,8 @@ def select(strategy, feats, mask_ratio, score=None, tau=None, noise=None):
         return Selection(keep_lowest(noise, k))
     if strategy == "coverage":
         return Selection(keep_coverage(feats, k))
+    if strategy == "kmedoids":
+        return Selection(keep_kmedoids(feats, k))
     score = redundancy_score(feats) if score is None else score
     if strategy == "similarity":
         return Selection(keep_lowest(score, k))
@@ -231,12 +316,16 @@ class TokenMasker(nn.Module):
     """Chooses the kept patch tokens of each image; pass it as the ViT's `select` hook.
 
     Args:
-        strategy: "similarity", "dynamic", "random" or "coverage".
-        mask_ratio: m in [0, 1); 0 keeps every token and runs the plain ViT.
+        strategy: one of STRATEGIES.
+        mask_ratio: m in [0, 1); K = N (m = 0, or m below 1 / (2N) for a fixed-count strategy)
+            keeps every token and runs the plain ViT. train.py sets it per step for
+            --mask-range.
         patch_size: p in pixels, for pixel-space scores.
         score_space: "embedding" (patch embeddings) or "pixel" (standardised pixels).
         score_reduce: "mean" or "max", see `redundancy_score`.
         momentum: EMA momentum of the dynamic threshold.
+        merge: average the dropped tokens into the kept ones (see the module docstring).
+        prop_attn: with merge, proportional attention.
 
     Buffers:
         tau: () float32, the dynamic threshold (NaN until the first training batch).
@@ -251,7 +340,8 @@ class TokenMasker(nn.Module):
     """
 
     def __init__(self, strategy="similarity", mask_ratio=0.0, patch_size=16,
-                 score_space="embedding", score_reduce="mean", momentum=0.99):
+                 score_space="embedding", score_reduce="mean", momentum=0.99, merge=False,
+                 prop_attn=False):
         super().__init__()
         for name, value, choices in (("strategy", strategy, STRATEGIES),
                                      ("score space", score_space, SCORE_SPACES),
@@ -261,6 +351,9 @@ class TokenMasker(nn.Module):
         num_keep(1, mask_ratio)  # validates the range
         self.strategy, self.mask_ratio, self.patch_size = strategy, mask_ratio, patch_size
         self.score_space, self.score_reduce, self.momentum = score_space, score_reduce, momentum
+        if prop_attn and not merge:
+            raise ValueError("proportional attention needs merging (prop_attn with merge)")
+        self.merge, self.prop_attn = merge, prop_attn
         self.register_buffer("tau", torch.tensor(float("nan")))
         self.last = None
 
@@ -291,11 +384,16 @@ class TokenMasker(nn.Module):
             RuntimeError: dynamic strategy at evaluation with a threshold never calibrated.
         """
         B, N, _ = z.shape
-        if self.mask_ratio == 0:
+        keeps_all = self.mask_ratio == 0 or (self.strategy != "dynamic"
+                                             and num_keep(N, self.mask_ratio) == N)
+        if keeps_all:
             self.last = Selection(torch.arange(N, device=z.device).expand(B, N))
             return None
-        self.last = self.choose(z, x, index)
-        return self.last
+        keep = self.choose(z, x, index)
+        if self.merge:  # each patch's slot: the same assignment as RUPerNet's nearest fill
+            keep = keep._replace(src=restore_index(keep, N, z), prop_attn=self.prop_attn)
+        self.last = keep
+        return keep
 
     @property
     def num_kept(self):
@@ -339,7 +437,7 @@ def restore_index(keep, num_patches: int, z=None):
     Returns:
         (B, N) int64 slots in [0, K].
     """
-    ids_keep, valid = keep
+    ids_keep, valid = keep.ids_keep, keep.valid
     B, K = ids_keep.shape
     if valid is None:
         valid = torch.ones_like(ids_keep, dtype=torch.bool)

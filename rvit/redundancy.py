@@ -28,7 +28,7 @@ from tqdm import tqdm
 from rvit.checkpoint import write_json
 from rvit.data import DeviceTransform, H5Dataset
 from rvit.figures import grey_dropped, pil_image, pyplot, to_rgb
-from rvit.masking import (STRATEGIES, dynamic_floor, keep_lowest, num_keep,
+from rvit.masking import (STRATEGIES, dynamic_floor, keep_lowest, merge_tokens, num_keep,
                           pixel_patches, redundancy_score, restore_grid, restore_index, select)
 from rvit.models import encoder, load_run
 
@@ -185,7 +185,8 @@ def second_pass(ds, args, tf, vit, spaces, taus, N):
     error of every strategy (see `fill_error`), per space and mask ratio."""
     floor = dynamic_floor(N)
     shares = {s: {m: [] for m in args.mask} for s in spaces}
-    errors = {s: {st: {m: [] for m in args.mask} for st in STRATEGIES} for s in spaces}
+    rules = [st + merge for st in STRATEGIES for merge in ("", "+merge")]
+    errors = {s: {rule: {m: [] for m in args.mask} for rule in rules} for s in spaces}
     for _, x, _, idx in batches(ds, args, tf, "pass 2"):
         for s in spaces:
             feats = features(x, s, vit, args.patch_size)
@@ -195,8 +196,9 @@ def second_pass(ds, args, tf, vit, spaces, taus, N):
                     (r.shape[0],), N)
                 shares[s][m] += (k.float() / N).tolist()
                 for st in STRATEGIES:
-                    errors[s][st][m] += strategy_error(feats, r, st, m, taus[s][m],
-                                                       idx[0]).tolist()
+                    plain, merged = strategy_error(feats, r, st, m, taus[s][m], idx[0])
+                    errors[s][st][m] += plain.tolist()
+                    errors[s][st + "+merge"][m] += merged.tolist()
     out = {}
     for s in spaces:
         out[s] = {}
@@ -205,40 +207,51 @@ def second_pass(ds, args, tf, vit, spaces, taus, N):
             out[s][m] = {"tau": taus[s][m], "mean": float(v.mean()), "min": float(v.min()),
                          "max": float(v.max()), "std": float(v.std()),
                          "similarity_share": num_keep(N, m) / N}
-    fill = {s: {st: {f"{m:g}": float(np.mean(errors[s][st][m])) for m in args.mask}
-                for st in STRATEGIES} for s in spaces}
+    fill = {s: {rule: {f"{m:g}": float(np.mean(errors[s][rule][m])) for m in args.mask}
+                for rule in rules} for s in spaces}
     return out, fill
 
 
 def strategy_error(feats, r, strategy, m, tau, seed, draws=5):
-    """(B,) fill error of one strategy at mask ratio m, selecting on `feats` exactly as the
-    masker does (`rvit.masking.select`); random: the mean of `draws` seeded draws."""
+    """(2, B) fill errors of one strategy at mask ratio m, without and with merging, selecting
+    on `feats` exactly as the masker does (`rvit.masking.select`); random: the mean of `draws`
+    seeded draws."""
     B, N, _ = feats.shape
     if m == 0:
-        return torch.zeros(B)
+        return torch.zeros(2, B)
     if strategy != "random":
-        return fill_error(feats, select(strategy, feats, m, r, tau))
+        return both_fill_errors(feats, select(strategy, feats, m, r, tau))
     g = torch.Generator().manual_seed(int(seed))
-    return torch.stack([fill_error(feats, select("random", feats, m,
-                                                 noise=torch.rand(B, N, generator=g)))
+    return torch.stack([both_fill_errors(feats, select("random", feats, m,
+                                                       noise=torch.rand(B, N, generator=g)))
                         for _ in range(draws)]).mean(0)
 
 
-def fill_error(feats, keep):
+def both_fill_errors(feats, keep):
+    """(2, B): `fill_error` of a selection without and with merging."""
+    return torch.stack([fill_error(feats, keep), fill_error(feats, keep, merge=True)])
+
+
+def fill_error(feats, keep, merge=False):
     """How much of an image a selection loses: replace each dropped patch by its most
-    cosine-similar kept patch (RUPerNet's `nearest` fill), and take the squared error summed
-    over the image's patches, over the image's patch energy sum_i |z_i|^2. 0: nothing lost;
-    1: as much as filling every patch with zeros.
+    cosine-similar kept patch (RUPerNet's `nearest` fill) - with `merge`, replace every patch by
+    the mean of the patches merged with it, as ToMe-style merging keeps them - and take the
+    squared error summed over the image's patches, over the image's patch energy
+    sum_i |z_i|^2. 0: nothing lost; 1: as much as filling every patch with zeros.
 
     Args:
         feats: (B, N, F) float patches (standardised pixels, or patch embeddings).
         keep: `rvit.masking.Selection`, as from the masker.
+        merge: the dropped patches were merged into the kept ones (rvit.masking.merge_tokens).
 
     Returns:
         (B,) float32.
     """
     src = restore_index(keep, feats.shape[1], feats)
-    kept = torch.gather(feats, 1, keep.ids_keep[..., None].expand(-1, -1, feats.shape[-1]))
+    if merge:
+        kept = merge_tokens(feats, keep._replace(src=src))  # (B, K, F) means of each group
+    else:
+        kept = torch.gather(feats, 1, keep.ids_keep[..., None].expand(-1, -1, feats.shape[-1]))
     err = (feats - restore_grid(kept, src)).pow(2).sum((1, 2))
     return (err / feats.pow(2).sum((1, 2)).clamp_min(1e-12)).float()
 
@@ -255,10 +268,12 @@ def markdown(result):
                   "|---|---|---|---|---|"]
         lines += [f"| {m} | {v['mean']:.3f} | {v['min']:.3f} | {v['max']:.3f} | "
                   f"{v['similarity_share']:.3f} |" for m, v in sp["dynamic_kept_share"].items()]
+        rules = list(sp["fill_error"])
         lines += ["", "Information lost (fill error: dropped patches replaced by their most "
-                  "similar kept patch; squared error over patch energy; lower keeps more):", "",
-                  "| mask | " + " | ".join(STRATEGIES) + " |", "|---|" + "---|" * len(STRATEGIES)]
-        lines += [f"| {m} | " + " | ".join(f"{sp['fill_error'][st][m]:.3f}" for st in STRATEGIES)
+                  "similar kept patch, or with +merge every patch by the mean of its merged "
+                  "group; squared error over patch energy; lower keeps more):", "",
+                  "| mask | " + " | ".join(rules) + " |", "|---|" + "---|" * len(rules)]
+        lines += [f"| {m} | " + " | ".join(f"{sp['fill_error'][r][m]:.3f}" for r in rules)
                   + " |" for m in sp["dynamic_kept_share"]]
         ranked = sorted(((v, c) for c, v in sp["per_class_mean_score"].items() if v is not None),
                         reverse=True)

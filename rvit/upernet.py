@@ -148,7 +148,9 @@ class RUPerNet(nn.Module):
         h, w = x.shape[2] // bb.patch_embed.patch_size, x.shape[3] // bb.patch_embed.patch_size
         out = bb.forward_intermediates(x, select, self.out_indices, stop_early=True)
         src = fill = None
-        if out.keep is not None:
+        if out.keep is not None and out.keep.src is not None:
+            src = out.keep.src  # merged: every position takes the token it was merged into
+        elif out.keep is not None:
             src = restore_index(out.keep, h * w, out.z if self.fill == "nearest" else None)
             fill = {"nearest": None, "zeros": out.z.new_zeros(out.z.shape[-1]),
                     "mask_token": self.mask_token}[self.fill]

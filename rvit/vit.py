@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from rvit.masking import merge_tokens
+
 
 class PatchEmbed(nn.Module):
     """Non-overlapping p x p patches to D-dim tokens by a stride-p convolution (timm's layout)."""
@@ -57,17 +59,19 @@ class Packed(NamedTuple):
 
     key_mask: (B, L) bool, True at the T real tokens. index: (T,) int64 positions of the real
     tokens in the flattened (B * L) batch. cu_seqlens: (B + 1,) int32 offsets of each sample's
-    tokens in the packed layout (the `cu_seq_q` / `cu_seq_k` of `varlen_attn`).
+    tokens in the packed layout (the `cu_seq_q` / `cu_seq_k` of `varlen_attn`). bias: (B, L)
+    float added to the attention logits of each key (-inf at padding), or None.
     """
     key_mask: torch.Tensor
     index: torch.Tensor
     cu_seqlens: torch.Tensor
+    bias: Optional[torch.Tensor] = None
 
     @classmethod
-    def of(cls, key_mask):
+    def of(cls, key_mask, bias=None):
         lengths = key_mask.sum(1, dtype=torch.int32)
         cu_seqlens = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
-        return cls(key_mask, key_mask.flatten().nonzero().squeeze(1), cu_seqlens)
+        return cls(key_mask, key_mask.flatten().nonzero().squeeze(1), cu_seqlens, bias)
 
     def pack(self, x):
         """(B, L, F) -> (T, F), real tokens only."""
@@ -98,30 +102,36 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x, mask=None):
-        """x (B, L, D) with mask None or a (B, L) bool key mask (True at real tokens); or packed
-        x (T, D) with mask a `Packed`. Returns x's shape.
+        """x (B, L, D) with mask None, a (B, L) bool key mask (True at real tokens) or a (B, L)
+        float key bias (added to the logits); or packed x (T, D) with mask a `Packed`. Returns
+        x's shape.
 
         Packed input keeps the linear layers at the true token count. Its attention runs packed
-        too on CUDA in half precision (`varlen_attn`); elsewhere it is padded back to (B, L)
-        with padding masked out as keys - the same outputs (tests/test_speed.py).
+        too on CUDA in half precision (`varlen_attn`, which takes no bias); elsewhere it is
+        padded back to (B, L) with padding masked out as keys - the same outputs
+        (tests/test_speed.py).
         """
         qkv = self.qkv(x)
         if not isinstance(mask, Packed):
             return self.proj(self.attend(qkv, mask))
-        if use_varlen(qkv):
+        if use_varlen(qkv) and mask.bias is None:
             T, L = qkv.shape[0], mask.key_mask.shape[1]
             q, k, v = qkv.view(T, 3, self.num_heads, -1).unbind(1)  # 3 x (T, heads, D / heads)
             out = varlen_attn(q, k, v, mask.cu_seqlens, mask.cu_seqlens, L, L)
             return self.proj(out.reshape(T, -1))
-        return self.proj(mask.pack(self.attend(mask.unpack(qkv), mask.key_mask)))
+        keys = mask.key_mask if mask.bias is None else mask.bias
+        return self.proj(mask.pack(self.attend(mask.unpack(qkv), keys)))
 
     def attend(self, qkv, key_mask=None):
-        """(B, L, 3D) projections -> (B, L, D) attention outputs; key_mask (B, L) bool or None."""
+        """(B, L, 3D) projections -> (B, L, D) attention outputs; key_mask (B, L) bool (True at
+        real keys), (B, L) float (added to the logits) or None."""
         B, L, D = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
         # (B, L, 3D) -> (3, B, heads, L, D / heads)
         q, k, v = qkv.reshape(B, L, 3, self.num_heads, D // self.num_heads).permute(
             2, 0, 3, 1, 4).unbind(0)
         attn_mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, L)
+        if attn_mask is not None and attn_mask.is_floating_point():
+            attn_mask = attn_mask.to(q.dtype)  # SDPA wants a float mask in the query's dtype
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         return out.transpose(1, 2).reshape(B, L, D)
 
@@ -210,7 +220,9 @@ class VisionTransformer(nn.Module):
         z = self.patch_embed(x)  # (B, N, D)
         keep = select(z, x) if select is not None else None
         tokens = z + self.pos_embed[:, 1:]
-        if keep is not None:
+        if keep is not None and keep.src is not None:
+            tokens = merge_tokens(tokens, keep)  # (B, N, D) -> (B, K, D): dropped ones merged
+        elif keep is not None:
             # (B, N, D) -> (B, K, D): each sample keeps its own tokens, with their positions
             index = keep.ids_keep[..., None].expand(-1, -1, tokens.shape[-1])
             tokens = torch.gather(tokens, 1, index)
@@ -234,16 +246,19 @@ class VisionTransformer(nn.Module):
             (the last block's normed, as mmsegmentation's `final_norm`); the selection; z.
         """
         x, keep, z = self.embed(x, select)
-        packed = None
+        mask = packed = None
+        if keep is not None and keep.prop_attn:
+            # log(size) per key: 0 for the class token and unmerged tokens, -inf at padding
+            mask = torch.log(F.pad(keep.sizes(), (1, 0), value=1.0))  # (B, 1 + K)
         if keep is not None and keep.valid is not None:
-            packed = Packed.of(F.pad(keep.valid, (1, 0), value=True))  # class token is real
+            mask = packed = Packed.of(F.pad(keep.valid, (1, 0), value=True), mask)  # cls real
             x = packed.pack(x)  # (B, L, D) -> (T, D)
         unpack = (lambda t: t) if packed is None else packed.unpack
         depth = len(self.blocks)
         stop = max(indices) + 1 if stop_early and len(indices) else depth
         intermediates = []
         for i, blk in enumerate(self.blocks[:stop]):
-            x = blk(x, packed)
+            x = blk(x, mask)
             if i == depth - 1:
                 x = self.norm(x)
             if i in indices:

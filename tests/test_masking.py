@@ -69,8 +69,9 @@ def test_class_token_kept_and_kept_tokens_keep_their_positions():
     torch.manual_seed(0)
     model = vit_tiny(img_size=64, num_classes=2)
     x = torch.randn(4, 3, 64, 64)
-    tokens, (ids, valid), _ = model.embed(x, TokenMasker("similarity", 0.5).eval())
-    assert tokens.shape == (4, 1 + 8, 192) and valid is None
+    tokens, keep, _ = model.embed(x, TokenMasker("similarity", 0.5).eval())
+    ids = keep.ids_keep
+    assert tokens.shape == (4, 1 + 8, 192) and keep.valid is None
     assert_close(tokens[:, 0], (model.cls_token + model.pos_embed[:, 0]).expand(4, -1, -1)[:, 0])
     full = model.patch_embed(x) + model.pos_embed[:, 1:]
     for b in range(4):
@@ -154,12 +155,12 @@ def test_keep_below_pads_and_floors():
 def test_random_eval_noise_is_seeded_by_sample_index():
     masker = TokenMasker("random", 0.5).eval()
     z, x = torch.randn(3, 16, 8), torch.randn(3, 3, 64, 64)
-    a, _ = masker(z, x, index=torch.tensor([7, 8, 9]))
-    b, _ = masker(z[1:], x[1:], index=torch.tensor([8, 9]))
+    a = masker(z, x, index=torch.tensor([7, 8, 9])).ids_keep
+    b = masker(z[1:], x[1:], index=torch.tensor([8, 9])).ids_keep
     assert torch.equal(a[1:], b)
     masker.train()
-    c, _ = masker(z, x)
-    d, _ = masker(z, x)
+    c = masker(z, x).ids_keep
+    d = masker(z, x).ids_keep
     assert not torch.equal(c, d)
 
 
@@ -189,7 +190,7 @@ def test_coverage_keeps_every_region_where_similarity_drops_the_largest():
     kept = {}
     for strategy in ("similarity", "coverage"):
         masker = TokenMasker(strategy, 0.9, 8, score_space="pixel").eval()  # K = 10 of 100
-        ids, _ = masker(torch.zeros(1, 100, 4), x)
+        ids = masker(torch.zeros(1, 100, 4), x).ids_keep
         assert ids.shape == (1, 10) and torch.equal(ids, ids.sort(dim=1).values)
         kept[strategy] = set(region[ids[0]].tolist())
     assert kept["coverage"] == {0, 1, 2}

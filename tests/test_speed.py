@@ -117,7 +117,8 @@ def test_segmentation_encoder_runs_packed_like_the_classifier():
     with torch.no_grad():
         grid = model.encode(x, masker)[-1].flatten(2).transpose(1, 2)  # (B, N, D)
         tokens = model.backbone.forward_features(x, masker)
-        ids, valid = masker(model.backbone.patch_embed(x), x)
+        keep = masker(model.backbone.patch_embed(x), x)
+        ids, valid = keep.ids_keep, keep.valid
     assert valid is not None and not valid.all()
     for b in range(x.shape[0]):
         kept = ids[b][valid[b]]

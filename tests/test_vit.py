@@ -91,7 +91,7 @@ def test_each_strategy_runs_the_blocks_on_exactly_the_tokens_it_keeps(strategy):
             for _ in range(3):
                 m.embed(torch.randn(8, 3, 64, 64), masker.train())
         out = m(x, select=masker.eval())
-        ids, valid = masker.last
+        ids, valid = masker.last.ids_keep, masker.last.valid
         assert ids.shape[1] < 16
         for b in range(4):
             kept = ids[b] if valid is None else ids[b][valid[b]]

@@ -1,0 +1,150 @@
+"""One model for every token budget: k-medoids selection, token merging, proportional
+attention and mixed-ratio training."""
+import pytest
+import torch
+from torch.testing import assert_close
+
+from rvit import vit_tiny
+from rvit.masking import Selection, TokenMasker, keep_kmedoids, merge_tokens, restore_index
+
+
+def objective(d, kept):
+    """Sum over patches of the squared distance to their nearest kept patch."""
+    return d[:, kept].min(1).sum()
+
+
+@pytest.mark.parametrize("k", [1, 2, 5, 17])
+def test_keep_kmedoids_is_the_greedy_build_step_by_step(k):
+    """Each step keeps what it kept before plus the patch that lowers the objective most: the
+    objective after every step equals the best a brute force over all candidates finds (equal
+    objectives can tie between candidates, so objectives are compared, not indices)."""
+    z = torch.randn(3, 24, 10, generator=torch.Generator().manual_seed(k))
+    d = ((z[:, :, None].double() - z[:, None].double()) ** 2).sum(-1).numpy()  # (B, N, N)
+    before = [[] for _ in range(3)]
+    for t in range(1, k + 1):  # greedy: the first t of k are what k = t keeps
+        ids = keep_kmedoids(z, t).tolist()
+        for b in range(3):
+            assert set(before[b]) < set(ids[b]) and len(ids[b]) == t
+            best = min(objective(d[b], before[b] + [c]) for c in range(24) if c not in before[b])
+            assert objective(d[b], ids[b]) == pytest.approx(best, rel=1e-6)
+        before = ids
+
+
+def test_kmedoids_is_a_strategy_of_the_masker_and_deterministic():
+    z = torch.randn(2, 16, 8)
+    masker = TokenMasker("kmedoids", 0.75, 16).eval()
+    first = masker(z, None).ids_keep
+    assert first.shape == (2, 4) and torch.equal(first, masker(z, None).ids_keep)
+    assert torch.equal(first, keep_kmedoids(z, 4))
+
+
+def test_merge_averages_each_kept_token_with_the_tokens_merged_into_it():
+    torch.manual_seed(0)
+    tokens, z = torch.randn(2, 16, 8), torch.randn(2, 16, 8)
+    keep = Selection(torch.tensor([[0, 3, 9, 12], [1, 2, 5, 15]]))
+    keep = keep._replace(src=restore_index(keep, 16, z))
+    merged = merge_tokens(tokens, keep)
+    u = torch.nn.functional.normalize(z, dim=-1)
+    for b in range(2):
+        ids = keep.ids_keep[b].tolist()
+        group = {j: [j] for j in ids}
+        for n in range(16):
+            if n not in ids:  # its most cosine-similar kept patch
+                group[ids[int((u[b, ids] @ u[b, n]).argmax())]].append(n)
+        for slot, j in enumerate(ids):
+            assert_close(merged[b, slot], tokens[b, group[j]].mean(0))
+        assert keep.sizes()[b].tolist() == [len(group[j]) for j in ids]
+
+
+def test_merge_and_proportional_attention_change_nothing_at_mask_zero():
+    torch.manual_seed(0)
+    m = vit_tiny(num_classes=3, img_size=64).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        plain = m(x)
+        merged = m(x, select=TokenMasker("kmedoids", 0.0, merge=True, prop_attn=True))
+    assert torch.equal(plain, merged)
+
+
+def duplicated_image(kinds=(0, 1, 2), p=16, grid=4, seed=0):
+    """Patches that are exact copies of a few textures: 2 x 2 blocks of one texture each."""
+    g = torch.Generator().manual_seed(seed)
+    textures = torch.randn(len(kinds) + 1, 3, p, p, generator=g)
+    img = torch.empty(3, grid * p, grid * p)
+    for i in range(grid * grid):
+        r, c = divmod(i, grid)
+        kind = (r // 2) * 2 + c // 2  # four 2 x 2 blocks
+        img[:, r * p:(r + 1) * p, c * p:(c + 1) * p] = textures[kind]
+    return img[None]
+
+
+@pytest.mark.parametrize("strategy", ["kmedoids", "coverage"])
+def test_proportional_attention_on_merged_copies_equals_attention_over_all_copies(strategy):
+    """ToMe's property: a token merged from s identical tokens, with log(s) added to its logits,
+    is attended to exactly as the s copies were. With positions zeroed, copies stay identical
+    through every block, so the merged ViT's output equals the full one's; without
+    proportional attention it does not."""
+    torch.manual_seed(0)
+    m = vit_tiny(num_classes=3, img_size=64).eval()
+    with torch.no_grad():
+        m.pos_embed.zero_()
+        x = duplicated_image()
+        full = m(x)
+        masker = TokenMasker(strategy, 0.75, merge=True, prop_attn=True)  # K = 4 kinds of 4
+        assert_close(m(x, select=masker), full, rtol=1e-4, atol=1e-5)
+        assert sorted(masker.last.sizes()[0].tolist()) == [4, 4, 4, 4]
+        no_prop = m(x, select=TokenMasker(strategy, 0.75, merge=True))
+        assert not torch.allclose(no_prop, full, rtol=1e-4, atol=1e-5)
+
+
+def test_merged_ragged_batch_runs_packed_like_each_image_alone():
+    torch.manual_seed(0)
+    m = vit_tiny(num_classes=3, img_size=64).eval()
+    masker = TokenMasker("dynamic", 0.6, 16, momentum=0.5, merge=True, prop_attn=True)
+    with torch.no_grad():
+        for _ in range(5):
+            m.embed(torch.randn(8, 3, 64, 64), masker.train())
+        masker.eval()
+        x = torch.cat([torch.randn(3, 3, 64, 64), duplicated_image()])
+        batch = m(x, select=masker)
+        assert masker.last.valid is not None and not masker.last.valid.all()  # really ragged
+        alone = torch.cat([m(x[i:i + 1], select=masker) for i in range(4)])
+    assert_close(batch, alone, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fill", ["nearest", "zeros"])
+def test_rupernet_restores_merged_tokens_through_the_merge_assignment(fill):
+    from rvit.upernet import RUPerNet
+    torch.manual_seed(0)
+    model = RUPerNet(vit_tiny(img_size=64, num_classes=0), 4, out_indices=(1, 3, 5, 11),
+                     decoder_channels=16, fill=fill).eval()
+    x = torch.randn(2, 3, 64, 64)
+    masker = TokenMasker("random", 0.5, merge=True)
+    with torch.no_grad():
+        maps = [f.flatten(2) for f in model.encode(x, masker)]  # (B, D, N)
+    src, ids = masker.last.src, masker.last.ids_keep
+    for f in maps:
+        for b in range(2):
+            for n in range(16):  # every position holds the token it was merged into
+                assert torch.equal(f[b, :, n], f[b, :, ids[b, src[b, n]]])
+
+
+def test_merged_fill_error_is_each_patch_against_its_group_mean_and_never_above_unmerged(
+        ben_v1):
+    """With merging every patch is represented by the mean of its group, which minimises the
+    group's squared error: the error can only fall, for every rule and image."""
+    import h5py
+    from rvit.masking import num_keep, pixel_patches, select
+    from rvit.redundancy import fill_error
+    with h5py.File(ben_v1 / "train.h5") as f:
+        x = torch.from_numpy(f["images"][:].astype("float32"))
+    feats = pixel_patches(x, 8)  # (7, 225, 768) standardised pixels
+    for strategy in ("similarity", "kmedoids", "random"):
+        keep = select(strategy, feats, 0.75, noise=torch.rand(7, 225))
+        merged, plain = fill_error(feats, keep, merge=True), fill_error(feats, keep)
+        assert (merged <= plain + 1e-6).all() and (merged < plain).any()
+    src = restore_index(keep, 225, feats)
+    b = 0
+    want = sum(((feats[b, src[b] == j] - feats[b, src[b] == j].mean(0)) ** 2).sum()
+               for j in range(num_keep(225, 0.75)))
+    assert merged[b].item() == pytest.approx((want / (feats[b] ** 2).sum()).item(), rel=1e-4)
