@@ -1,5 +1,7 @@
 """One model for every token budget: k-medoids selection, token merging, proportional
 attention and mixed-ratio training."""
+import json
+
 import pytest
 import torch
 from torch.testing import assert_close
@@ -148,3 +150,46 @@ def test_merged_fill_error_is_each_patch_against_its_group_mean_and_never_above_
     want = sum(((feats[b, src[b] == j] - feats[b, src[b] == j].mean(0)) ** 2).sum()
                for j in range(num_keep(225, 0.75)))
     assert merged[b].item() == pytest.approx((want / (feats[b] ** 2).sum()).item(), rel=1e-4)
+
+
+def test_mask_ratio_per_step_depends_on_seed_and_step_only():
+    from rvit.masking import mask_ratio_at
+    draws = [mask_ratio_at(step, (0.0, 0.9), 3) for step in range(200)]
+    assert draws == [mask_ratio_at(step, (0.0, 0.9), 3) for step in range(200)]
+    assert 0.0 <= min(draws) < 0.1 and 0.8 < max(draws) < 0.9
+    assert draws != [mask_ratio_at(step, (0.0, 0.9), 4) for step in range(200)]
+
+
+def test_mixed_ratio_training_resumes_exactly_and_evaluates_at_any_ratio(ben_v1, tmp_path):
+    from conftest import CPU, run
+    from rvit.checkpoint import load_checkpoint
+    flags = ["--dataset", "bigearthnet", "--data-dir", ben_v1, "--img-size", "32",
+             "--patch-size", "8", "--batch-size", "2", "--strategy", "kmedoids", "--merge",
+             "--mask-range", "0", "0.9", "--seed", "2", *CPU]
+    run("train.py", *flags, "--epochs", "2", "--out", tmp_path / "straight")
+    run("train.py", *flags, "--epochs", "1", "--out", tmp_path / "resumed")
+    run("train.py", *flags, "--epochs", "2", "--out", tmp_path / "resumed", "--resume")
+    a = load_checkpoint(str(tmp_path / "straight" / "last.pt"))
+    b = load_checkpoint(str(tmp_path / "resumed" / "last.pt"))
+    assert a["config"]["mask_range"] == [0.0, 0.9] and a["config"]["merge"]
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert len((tmp_path / "straight" / "log.jsonl").read_text().splitlines()) == 2
+    run("evaluate.py", "--checkpoint", tmp_path / "straight" / "last.pt", "--data-dir", ben_v1,
+        "--mask", "0,0.5,0.9", "--out", tmp_path / "sweep.json", *CPU)
+    rows = json.loads((tmp_path / "sweep.json").read_text())
+    assert [r["train_mask_range"] for r in rows] == [[0.0, 0.9]] * 3
+    assert [r["strategy"] for r in rows] == ["kmedoids"] * 3 and all(r["merge"] for r in rows)
+    assert rows[0]["kept_share"] == 1.0 and rows[2]["kept_share"] < 0.2
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--strategy", "dynamic", "--mask-range", "0", "0.9"], "--mask-range with --strategy"),
+    (["--mask-range", "0.5", "0.5"], "need 0 <= LO < HI < 1"),
+    (["--prop-attn"], "needs --merge"),
+])
+def test_budget_flag_errors_are_one_line(ben_v1, tmp_path, flags, message):
+    from conftest import CPU, run
+    proc = run("train.py", "--dataset", "bigearthnet", "--data-dir", ben_v1, "--out", tmp_path,
+               *flags, *CPU, check=False)
+    assert proc.returncode == 1 and message in proc.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in proc.stderr
