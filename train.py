@@ -126,8 +126,8 @@ def main(args):
         check_resume(ckpt, args, meta, last_path)
     agree_on_start(-1 if ckpt is None else ckpt["global_step"], last_path)
     if ckpt is not None and ckpt["epoch"] >= args.epochs:  # a requeue after the run ended
-        distributed.print0(f"{args.out}: the run is complete ({ckpt['epoch']} epochs); "
-                           "nothing to train")
+        distributed.print0(f"{args.out}: the run is complete (epoch {ckpt['epoch']}/"
+                           f"{args.epochs}); nothing to train")
         distributed.cleanup()
         return
     if len(train_ds) < args.batch_size * world:
@@ -249,6 +249,8 @@ def main(args):
         print(f"preempted by {preemption.name} in epoch {epoch + 1} after batch {batch}: "
               f"{last_path} holds it; the same command with --resume auto continues "
               f"(exit {EXIT_PREEMPTED})", flush=True)
+    if stop_at is not None:  # no rank exits before rank 0 has written: torchrun would stop it
+        distributed.barrier()
     # DDP's reducer holds the process group, and frees it holding the GIL, which can deadlock
     # with a gloo thread that needs the GIL to free a finished collective's tensors: drop the
     # reducer first, so the group dies in cleanup(), whose binding releases the GIL
