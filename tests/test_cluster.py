@@ -232,3 +232,14 @@ def test_worker_killed_under_torchrun_is_restarted_and_ends_exactly(ben_v1, stra
     assert [e.get("event") for e in lines] == ["resume", None, None]
     assert load_checkpoint(str(out / "last.pt"))["global_step"] == STEPS
     assert same_weights(out, straight)
+
+
+def test_readme_sbatch_script_is_valid_bash(tmp_path):
+    text = open(os.path.join(ROOT, "README.md")).read()
+    script = text[text.index("#!/bin/bash\n#SBATCH"):]
+    script = script[:script.index("```")]
+    assert "--resume auto" in script and "--signal=USR1@120" in script and "--requeue" in script
+    (tmp_path / "train.sbatch").write_text(script)
+    proc = subprocess.run(["bash", "-n", str(tmp_path / "train.sbatch")], capture_output=True,
+                          text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
