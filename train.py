@@ -11,7 +11,6 @@ command for a cluster job and its restarts). A RUN holding a run is never reused
 there and the exit status is 75 (rvit/preemption.py). AdamW with linear warm-up and cosine
 decay, AMP (bf16 by default on CUDA), DDP under torchrun.
 """
-import json
 import math
 import os
 import random
@@ -109,7 +108,7 @@ def agree_on_start(global_step, path):
 
 def main(args):
     resolve(args, args.config)
-    # every rank reads the folder before rank 0 writes to it (DDP's set-up orders the two)
+    # every rank reads the folder before rank 0 writes to it (agree_on_start orders the two)
     action = run_folder.plan(args.out, args.resume, args.overwrite)
     device_name, amp = device_and_amp(args)
     rank, world, device = distributed.setup(device_name)
