@@ -5,13 +5,16 @@
 
 Writes RUN/config.yaml (resolved flags, versions, commit, device), RUN/log.jsonl (one line per
 epoch), RUN/last.pt (every epoch) and RUN/best.pt (best validation score of the dataset's main
-metric); `--resume` continues from RUN/last.pt. AdamW with linear warm-up and cosine decay, AMP
-(bf16 by default on CUDA), DDP under torchrun.
+metric); `--resume` continues from RUN/last.pt, `--resume auto` also starts an empty RUN (one
+command for a cluster job and its restarts). A RUN holding a run is never reused without
+`--resume` or `--overwrite`. On SIGTERM / SIGUSR1 every rank finishes its step, last.pt is written
+there and the exit status is 75 (rvit/preemption.py). AdamW with linear warm-up and cosine
+decay, AMP (bf16 by default on CUDA), DDP under torchrun.
 """
-import json
 import math
 import os
 import random
+import sys
 import time
 
 import numpy as np
@@ -22,7 +25,7 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from rvit import distributed
+from rvit import distributed, run_folder
 from rvit.checkpoint import atomic_save, load_checkpoint, load_pretrained, provenance
 from rvit.config import device_and_amp, masker_from_args, resolve, run_cli, run_tag, train_parser
 from rvit.data import DeviceTransform, H5Dataset, eval_loader, train_loader
@@ -30,6 +33,7 @@ from rvit.evaluation import autocast, evaluate, peak_memory_mb
 from rvit.flops import vit_flops
 from rvit.masking import mask_ratio_at
 from rvit.models import build_model, encoder, encoder_depth
+from rvit.preemption import EXIT_PREEMPTED, Preempted, Preemption
 from rvit.upernet import segmentation_loss
 
 
@@ -70,25 +74,61 @@ def set_rng_state(s):
 
 
 def check_resume(ckpt, args, meta, path):
-    """A checkpoint must match the dataset, classes and bands it is resumed on."""
+    """A checkpoint must match the run it continues: dataset, task, bands and classes, and the
+    flags that give the weights their shapes.
+
+    Raises:
+        ValueError: naming the file and what differs.
+    """
     cfg = ckpt.get("config", {})
     if cfg.get("dataset") != args.dataset:
         raise ValueError(f"{path}: trained on {cfg.get('dataset')!r}, not {args.dataset!r}")
+    if ckpt["meta"].get("task") != meta["task"]:
+        raise ValueError(f"{path}: a {ckpt['meta'].get('task')} run, not {meta['task']}")
     for key in ("bands", "classes"):
         if ckpt["meta"][key] != meta[key]:
             raise ValueError(f"{path}: {key} differ from {args.data_dir}'s")
+    shaped = ("model", "img_size", "patch_size") + (
+        ("decoder_channels", "aux", "out_indices") if meta["task"] == "segmentation" else ())
+    for key in shaped:
+        if key in cfg and cfg[key] != getattr(args, key):
+            raise ValueError(f"{path}: trained with --{key.replace('_', '-')} {cfg[key]}, "
+                             f"not {getattr(args, key)}")
+
+
+def agree_on_start(global_step, path):
+    """Every rank must start at the same step: ranks on nodes that see different files in OUT
+    would otherwise train apart, then hang. Raises ValueError on every rank."""
+    t = torch.tensor(global_step)
+    low, high = distributed.all_reduce(t.clone(), "min"), distributed.all_reduce(t.clone(), "max")
+    if low != high:
+        raise ValueError(f"{path}: the processes found different checkpoints (steps {int(low)} "
+                         f"to {int(high)}); --out must be a folder every node sees")
 
 
 def main(args):
     resolve(args, args.config)
+    # every rank reads the folder before rank 0 writes to it (agree_on_start orders the two)
+    action = run_folder.plan(args.out, args.resume, args.overwrite)
     device_name, amp = device_and_amp(args)
     rank, world, device = distributed.setup(device_name)
+    preemption = Preemption(args.preempt_signals)
+    last_path, best_path = os.path.join(args.out, "last.pt"), os.path.join(args.out, "best.pt")
+    ckpt = load_checkpoint(last_path) if action == "continue" else None
     torch.manual_seed(args.seed)  # same initial weights on every rank
     train_ds = H5Dataset(os.path.join(args.data_dir, "train.h5"), args.dataset, args.preload)
     val_ds = H5Dataset(os.path.join(args.data_dir, "val.h5"), args.dataset, args.preload)
     meta = {k: train_ds.meta[k] for k in ("dataset", "task", "bands", "classes", "mean", "std")}
     meta["ignore_index"] = train_ds.meta.get("ignore_index")
     meta["tile_size"] = train_ds.meta["image_shape"][-1]  # predict.py tiles scenes by it
+    if ckpt is not None:
+        check_resume(ckpt, args, meta, last_path)
+    agree_on_start(-1 if ckpt is None else ckpt["global_step"], last_path)
+    if ckpt is not None and ckpt["epoch"] >= args.epochs:  # a requeue after the run ended
+        distributed.print0(f"{args.out}: the run is complete (epoch {ckpt['epoch']}/"
+                           f"{args.epochs}); nothing to train")
+        distributed.cleanup()
+        return
     if len(train_ds) < args.batch_size * world:
         raise ValueError(f"{train_ds.path}: {len(train_ds)} samples, fewer than one batch of "
                          f"{args.batch_size} x {world} processes (lower --batch-size)")
@@ -96,7 +136,7 @@ def main(args):
         raise ValueError("--batch-size must be at least 2 for segmentation: the decoder's "
                          "BatchNorm needs more than one value per channel")
     model_without_ddp = build_model(vars(args), meta)
-    if args.pretrained and not args.resume:
+    if args.pretrained and ckpt is None:
         for note in load_pretrained(encoder(model_without_ddp), args.pretrained):
             distributed.print0(f"pretrained: {note}")
     model_without_ddp.to(device)
@@ -111,10 +151,7 @@ def main(args):
         opt, lr_lambda(int(args.warmup_epochs * steps), args.epochs * steps))
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
     start_epoch, skip, best = 0, 0, -math.inf
-    last_path, best_path = os.path.join(args.out, "last.pt"), os.path.join(args.out, "best.pt")
-    if args.resume:
-        ckpt = load_checkpoint(last_path)
-        check_resume(ckpt, args, meta, last_path)
+    if ckpt is not None:
         model_without_ddp.load_state_dict(ckpt["model"])
         masker.load_state_dict(ckpt["masker"])
         opt.load_state_dict(ckpt["optimizer"])
@@ -141,12 +178,19 @@ def main(args):
     config = dict(vars(args))
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
+        if action == "replace" and (removed := run_folder.clear(args.out)):
+            print(f"--overwrite: removed {', '.join(removed)} of the run in {args.out}",
+                  flush=True)
         with open(os.path.join(args.out, "config.yaml"), "w") as f:
             yaml.safe_dump({**config, "amp": amp, "world_size": world, **info}, f, sort_keys=False)
         print(f"RViT {args.model} on {args.dataset}: {len(train_ds)} train / {len(val_ds)} val, "
               f"mask {run_tag(args)[1:]} ({args.strategy}), {info['device']}, "
               f"torch {info['torch']}, commit {info['commit']}, {world} process(es), amp {amp}",
               flush=True)
+        if ckpt is not None:
+            run_folder.log_event(args.out, "resume", start_epoch + 1, skip,
+                                 global_step=ckpt["global_step"], world_size=world, **info)
+
     def save(epoch, step_in_epoch, is_best=False):
         """last.pt (and best.pt) with everything a resume needs; rank 0 writes, all gather RNG."""
         rngs = [rng_state()]
@@ -163,6 +207,7 @@ def main(args):
             if is_best:
                 atomic_save(ckpt, best_path)
 
+    stop_at = None  # (epoch, batches done) where every rank agreed to stop on a signal
     for epoch in range(start_epoch, args.epochs):
         loader.sampler.set_epoch(epoch)
         first = skip if epoch == start_epoch else 0  # a mid-epoch resume skips done batches
@@ -173,11 +218,14 @@ def main(args):
             stats = train_one_epoch(model, model_without_ddp, masker, loader, transform, opt,
                                     sched, scaler, amp, epoch, meta["ignore_index"], first,
                                     args.checkpoint_every, lambda step: save(epoch, step),
-                                    ratio_at)
+                                    preemption.requested, ratio_at)
         except NonFiniteLoss as e:
             note = f"the last good checkpoint {last_path} is kept" if os.path.exists(last_path) \
                 else "no checkpoint had been written yet"
             raise NonFiniteLoss(f"{e}; run stopped, {note}") from e
+        except Preempted as e:  # last.pt holds this batch
+            stop_at = (epoch, e.batch)
+            break
         masker.mask_ratio = args.mask  # validation at --mask, also under --mask-range
         metrics = evaluate(model_without_ddp, masker, val, transform, meta, amp, desc="val")
         score = metrics[args.main_metric]
@@ -185,20 +233,33 @@ def main(args):
         best = max(best, score)
         save(epoch + 1, 0, is_best)
         if rank == 0:
-            log = {"epoch": epoch + 1, "dataset": args.dataset, "strategy": args.strategy,
-                   "train_mask_ratio": args.mask, "train_mask_range": args.mask_range, **stats,
-                   "val": metrics,
-                   "peak_memory_mb": peak_memory_mb(device), **info}
-            with open(os.path.join(args.out, "log.jsonl"), "a") as f:
-                f.write(json.dumps(log) + "\n")
+            run_folder.append_log(args.out, {
+                "epoch": epoch + 1, "dataset": args.dataset, "strategy": args.strategy,
+                "train_mask_ratio": args.mask, "train_mask_range": args.mask_range, **stats,
+                "val": metrics, "peak_memory_mb": peak_memory_mb(device), **info})
             print(f"epoch {epoch + 1}/{args.epochs}: loss {stats['loss']:.4f}, "
                   f"val {args.main_metric} {100 * score:.2f}{' (best)' if is_best else ''}, "
                   f"kept {stats['kept_share']:.3f}, {stats['images_per_s']:.0f} img/s", flush=True)
+        # a signal during the epoch's last batch or validation stops here, after the epoch's save
+        if epoch + 1 < args.epochs and preemption.requested():
+            stop_at = (epoch + 1, 0)
+            break
+    if stop_at is not None and rank == 0:
+        epoch, batch = stop_at
+        run_folder.log_event(args.out, "preempted", epoch + 1, batch,
+                             global_step=epoch * steps + batch, signal=preemption.name)
+        print(f"preempted by {preemption.name} in epoch {epoch + 1} after batch {batch}: "
+              f"{last_path} holds it; the same command with --resume auto continues "
+              f"(exit {EXIT_PREEMPTED})", flush=True)
+    if stop_at is not None:  # no rank exits before rank 0 has written: torchrun would stop it
+        distributed.barrier()
     # DDP's reducer holds the process group, and frees it holding the GIL, which can deadlock
     # with a gloo thread that needs the GIL to free a finished collective's tensors: drop the
     # reducer first, so the group dies in cleanup(), whose binding releases the GIL
     del model
     distributed.cleanup()
+    if stop_at is not None:
+        sys.exit(EXIT_PREEMPTED)
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -217,14 +278,17 @@ def check_finite(first_bad, model, epoch, done):
 
 
 def train_one_epoch(model, model_without_ddp, masker, loader, transform, opt, sched, scaler, amp,
-                    epoch, ignore_index=None, first=0, every=0, save=None, ratio_at=None):
+                    epoch, ignore_index=None, first=0, every=0, save=None, stop=None,
+                    ratio_at=None):
     """One pass over this rank's shard, from batch `first` (after a mid-epoch resume), calling
-    `save(batches done)` every `every` batches and, with `ratio_at`, setting the masker's
-    ratio to `ratio_at(batch)` before each step. Returns mean loss, lr, kept share (mean, min,
-    max over images), encoder GFLOPs per image and images/s, pooled over ranks.
+    `save(batches done)` every `every` batches, and after any batch but the last at which
+    `stop()` (collective, called after each such batch) says to stop; with `ratio_at`, the
+    masker's ratio is `ratio_at(batch)` at each step. Returns mean loss, lr, kept share (mean,
+    min, max over images), encoder GFLOPs per image and images/s, pooled over ranks.
 
     Raises:
         NonFiniteLoss: a loss was NaN or infinite; no checkpoint is written after it.
+        Preempted: `stop()` said to stop; `save` has written that batch.
     """
     model.train()
     masker.train()
@@ -262,11 +326,14 @@ def train_one_epoch(model, model_without_ddp, masker, loader, transform, opt, sc
             bar.set_postfix(loss=f"{loss.item():.4f}")
             if int(first_bad) >= 0:  # the weights are checked only before checkpoints
                 check_finite(first_bad, model_without_ddp, epoch, step + 1)
-        if every and save is not None and (step + 1) % every == 0 and step + 1 < first + len(
-                loader):
-            # never checkpoint a broken model
-            check_finite(first_bad, model_without_ddp, epoch, step + 1)
-            save(step + 1)
+        done = step + 1
+        if done < first + len(loader):  # the last batch is saved with the epoch, after validation
+            stopping = stop is not None and stop()
+            if save is not None and (stopping or every and done % every == 0):
+                check_finite(first_bad, model_without_ddp, epoch, done)  # never save a broken one
+                save(done)
+            if stopping:
+                raise Preempted(done)
     check_finite(first_bad, model_without_ddp, epoch, first + n)
     if dev.type == "cuda":
         torch.cuda.synchronize()

@@ -26,8 +26,10 @@ def atomic_save(obj, path):
         OSError naming `path` (disk full, permission); the previous file is left intact.
     """
     try:
-        with atomic_write(path, durable=True) as tmp:
-            torch.save(obj, tmp)
+        # through a Python file: a full disk then raises OSError (ENOSPC), where torch.save to
+        # a path raises RuntimeError from its C++ writer without naming the file
+        with atomic_write(path, durable=True) as tmp, open(tmp, "wb") as f:
+            torch.save(obj, f)
     except OSError as e:
         raise OSError(f"{path}: could not write the checkpoint ({e.strerror or e}); "
                       "the previous one is intact") from e

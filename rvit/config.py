@@ -12,6 +12,7 @@ import torch
 import yaml
 
 from rvit.masking import FILLS, SCORE_REDUCES, SCORE_SPACES, STRATEGIES, TokenMasker, num_keep
+from rvit.preemption import DEFAULT_SIGNALS, EXIT_PREEMPTED, signal_names
 from rvit.vit import MODELS
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -48,6 +49,13 @@ def dataset_config(cfg, dataset, path="config.yaml") -> dict:
     if dataset not in datasets:
         raise ValueError(f"{path}: unknown dataset {dataset!r}; known: {sorted(datasets)}")
     return {**cfg.get("defaults", {}), **datasets[dataset]}
+
+
+def resume_mode(text):
+    """argparse type of --resume's optional value: only 'auto'."""
+    if text != "auto":
+        raise argparse.ArgumentTypeError(f"expected 'auto' or no value, got {text!r}")
+    return text
 
 
 def mask_list(text):
@@ -98,7 +106,11 @@ def add_runtime_args(p, loader=True):
 def train_parser():
     p = argparse.ArgumentParser(
         description="Train a redundancy-aware ViT (RViT). Flags left out take the dataset's "
-                    "defaults from config.yaml.")
+                    "defaults from config.yaml.",
+        epilog=f"Exit status: 0 trained (or nothing left to train); 1 an error, named in one "
+               f"line; 2 a bad flag; {EXIT_PREEMPTED} (EX_TEMPFAIL) stopped by a signal of "
+               "--preempt-signals after writing OUT/last.pt: run the same command with "
+               "--resume auto to continue.")
     p.add_argument("--dataset", required=True, help="dataset name, a section of config.yaml")
     p.add_argument("--data-dir", default=None,
                    help="folder with train.h5 / val.h5 from prepare_data.py (default data/DATASET)")
@@ -134,11 +146,24 @@ def train_parser():
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model for training (checkpoints hold the plain "
                         "module's weights)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from OUT/last.pt, at the batch after the one it was saved at")
-    p.add_argument("--checkpoint-every", type=int, default=500,
-                   help="also write OUT/last.pt every this many batches within an epoch "
-                        "(0: only at epoch ends)")
+    run = p.add_argument_group("run folder and cluster jobs")
+    run.add_argument("--resume", nargs="?", const=True, default=False, type=resume_mode,
+                     metavar="auto",
+                     help="continue from OUT/last.pt, at the batch after the one it was saved "
+                          "at (it must exist); '--resume auto' continues it when it exists and "
+                          "starts fresh in an empty OUT: one command line that starts a job and "
+                          "continues it after a restart (torchrun --max-restarts, a requeue)")
+    run.add_argument("--overwrite", action="store_true",
+                     help="replace the run OUT holds: its config.yaml, log.jsonl, last.pt and "
+                          "best.pt are removed (other files stay); without --resume or this, "
+                          "train.py refuses a folder that holds a run")
+    run.add_argument("--checkpoint-every", type=int, default=500,
+                     help="also write OUT/last.pt every this many batches within an epoch "
+                          "(0: only at epoch ends)")
+    run.add_argument("--preempt-signals", type=signal_names, default=DEFAULT_SIGNALS,
+                     help="signals on which every process finishes its step, OUT/last.pt is "
+                          f"written at that batch and train.py exits {EXIT_PREEMPTED}: "
+                          "comma-separated names, or 'none' (default %(default)s)")
     add_runtime_args(p)
     return p
 

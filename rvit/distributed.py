@@ -32,6 +32,12 @@ def setup(device: str):
         dev = torch.device("cpu")
     dist.init_process_group("nccl" if device == "cuda" else "gloo", device_id=dev
                             if device == "cuda" else None)
+    if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0 and os.environ.get(
+            "TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # torchrun keeps its store across restarts, so a restarted group can read the addresses
+        # of the dead one and fail to connect (pytorch/pytorch#135712, #167288)
+        print0("warning: torchrun --max-restarts: a restart may fail to connect unless torchrun "
+               "runs with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (README, 'Running on a cluster')")
     return dist.get_rank(), dist.get_world_size(), dev
 
 
@@ -42,6 +48,12 @@ def cleanup():
 
 def is_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
+
+
+def barrier():
+    """Wait until every rank gets here (nothing to wait for without a process group)."""
+    if is_initialized():
+        dist.barrier()
 
 
 def rank() -> int:

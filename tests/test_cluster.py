@@ -1,0 +1,245 @@
+"""train.py as a cluster job: one command starts or continues a run, a finished run is never
+overwritten, preemption signals stop every rank at one step, torchrun restarts continue exactly."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import CPU, ROOT, run
+from rvit import run_folder
+from rvit.checkpoint import load_checkpoint
+from rvit.preemption import Preemption, signal_names
+
+BEN_RUN = ["--img-size", "64", "--batch-size", "2", "--epochs", "1", "--mask", "0.5", *CPU]
+# 2 ranks x batch 1 on the 7 training patches: 3 steps per epoch, 6 in all
+JOB = ["--img-size", "32", "--batch-size", "1", "--epochs", "2", "--mask", "0.5", "--seed", "7",
+       "--checkpoint-every", "1", "--resume", "auto", *CPU]
+STEPS = 6
+
+
+def train(data, out, *flags):
+    return run("train.py", "--dataset", "bigearthnet", "--data-dir", data, "--out", out, *flags,
+               check=False)
+
+
+def files(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def log(folder):
+    return [json.loads(line) for line in open(folder / "log.jsonl")]
+
+
+def same_weights(a, b):
+    """Bit-identical weights and masker state (its tau is NaN but for the dynamic strategy)."""
+    a, b = load_checkpoint(str(a / "last.pt")), load_checkpoint(str(b / "last.pt"))
+    for part in ("model", "masker"):
+        for k in a[part]:
+            torch.testing.assert_close(a[part][k], b[part][k], rtol=0, atol=0, equal_nan=True)
+    return True
+
+
+def one_error_line(proc, only=True):
+    """The error line of a failed run; with `only`, nothing else may be on stderr (no progress
+    bar: it stopped before training)."""
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert len(lines) == 1 or not only, proc.stderr[-2000:]
+    return lines[-1]
+
+
+def test_a_repeated_command_on_a_finished_run_changes_nothing(ben_v1, ben_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(ben_run, out)
+    before = files(out)
+    line = one_error_line(train(ben_v1, out, *BEN_RUN))
+    assert line == (f"train.py: error: {out}: holds a run (last.pt, best.pt, log.jsonl); "
+                    "--resume continues it, --overwrite replaces it, or choose another --out")
+    line = one_error_line(train(ben_v1, out, *BEN_RUN, "--resume", "auto", "--overwrite"))
+    assert "--overwrite" in line and "--resume" in line
+    done = train(ben_v1, out, *BEN_RUN, "--resume", "auto")  # a requeue after the end
+    assert done.returncode == 0 and "the run is complete (epoch 1/1)" in done.stdout
+    assert files(out) == before
+
+
+def test_resume_auto_in_an_empty_folder_trains_from_scratch(ben_v1, ben_run, tmp_path):
+    assert train(ben_v1, tmp_path, *BEN_RUN, "--resume", "auto").returncode == 0
+    assert same_weights(tmp_path, ben_run)
+    assert [entry["epoch"] for entry in log(tmp_path)] == [1]  # no event lines
+
+
+@pytest.mark.parametrize("case,message", [
+    ("dataset", "trained on 'flair', not 'bigearthnet'"),
+    ("model", "trained with --model vit_tiny, not vit_small"),
+])
+def test_resume_auto_refuses_another_run_in_one_line(ben_v1, ben_run, tmp_path, case, message):
+    out = tmp_path / "run"
+    shutil.copytree(ben_run, out)
+    flags = list(BEN_RUN)
+    if case == "dataset":
+        ckpt = load_checkpoint(str(out / "last.pt"))
+        ckpt["config"]["dataset"] = "flair"
+        torch.save(ckpt, out / "last.pt")
+    else:
+        flags += ["--model", "vit_small"]
+    before = files(out)
+    line = one_error_line(train(ben_v1, out, *flags, "--resume", "auto"))
+    assert line == f"train.py: error: {out / 'last.pt'}: {message}"
+    assert files(out) == before
+
+
+def test_overwrite_replaces_the_run_and_says_so(ben_v1, ben_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(ben_run, out)
+    (out / "notes.txt").write_text("mine")
+    proc = train(ben_v1, out, "--img-size", "32", "--batch-size", "2", "--epochs", "1",
+                 "--overwrite", *CPU)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"--overwrite: removed config.yaml, log.jsonl, last.pt, best.pt of the run in {out}" \
+        in proc.stdout
+    assert [entry["epoch"] for entry in log(out)] == [1] and (out / "notes.txt").exists()
+    assert load_checkpoint(str(out / "last.pt"))["config"]["img_size"] == 32
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full to fill a disk")
+def test_failed_checkpoint_write_keeps_the_previous_last_pt(ben_v1, ben_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(ben_run, out)
+    before = (out / "last.pt").read_bytes()
+    os.symlink("/dev/full", out / "last.pt.tmp")  # every write to it: ENOSPC, as on a full disk
+    line = one_error_line(train(ben_v1, out, *BEN_RUN, "--epochs", "2", "--resume"), only=False)
+    assert line == (f"train.py: error: {out / 'last.pt'}: could not write the checkpoint "
+                    "(No space left on device); the previous one is intact")
+    assert (out / "last.pt").read_bytes() == before and not (out / "last.pt.tmp").exists()
+
+
+def test_folder_plans(tmp_path, monkeypatch):
+    monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT", raising=False)
+    assert run_folder.plan(tmp_path, "auto", False) == "start"
+    (tmp_path / "config.yaml").write_text("")  # a start that saved nothing
+    assert run_folder.plan(tmp_path, False, False) == "start"
+    (tmp_path / "best.pt").write_text("")
+    with pytest.raises(ValueError, match="no last.pt to continue from; --overwrite replaces"):
+        run_folder.plan(tmp_path, "auto", False)
+    (tmp_path / "last.pt").write_text("")
+    assert run_folder.plan(tmp_path, "auto", False) == "continue"
+    assert run_folder.plan(tmp_path, False, True) == "replace"
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")  # torchrun reruns --overwrite
+    assert run_folder.plan(tmp_path, False, True) == "continue"
+
+
+def test_signal_names_and_a_signal_recorded():
+    assert signal_names(" term,SIGUSR1") == "SIGTERM,SIGUSR1" and signal_names("none") == ""
+    with pytest.raises(Exception, match="SIGKILL"):
+        signal_names("KILL")
+    old = signal.getsignal(signal.SIGUSR1)
+    try:
+        stop = Preemption("SIGUSR1")
+        assert not stop.requested()
+        os.kill(os.getpid(), signal.SIGUSR1)
+        time.sleep(0.01)  # Python runs the handler between bytecodes
+        assert stop.requested() and stop.name == "SIGUSR1"
+    finally:
+        signal.signal(signal.SIGUSR1, old)
+
+
+def torchrun(data, out, restarts=0):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+            "2", "--max-restarts", str(restarts), os.path.join(ROOT, "train.py"), "--dataset",
+            "bigearthnet", "--data-dir", str(data), "--out", str(out), *JOB]
+
+
+def workers(pid):
+    """{local rank: pid} of the train.py processes torchrun `pid` started."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                env = dict(v.split(b"=", 1) for v in f.read().split(b"\0") if b"=" in v)
+        except (OSError, ValueError, IndexError):
+            continue  # not a process, or one that has just ended
+        if ppid == pid and b"LOCAL_RANK" in env:
+            found[int(env[b"LOCAL_RANK"])] = int(entry)
+    return found
+
+
+def signal_mid_epoch(cmd, out, sig, ranks, env=None, timeout=120):
+    """Run torchrun `cmd`; send `sig` to the workers of `ranks` as soon as the first mid-epoch
+    last.pt exists (their pids found before, so the signal follows at once). Returns
+    (returncode, stderr)."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    deadline = time.time() + timeout
+    try:
+        pids = {}
+        while len(pids) < 2 and time.time() < deadline and proc.poll() is None:
+            pids = workers(proc.pid)
+            time.sleep(0.05)
+        while not (out / "last.pt").exists() and time.time() < deadline:
+            time.sleep(0.002)
+        for rank in ranks:
+            os.kill(pids[rank], sig)
+        _, err = proc.communicate(timeout=max(1, deadline - time.time()))
+    finally:
+        if proc.poll() is None:  # a hang fails the test, and leaves nothing running
+            proc.kill()
+    return proc.returncode, err
+
+
+@pytest.fixture(scope="module")
+def straight(ben_v1, tmp_path_factory):
+    """An uninterrupted 2-rank run of JOB (`--resume auto` in an empty folder)."""
+    out = tmp_path_factory.mktemp("straight")
+    proc = subprocess.run(torchrun(ben_v1, out), cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("ranks", [[1], [0, 1]], ids=["rank 1", "both ranks"])
+def test_preempted_job_resumes_to_the_weights_of_an_uninterrupted_one(ben_v1, straight, tmp_path,
+                                                                      ranks):
+    out = tmp_path / "run"
+    rc, err = signal_mid_epoch(torchrun(ben_v1, out), out, signal.SIGTERM, ranks)
+    assert rc != 0 and "exitcode  : 75" in err, err[-3000:]  # torchrun: 75 is a failure
+    event, = log(out)
+    assert event["event"] == "preempted" and event["signal"] == "SIGTERM"
+    assert event["epoch"] == 1 and 0 < event["batch"] < STEPS // 2  # mid-epoch
+    assert load_checkpoint(str(out / "last.pt"))["global_step"] == event["global_step"]
+    proc = subprocess.run(torchrun(ben_v1, out), cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = log(out)
+    assert [e.get("event") for e in lines] == ["preempted", "resume", None, None]
+    assert lines[1]["batch"] == event["batch"] and [e["epoch"] for e in lines[2:]] == [1, 2]
+    assert same_weights(out, straight)
+
+
+def test_worker_killed_under_torchrun_is_restarted_and_ends_exactly(ben_v1, straight, tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}  # see the README
+    rc, err = signal_mid_epoch(torchrun(ben_v1, out, restarts=1), out, signal.SIGKILL, [1], env)
+    assert rc == 0, err[-3000:]
+    lines = log(out)
+    assert [e.get("event") for e in lines] == ["resume", None, None]
+    assert load_checkpoint(str(out / "last.pt"))["global_step"] == STEPS
+    assert same_weights(out, straight)
+
+
+def test_readme_sbatch_script_is_valid_bash(tmp_path):
+    text = open(os.path.join(ROOT, "README.md")).read()
+    script = text[text.index("#!/bin/bash\n#SBATCH"):]
+    script = script[:script.index("```")]
+    assert "--resume auto" in script and "--signal=USR1@120" in script and "--requeue" in script
+    (tmp_path / "train.sbatch").write_text(script)
+    proc = subprocess.run(["bash", "-n", str(tmp_path / "train.sbatch")], capture_output=True,
+                          text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
