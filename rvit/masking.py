@@ -372,6 +372,9 @@ class TokenMasker(nn.Module):
         tau = q if torch.isnan(self.tau) else self.momentum * self.tau + (1 - self.momentum) * q
         self.tau.copy_(tau)
 
+    # selection runs eagerly under torch.compile: the loops of coverage and k-medoids would
+    # unroll into the graph, and a ratio that changes per step (--mask-range) would recompile it
+    @torch.compiler.disable
     @torch.no_grad()
     def forward(self, z, x, index=None):
         """z: (B, N, D) patch embeddings; x: (B, C, H, W) image; index: (B,) sample indices

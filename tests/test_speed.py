@@ -134,10 +134,12 @@ def test_compiled_and_eager_outputs_agree(device, dtype, tol):
     model = vit_tiny(img_size=32, patch_size=8, num_classes=5).to(device).eval()
     masker = TokenMasker("similarity", 0.5, 8).to(device).eval()
     x = torch.randn(4, 3, 32, 32, device=device)
+    compiled = torch.compile(model)
     with torch.no_grad(), torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
-        eager = model(x, select=masker).float()
-        compiled = torch.compile(model)(x, select=masker).float()
-    assert_close(compiled, eager, rtol=tol, atol=tol)
+        for m in (0.5, 0.3, 0.7):  # a ratio per step, as --mask-range sets it
+            masker.mask_ratio = m
+            eager = model(x, select=masker).float()
+            assert_close(compiled(x, select=masker).float(), eager, rtol=tol, atol=tol)
 
 
 def test_train_compile_saves_plain_weights(ben_v1, tmp_path):
