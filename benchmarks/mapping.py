@@ -10,6 +10,7 @@ forward on the same tiles already in memory, same batch size), each with its spe
 0, and the share of the model's speed-up that predict.py keeps. One run each; it asserts nothing.
 """
 import argparse
+import itertools
 import os
 import subprocess
 import sys
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 
 import predict
+from benchmarks.throughput import time_steps
 from rvit.atomic import atomic_write
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,12 +52,15 @@ def scene_and_checkpoint(args):
     from rasterio.transform import from_origin
     os.makedirs(args.work, exist_ok=True)
     ckpt = os.path.join(args.work, "run", "last.pt")
-    if not os.path.exists(ckpt):
+    if not os.path.exists(ckpt):  # one training step (the weights do not change the speed)
+        with h5py.File(os.path.join(args.data_dir, "train.h5")) as f:
+            batch = min(8, len(f["images"]))
         subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--dataset",
                         args.dataset, "--data-dir", args.data_dir, "--out",
-                        os.path.join(args.work, "run"), "--epochs", "1", "--batch-size", "2",
-                        "--img-size", str(args.img_size), "--workers", "0", "--device", "cpu"],
-                       check=True, stdout=subprocess.DEVNULL)
+                        os.path.join(args.work, "run"), "--epochs", "1", "--batch-size",
+                        str(batch), "--img-size", str(args.img_size), "--workers", "0",
+                        "--device", "cpu"], check=True, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
     path = os.path.join(args.work, f"scene-{args.grid}.tif")
     if not os.path.exists(path):
         with h5py.File(os.path.join(args.data_dir, f"{args.split}.h5")) as f:
@@ -94,36 +99,48 @@ def time_model(args, scene, ckpt, m):
         grid = predict.Grid(src.height, src.width, pred.tile, pred.tile)
         tiles = [t for _, _, t, _ in predict.read_tiles(src, grid, pred.meta["mean"])]
     batches = [torch.from_numpy(np.stack(b)) for b in predict.batched(tiles, args.batch_size)]
-    pred(batches[0], torch.arange(len(batches[0])))  # warm-up
-    start = time.perf_counter()
-    for i, b in enumerate(batches):
-        y, _, _ = pred(b, torch.arange(len(b)) + i * args.batch_size)
-    if args.device == "cuda":
-        torch.cuda.synchronize()
-    return len(tiles) / (time.perf_counter() - start)
+    # the first batch once more as the warm-up, then every batch with its tile numbers
+    todo = itertools.chain([(0, batches[0])], enumerate(batches))
+
+    def one_batch():
+        i, b = next(todo)
+        pred(b, torch.arange(len(b)) + i * args.batch_size)
+    _, times = time_steps(one_batch, len(batches), pred.device, warmup=1, sync_each=False)
+    return len(tiles) / sum(times)
+
+
+def measure(args, scene, ckpt, masks, deadline=None):
+    """Per mask ratio, in order: dict of mask, model_tiles_per_s, predict_tiles_per_s, and
+    their speed-ups over the first mask (model_speedup, predict_speedup) and the share of the
+    model's speed-up that predict.py keeps (share_kept). Masks reached after `deadline` (a
+    `time.perf_counter()` time) are left out."""
+    rows = []
+    for m in masks:
+        if deadline is not None and time.perf_counter() > deadline:
+            break
+        rows.append({"mask": m, "model_tiles_per_s": time_model(args, scene, ckpt, m),
+                     "predict_tiles_per_s": time_predict(args, scene, ckpt, m)})
+    for r in rows:
+        r["model_speedup"] = r["model_tiles_per_s"] / rows[0]["model_tiles_per_s"]
+        r["predict_speedup"] = r["predict_tiles_per_s"] / rows[0]["predict_tiles_per_s"]
+        r["share_kept"] = r["predict_speedup"] / r["model_speedup"]
+    return rows
 
 
 def main(argv=None):
     args = parse_args(argv)
     scene, ckpt = scene_and_checkpoint(args)
-    masks = [float(m) for m in args.masks.split(",")]
     name = torch.cuda.get_device_name() if args.device == "cuda" else \
         f"CPU ({os.cpu_count()} cores)"
     print(f"{name}, torch {torch.__version__}, {args.grid ** 2} tiles, batch {args.batch_size}, "
           f"img {args.img_size}, {args.strategy}", flush=True)
-    rows = []
-    for m in masks:
-        model, mapped = time_model(args, scene, ckpt, m), time_predict(args, scene, ckpt, m)
-        rows.append((m, model, mapped))
-        print(f"  mask {m:g}: model alone {model:.1f} tiles/s, predict.py {mapped:.1f} tiles/s",
-              flush=True)
-    base_model, base_map = rows[0][1], rows[0][2]
+    rows = measure(args, scene, ckpt, [float(m) for m in args.masks.split(",")])
     print("\n| mask | model alone, tiles/s | speed-up | predict.py, tiles/s | speed-up | "
           "predict.py / model speed-up |\n|---|---|---|---|---|---|")
-    for m, model, mapped in rows:
-        up_model, up_map = model / base_model, mapped / base_map
-        print(f"| {m:g} | {model:.1f} | {up_model:.2f}x | {mapped:.1f} | {up_map:.2f}x | "
-              f"{up_map / up_model:.0%} |")
+    for r in rows:
+        print(f"| {r['mask']:g} | {r['model_tiles_per_s']:.1f} | {r['model_speedup']:.2f}x | "
+              f"{r['predict_tiles_per_s']:.1f} | {r['predict_speedup']:.2f}x | "
+              f"{r['share_kept']:.0%} |")
 
 
 if __name__ == "__main__":
