@@ -79,6 +79,7 @@ def test_mask_zero_is_bit_identical_to_plain_vit(strategy):
         assert torch.equal(m(x, select=TokenMasker(strategy, 0.0)), plain_forward(m, x))
 
 
+@pytest.mark.cuda
 def test_bf16_autocast_close_to_fp32_on_cuda():
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
