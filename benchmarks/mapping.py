@@ -3,8 +3,8 @@
     python -m benchmarks.mapping --data-dir data/bigearthnet --grid 20 --masks 0,0.6,0.75
 
 Writes (once, under --work) a GeoTIFF scene of --grid x --grid tiles that repeat the real
-samples of a prepared split, and a checkpoint trained one epoch on that split (the weights do not
-change the speed). For each mask ratio: tiles/s of predict.py's whole mapping run (reading,
+samples of a prepared split, and a checkpoint trained one step on its train split (the weights do
+not change the speed). For each mask ratio: tiles/s of predict.py's whole mapping run (reading,
 tiling, normalising, model, writing the outputs) and of the model alone (normalise, resize and
 forward on the same tiles already in memory, same batch size), each with its speed-up over mask
 0, and the share of the model's speed-up that predict.py keeps. One run each; it asserts nothing.
@@ -46,11 +46,9 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def scene_and_checkpoint(args):
-    """(scene path, checkpoint path), made once."""
-    import rasterio
-    from rasterio.transform import from_origin
-    os.makedirs(args.work, exist_ok=True)
+def checkpoint(args, timeout=None):
+    """Path of a checkpoint trained one step on the split (made once); subprocess.TimeoutExpired
+    when train.py runs past `timeout` seconds."""
     ckpt = os.path.join(args.work, "run", "last.pt")
     if not os.path.exists(ckpt):  # one training step (the weights do not change the speed)
         with h5py.File(os.path.join(args.data_dir, "train.h5")) as f:
@@ -60,22 +58,30 @@ def scene_and_checkpoint(args):
                         os.path.join(args.work, "run"), "--epochs", "1", "--batch-size",
                         str(batch), "--img-size", str(args.img_size), "--workers", "0",
                         "--device", "cpu"], check=True, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL)
+                       stderr=subprocess.DEVNULL, timeout=timeout)
+    return ckpt
+
+
+def scene(args):
+    """Path of a GeoTIFF of args.grid x args.grid tiles repeating the split's samples (made
+    once)."""
+    import rasterio
+    from rasterio.transform import from_origin
     path = os.path.join(args.work, f"scene-{args.grid}.tif")
     if not os.path.exists(path):
         with h5py.File(os.path.join(args.data_dir, f"{args.split}.h5")) as f:
             images = f["images"][:]
         n, C, S, _ = images.shape
-        scene = np.empty((C, args.grid * S, args.grid * S), images.dtype)
+        pixels = np.empty((C, args.grid * S, args.grid * S), images.dtype)
         for k in range(args.grid * args.grid):
             r, c = divmod(k, args.grid)
-            scene[:, r * S:(r + 1) * S, c * S:(c + 1) * S] = images[k % n]
+            pixels[:, r * S:(r + 1) * S, c * S:(c + 1) * S] = images[k % n]
         with atomic_write(path) as tmp, rasterio.open(
-                tmp, "w", driver="GTiff", height=scene.shape[1], width=scene.shape[2], count=C,
-                dtype=scene.dtype, crs="EPSG:32633",
+                tmp, "w", driver="GTiff", height=pixels.shape[1], width=pixels.shape[2], count=C,
+                dtype=pixels.dtype, crs="EPSG:32633",
                 transform=from_origin(500000, 5000000, 10, 10)) as dst:
-            dst.write(scene)
-    return path, ckpt
+            dst.write(pixels)
+    return path
 
 
 def time_predict(args, scene, ckpt, m):
@@ -129,12 +135,12 @@ def measure(args, scene, ckpt, masks, deadline=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    scene, ckpt = scene_and_checkpoint(args)
+    ckpt, path = checkpoint(args), scene(args)
     name = torch.cuda.get_device_name() if args.device == "cuda" else \
         f"CPU ({os.cpu_count()} cores)"
     print(f"{name}, torch {torch.__version__}, {args.grid ** 2} tiles, batch {args.batch_size}, "
           f"img {args.img_size}, {args.strategy}", flush=True)
-    rows = measure(args, scene, ckpt, [float(m) for m in args.masks.split(",")])
+    rows = measure(args, path, ckpt, [float(m) for m in args.masks.split(",")])
     print("\n| mask | model alone, tiles/s | speed-up | predict.py, tiles/s | speed-up | "
           "predict.py / model speed-up |\n|---|---|---|---|---|---|")
     for r in rows:
