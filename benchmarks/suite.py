@@ -132,8 +132,8 @@ class Costs:
     """Seconds that settings took in this run, by keys from the most to the least specific
     (e.g. mode, run and mask; then mode and run), to estimate the settings still to come."""
 
-    def __init__(self):
-        self.seconds = {}
+    def __init__(self, prior=None):
+        self.seconds = dict(prior or {})
 
     def record(self, keys, value):
         """`value` for the first key; the less specific ones keep the largest value seen, so
@@ -167,7 +167,8 @@ def run_settings(settings, cost, measure, deadline, lo, hi):
     Args:
         cost: setting -> (fixed seconds, warm-up included; seconds per step), estimated.
         measure: runs one setting; `steps` is `time_steps`'s function of a warm-up step's
-            seconds. Returns a dict with `steps` (timed).
+            seconds, which estimates the settings after it with `cost` then (so a cost the
+            warm-up recorded counts). Returns a dict with `steps` (timed).
         deadline: `time.perf_counter()` time by which the part must end.
         lo, hi: fewest and most timed steps.
 
@@ -184,9 +185,9 @@ def run_settings(settings, cost, measure, deadline, lo, hi):
         if time.perf_counter() + fixed + step > deadline:  # not even one timed step fits
             results.append({"status": "skipped: budget spent"})
             continue
-        rest = [cost(s) for s in settings[i + 1:]]
 
-        def steps(warm_s, step=step, rest=rest):
+        def steps(warm_s, i=i, step=step):
+            rest = [cost(s) for s in settings[i + 1:]]
             return plan_steps(warm_s or step or 1e-3, rest, deadline - time.perf_counter(),
                               lo, hi)
         try:
@@ -227,7 +228,7 @@ class Suite:
             else os.cpu_count()
         self.name = device_name(self.device, self.cores)
         self.amp = "bf16" if self.device.type == "cuda" else "none"
-        self.costs = Costs()
+        self.costs = Costs({("fixed", "compiled"): COMPILE_S})
         self.start = time.perf_counter()
         self.end = self.start + args.budget_s
 
@@ -375,15 +376,16 @@ def part_throughput(suite, deadline):
     sizes, timm = suite.sizes, timm_version()
     strategies = sorted(STRATEGIES, key=lambda s: s != "similarity")  # the paper's rule first
     settings = throughput_settings(sizes, strategies, timm)
-    warmup = sizes["warmup"]
-    if ("fixed", "compiled") not in suite.costs.seconds:
-        suite.costs.seconds[("fixed", "compiled")] = COMPILE_S
+    warmup, n = sizes["warmup"], (sizes["img"] // 16) ** 2
 
-    def keys(st):
-        return [("img", st.mode, st.run, st.mask), ("img", st.mode, st.run), ("img",)]
+    def tokens(st):  # per image, the class token included
+        return 1 + num_keep(n, st.mask)
+
+    def keys(st):  # seconds per token: a mask ratio not yet measured scales with its tokens
+        return [("token", st.mode, st.run, st.mask), ("token", st.mode, st.run), ("token",)]
 
     def cost(st):
-        step = suite.costs.guess(keys(st)) * st.batch
+        step = suite.costs.guess(keys(st)) * st.batch * tokens(st)
         return suite.costs.guess([("fixed", st.run), ("fixed",)]) + warmup * step, step
 
     def measure(st, steps, deadline):
@@ -391,20 +393,24 @@ def part_throughput(suite, deadline):
                  str(warmup), "--device", suite.args.device]
         args = throughput.parse_args(flags + (["--compile"] if st.run == "compiled" else []))
         start = time.perf_counter()
+
+        def sized(warm_s):  # what the warm-up step cost estimates the settings to come
+            if warm_s:
+                suite.costs.record(keys(st), warm_s / st.batch / tokens(st))
+            return steps(warm_s)
         if st.impl == "rvit":
             r = throughput.rvit_setting(args, "similarity" if st.strategy == "none"
                                         else st.strategy, st.mask, st.mode == "train",
-                                        steps, deadline)
+                                        sized, deadline)
         else:
-            r = throughput.timm_setting(args, st.mask, st.mode == "train", steps, deadline)
+            r = throughput.timm_setting(args, st.mask, st.mode == "train", sized, deadline)
         if r["steps"]:
-            suite.costs.record(keys(st), r["step_s"] / st.batch)
+            suite.costs.record(keys(st), r["step_s"] / st.batch / tokens(st))
             suite.costs.record([("fixed", st.run), ("fixed",)], time.perf_counter() - start
                                - (warmup + r["steps"]) * r["step_s"])
         return r
 
     results = run_settings(settings, cost, measure, deadline, *sizes["steps"])
-    n = (sizes["img"] // 16) ** 2
     rows = [throughput_row(st, r, n, suite.device) for st, r in zip(settings, results)]
     add_speedups(rows, "img_per_s", ("impl", "mode", "batch", "run"), "mask", 0.0)
     notes = [f"RViT at mask 0 runs the plain ViT whatever the strategy: timed once per mode, "
@@ -417,6 +423,9 @@ def part_throughput(suite, deadline):
     if suite.device.type != "cuda":
         notes.append("compiled rows skipped: CUDA only (compiling on a CPU would spend the "
                       "budget); peak memory: CUDA only")
+    else:
+        notes.append(f"a compiled setting's first compile was assumed to take {COMPILE_S:g} s "
+                     f"until one was measured; peak memory: CUDA allocator, per setting")
     return {"rows": rows, "table": throughput_table(rows, strategies), "notes": notes,
             "status": part_status(rows),
             "caption": f"ViT-tiny/16 at {sizes['img']} px, 3 bands, 19 classes, AMP "
@@ -525,7 +534,9 @@ def part_loader(suite, deadline):
         step, tf = trainers[m]
         planned = []
 
-        def timed(warm_s):
+        def timed(warm_s):  # the warm-up batch estimates this and the settings to come
+            if warm_s:
+                suite.costs.record([("batch", w, m), ("batch",)], warm_s)
             planned.append(steps(warm_s))
             return planned[-1]
         t = time.perf_counter()
@@ -545,13 +556,7 @@ def part_loader(suite, deadline):
             for w in workers for m in LOADER_MASKS]
     add_speedups(rows, "end_to_end_img_per_s", ("workers",), "mask", 0.0, "end_to_end_speedup")
     add_speedups(rows, "model_img_per_s", ("workers",), "mask", 0.0, "model_speedup")
-    table = [[r["mask"], r["workers"],
-              cell(r, "end_to_end_img_per_s", r["mask"] and "end_to_end_speedup"),
-              cell(r, "model_img_per_s", r["mask"] and "model_speedup"),
-              f"{r['share_kept']:.0%}" if r.get("share_kept") else ""] for r in rows]
-    return {"rows": rows, "status": part_status(rows),
-            "table": (["mask", "workers", "end to end, img/s (speed-up)",
-                       "model only, img/s (speed-up)", "share kept"], table),
+    return {"rows": rows, "status": part_status(rows), "table": loader_table(rows),
             "caption": f"ViT-tiny/16 training at {sizes['img']} px (similarity, 12 bands, AMP "
                        f"{suite.amp}), batch {B}, fed by `train_loader` from a {len(ds):,}-"
                        f"sample BigEarthNet-shaped file (the 10 real patches of tests/data "
@@ -561,6 +566,15 @@ def part_loader(suite, deadline):
             "notes": [f"worker counts 0 / 4 / 8 / all, capped at the {suite.cores} cores here",
                       "on a CPU the loader, the transform and the model share the cores: the "
                       "share kept says nothing about a GPU"]}
+
+
+def loader_table(rows):
+    return ["mask", "workers", "end to end, img/s (speed-up)", "model only, img/s (speed-up)",
+            "share kept"], [[r["mask"], r["workers"],
+                             cell(r, "end_to_end_img_per_s", r["mask"] and "end_to_end_speedup"),
+                             cell(r, "model_img_per_s", r["mask"] and "model_speedup"),
+                             f"{r['share_kept']:.0%}" if r.get("share_kept") else ""]
+                            for r in rows]
 
 
 def loader_row(w, m, fed, alone):
@@ -590,7 +604,9 @@ def part_mapping(suite, deadline):
     # 120 -> 224 px resize: the README's CPU run had 41 tiles/s against 66 img/s), plus a
     # millisecond of GeoTIFF reading and writing in predict.py, and each of the two timings per
     # mask loads the model (half a second): guesses, as nothing here has measured them yet
-    image_s = suite.costs.guess([("img", "infer", "eager", 0.0), ("img", "infer", "eager")])
+    n = (sizes["img"] // 16) ** 2 + 1
+    image_s = n * suite.costs.guess([("token", "infer", "eager", 0.0),
+                                     ("token", "infer", "eager")])
     per_tile, loads = len(MASKS) * (4 * image_s + 1e-3), 2 * len(MASKS) * 0.5
     args.grid = min(sizes["grid"], math.isqrt(max(0, int(
         (deadline - time.perf_counter() - loads) / per_tile))))
@@ -604,7 +620,8 @@ def part_mapping(suite, deadline):
         key=lambda r: r["mask"])
     table = [[r["mask"], cell(r, "model_tiles_per_s", r["mask"] and "model_speedup"),
               cell(r, "predict_tiles_per_s", r["mask"] and "predict_speedup"),
-              f"{r['share_kept']:.0%}" if r.get("share_kept") else ""] for r in rows]
+              f"{r['share_kept']:.0%}" if r["mask"] and r.get("share_kept") else ""]
+             for r in rows]
     return {"rows": rows, "status": part_status(rows),
             "table": (["mask", "model alone, tiles/s (speed-up)",
                        "predict.py, tiles/s (speed-up)", "share of the speed-up kept"], table),
