@@ -265,6 +265,9 @@ def part_environment(suite, deadline):
                  ("compute capability", f"{props.major}.{props.minor}")]
     with contextlib.suppress(OSError, ValueError), open("/proc/meminfo") as f:
         rows.append(("host memory", f"{int(f.readline().split()[1]) / 2**20:.1f} GiB"))
+    with contextlib.suppress(OSError):  # other jobs on a shared machine slow every figure
+        rows.append(("load average (1 / 5 / 15 min)",
+                      " / ".join(f"{v:.1f}" for v in os.getloadavg())))
     with contextlib.suppress(OSError):
         shm = os.statvfs("/dev/shm")  # where DataLoader workers' batches live
         rows.append(("/dev/shm free", f"{shm.f_bavail * shm.f_frsize / 2**30:.1f} GiB"))
