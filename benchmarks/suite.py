@@ -226,7 +226,7 @@ class Suite:
         self.work = os.path.abspath(getattr(args, "work", os.path.join(args.out, "work")))
         self.cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
             else os.cpu_count()
-        self.name = device_name(self.device, self.cores)
+        self.name, self.commit = device_name(self.device, self.cores), commit()
         self.amp = "bf16" if self.device.type == "cuda" else "none"
         self.costs = Costs({("fixed", "compiled"): COMPILE_S})
         self.start = time.perf_counter()
@@ -277,7 +277,7 @@ def part_environment(suite, deadline):
               else "n/a (CPU run)"),
              ("h5py", h5py.__version__), ("timm", timm_version() or "not installed"),
              ("varlen attention", varlen_usable(suite.device)),
-             ("torch.compile", compile_usable(suite.device)), ("commit", commit())]
+             ("torch.compile", compile_usable(suite.device)), ("commit", suite.commit)]
     return {"rows": [{"item": k, "value": str(v)} for k, v in rows],
             "table": (["item", "value"], [[k, str(v)] for k, v in rows]),
             "caption": "versions and capabilities the figures below depend on."}
@@ -316,6 +316,7 @@ def compile_usable(device):
 
 
 def commit():
+    """The checkout's commit, and whether tracked files differ from it."""
     proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
                           capture_output=True)
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
@@ -744,7 +745,7 @@ def table_lines(header, rows):
 def write_report(suite, parts, started):
     os.makedirs(suite.args.out, exist_ok=True)
     report = {"command": "python -m benchmarks.suite " + " ".join(sys.argv[1:]),
-              "device": suite.name, "torch": torch.__version__, "commit": commit(),
+              "device": suite.name, "torch": torch.__version__, "commit": suite.commit,
               "started": started, "budget_s": suite.args.budget_s,
               "elapsed_s": round(time.perf_counter() - suite.start, 1), "sizes": suite.sizes,
               "parts": parts}
