@@ -118,14 +118,17 @@ def time_model(args, scene, ckpt, m):
 def measure(args, scene, ckpt, masks, deadline=None):
     """Per mask ratio, in order: dict of mask, model_tiles_per_s, predict_tiles_per_s, and
     their speed-ups over the first mask (model_speedup, predict_speedup) and the share of the
-    model's speed-up that predict.py keeps (share_kept). Masks reached after `deadline` (a
-    `time.perf_counter()` time) are left out."""
-    rows = []
+    model's speed-up that predict.py keeps (share_kept). With a `deadline` (a
+    `time.perf_counter()` time), a mask is left out when the time left is shorter than the
+    longest mask so far took (the first, mask 0, costs the most)."""
+    rows, longest = [], 0.0
     for m in masks:
-        if deadline is not None and time.perf_counter() > deadline:
+        start = time.perf_counter()
+        if deadline is not None and start + longest > deadline:
             break
         rows.append({"mask": m, "model_tiles_per_s": time_model(args, scene, ckpt, m),
                      "predict_tiles_per_s": time_predict(args, scene, ckpt, m)})
+        longest = max(longest, time.perf_counter() - start)
     for r in rows:
         r["model_speedup"] = r["model_tiles_per_s"] / rows[0]["model_tiles_per_s"]
         r["predict_speedup"] = r["predict_tiles_per_s"] / rows[0]["predict_tiles_per_s"]

@@ -77,7 +77,7 @@ SIZES = {"cuda": {"img": 224, "batches": (1024, 256), "runs": ("eager", "compile
                   "warmup": 8, "steps": (5, 20), "samples": 50_000, "loader_batch": 1024,
                   "grid": 50, "copies": 60},
          "cpu": {"img": 224, "batches": (32,), "runs": ("eager",), "warmup": 1,
-                 "steps": (2, 10), "samples": 2_048, "loader_batch": 32, "grid": 20,
+                 "steps": (1, 10), "samples": 2_048, "loader_batch": 32, "grid": 20,
                  "copies": 20}}
 TINY = {"img": 32, "batches": (2,), "warmup": 1, "steps": (1, 2), "samples": 64,
         "loader_batch": 4, "grid": 3, "copies": 2}
@@ -610,15 +610,17 @@ def part_mapping(suite, deadline):
     except subprocess.TimeoutExpired:
         raise Skip("budget spent training the one-step checkpoint") from None
     # a tile costs about twice the throughput part's inference image (12 bands, normalise,
-    # 120 -> 224 px resize: the README's CPU run had 41 tiles/s against 66 img/s), plus a
-    # millisecond of GeoTIFF reading and writing in predict.py, and each of the two timings per
-    # mask loads the model (half a second): guesses, as nothing here has measured them yet
-    n = (sizes["img"] // 16) ** 2 + 1
-    image_s = n * suite.costs.guess([("token", "infer", "eager", 0.0),
-                                     ("token", "infer", "eager")])
-    per_tile, loads = len(MASKS) * (4 * image_s + 1e-3), 2 * len(MASKS) * 0.5
-    args.grid = min(sizes["grid"], math.isqrt(max(0, int(
-        (deadline - time.perf_counter() - loads) / per_tile))))
+    # 120 -> 224 px resize: the README's CPU run had 41 tiles/s against 66 img/s; a training
+    # image, about 3x an inference one, when no inference was measured), plus a millisecond of
+    # GeoTIFF reading and writing in predict.py, and each of the two timings per mask loads the
+    # model (half a second): guesses, as nothing here has measured them yet. Nothing measured
+    # at all: the smallest scene.
+    token_s = suite.costs.guess([("token", "infer", "eager", 0.0), ("token", "infer", "eager"),
+                                 ("token",)])
+    per_tile = len(MASKS) * (4 * token_s * ((sizes["img"] // 16) ** 2 + 1) + 1e-3)
+    loads = 2 * len(MASKS) * 0.5
+    fit = math.isqrt(max(0, int((deadline - time.perf_counter() - loads) / per_tile)))
+    args.grid = min(sizes["grid"], fit) if token_s else 2
     if args.grid < 2:
         raise Skip(f"budget spent: {deadline - time.perf_counter():.0f} s left, a 2 x 2 scene "
                    f"needs about {4 * per_tile + loads:.0f} s")

@@ -69,20 +69,24 @@ def sync(device):
 
 def time_steps(step, steps, device, warmup=0, deadline=None, sync_each=True):
     """The benchmarks' one timer: `warmup` untimed calls of `step()` (compile included), then
-    up to `steps` timed calls, stopping after the call during which `time.perf_counter()`
-    passes `deadline`, so a budget is overrun by at most one call.
+    up to `steps` timed calls. With a `deadline` (a `time.perf_counter()` time) it stops before
+    a call that would end past it, judged by the calls so far, so a budget is overrun by at
+    most the misjudgement of one call (or by the first warm-up call, whose cost is unknown).
 
     Args:
-        steps: timed calls, or a function (seconds of the last warm-up call) -> timed calls,
-            so a caller can size a run from what one call costs here.
+        steps: timed calls, or a function (seconds of the last warm-up call, None without
+            one) -> timed calls, so a caller can size a run from what one call costs here.
         device: synchronised around each call (CUDA), so a duration is that call's own.
         sync_each: False synchronises only after the last call: durations then overlap (device
             queues, loader prefetch) and only their sum, the run's wall time, is meaningful.
 
     Returns:
-        (warm-up seconds, [seconds per timed call]); the list is empty when the deadline came
-        during the warm-up.
+        (warm-up seconds, [seconds per timed call]); the list is empty when the deadline left
+        no room for a timed call after the warm-up.
     """
+    def late(now, per_call):
+        return deadline is not None and now + per_call > deadline
+
     sync(device)
     start = time.perf_counter()
     last = None
@@ -90,16 +94,18 @@ def time_steps(step, steps, device, warmup=0, deadline=None, sync_each=True):
         t = time.perf_counter()
         step()
         sync(device)
-        last = time.perf_counter() - t
-        if deadline is not None and time.perf_counter() > deadline:
-            return time.perf_counter() - start, []
+        now = time.perf_counter()
+        last = now - t
+        if late(now, last):
+            return now - start, []
     warm = time.perf_counter() - start
     n = steps(last) if callable(steps) else steps
-    times, t = [], time.perf_counter()
+    times, t0 = [], time.perf_counter()
+    t = t0
     for i in range(n):
         step()
         now = time.perf_counter()
-        stop = i == n - 1 or (deadline is not None and now > deadline)
+        stop = i == n - 1 or late(now, (now - t0) / (i + 1))
         if sync_each or stop:
             sync(device)
             now = time.perf_counter()
