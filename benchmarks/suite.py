@@ -67,7 +67,8 @@ PARTS = ("environment", "cuda_tests", "throughput", "loader", "mapping", "conver
 TITLES = {"environment": "Environment", "cuda_tests": "CUDA tests",
           "throughput": "Model throughput", "loader": "Loader end to end",
           "mapping": "Mapping (predict.py)", "convert": "Conversion (prepare_data.py)"}
-# shares of the time left (the environment runs first, unbudgeted: about a second)
+# shares of the time left (the environment runs first, unbudgeted: a second on a CPU, on a GPU
+# some more for its compile probe)
 WEIGHTS = {"cuda": {"cuda_tests": 0.10, "throughput": 0.52, "loader": 0.20, "mapping": 0.10,
                     "convert": 0.08},
            "cpu": {"throughput": 0.45, "loader": 0.30, "mapping": 0.15, "convert": 0.10}}
