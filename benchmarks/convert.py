@@ -58,25 +58,36 @@ def content(folder):
     return out
 
 
+def time_workers(archive, n, workers, out, timeout=None):
+    """Patches/s of `prepare_data.py --workers N` converting the n-patch `archive` into `out`
+    (the process start included); None when it ran past `timeout` seconds and was stopped."""
+    start = time.perf_counter()
+    try:
+        subprocess.run([sys.executable, os.path.join(ROOT, "prepare_data.py"), "--dataset",
+                        "bigearthnet", "--root", archive, "--workers", str(workers), "--out",
+                        out], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                       timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None
+    return n / (time.perf_counter() - start)
+
+
+def same_content(a, b):
+    """True when the conversions in folders a and b wrote the same datasets."""
+    a, b = content(a), content(b)
+    return all(np.array_equal(x, y) for s in a for x, y in zip(a[s], b[s]))
+
+
 def main(argv=None):
     args = parse_args(argv)
     archive = os.path.join(args.work, "archive")
     n = build_archive(args.root, args.copies, archive)
     print(f"{n} patches in {archive}, {os.cpu_count()} CPU cores", flush=True)
-    rows, first = [], None
+    rows = []
     for w in (int(v) for v in args.workers.split(",")):
         out = os.path.join(args.work, f"out-w{w}")
-        start = time.perf_counter()
-        subprocess.run([sys.executable, os.path.join(ROOT, "prepare_data.py"), "--dataset",
-                        "bigearthnet", "--root", archive, "--workers", str(w), "--out", out],
-                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        rate = n / (time.perf_counter() - start)
-        same = None
-        if first is None:
-            first = content(out)
-        else:
-            other = content(out)
-            same = all(np.array_equal(a, b) for s in first for a, b in zip(first[s], other[s]))
+        rate = time_workers(archive, n, w, out)
+        same = same_content(os.path.join(args.work, f"out-w{rows[0][0]}"), out) if rows else None
         rows.append((w, rate, same))
         print(f"  {w} workers: {rate:.1f} patches/s", flush=True)
     print("\n| workers | patches/s | speed-up | reBEN (480,038 patches) | same datasets as "

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from benchmarks.throughput import sync
+from benchmarks.throughput import time_steps
 from rvit.data import DeviceTransform, H5Dataset, train_loader
 from rvit.masking import TokenMasker
 from rvit.models import build_model
@@ -62,9 +62,13 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def synthesize(src, n):
+def synthesize(src, n, deadline=None, progress=True):
     """Path of an n-sample copy of split file `src` (its samples repeated in order, names
-    suffixed), written once under a temporary name with prepare_data.py's writer."""
+    suffixed), written once under a temporary name with prepare_data.py's writer, in blocks.
+
+    With a `deadline` (a `time.perf_counter()` time) the writing stops at the first block that
+    ends past it, and the file is named by the samples it then holds (`-synthetic-<count>`).
+    """
     from prepare.h5 import SplitWriter
     from rvit.atomic import atomic_write
     root, _ = os.path.splitext(src)
@@ -79,13 +83,21 @@ def synthesize(src, n):
     with atomic_write(path) as tmp:
         w = SplitWriter(tmp, key)
         try:
-            for i in tqdm(range(n), desc=f"synthesize {n}"):
+            for start in tqdm(range(0, n, 512), desc=f"synthesize {n}", disable=not progress):
+                i = np.arange(start, min(n, start + 512))
                 j = i % len(images)
-                w.append(images[j], targets[j], f"{names[j]}#{i // len(images)}")
+                w.extend(images[j], targets[j],
+                         [f"{names[a]}#{b}" for a, b in zip(j, i // len(images))])
+                if deadline is not None and time.perf_counter() > deadline:
+                    break
             w.finish({k: v for k, v in attrs.items() if k != "schema_version"},
                      images.shape[1:], images.dtype, targets.shape[1:])
         finally:
             w.close()
+        written = w.n
+    if written < n:  # stopped by the deadline: the name says what the file holds
+        os.replace(path, f"{root}-synthetic-{written}.h5")
+        path = f"{root}-synthetic-{written}.h5"
     return path
 
 
@@ -104,11 +116,9 @@ def shuffled_batches(n, batch_size, batches, seed=0):
 
 def rate(read, batches):
     """Samples/s of `read(index_array)` over the batches, after one warm-up batch."""
-    read(batches[0])
-    start = time.perf_counter()
-    for b in batches[1:]:
-        read(b)
-    return sum(map(len, batches[1:])) / (time.perf_counter() - start)
+    it = iter(batches)
+    _, times = time_steps(lambda: read(next(it)), len(batches) - 1, torch.device("cpu"), 1)
+    return sum(map(len, batches[1:])) / sum(times)
 
 
 def raw_chunks(path, batch_size, batches):
@@ -200,17 +210,15 @@ def endless(loader):
         yield from loader
 
 
-def loader_rate(batches, n, step, device, warmup=1):
+def loader_rate(batches, n, step, device, warmup=1, deadline=None):
     """Samples/s of `step(batch)` over n batches of an endless iterator, after `warmup` batches
-    (enough to drain the batches the workers prefetch at start, so the rate is steady state)."""
-    for _ in range(warmup):
-        step(next(batches))
-    sync(device)
-    start, seen = time.perf_counter(), 0
-    for _ in range(n):
-        seen += step(next(batches))
-    sync(device)
-    return seen / (time.perf_counter() - start)
+    (enough to drain the batches the workers prefetch at start, so the rate is steady state);
+    the device is synchronised only at the ends, so loading overlaps the steps as in training.
+    `n` and `deadline` as in `time_steps`; NaN when no batch was timed."""
+    seen = []
+    _, times = time_steps(lambda: seen.append(step(next(batches))), n, device, warmup,
+                          deadline, sync_each=False)
+    return sum(seen[warmup:]) / sum(times) if times else float("nan")
 
 
 def reader_rows(args, ds, path, device):
@@ -242,23 +250,19 @@ def reader_rows(args, ds, path, device):
     return rows
 
 
-def training_rows(args, ds, device):
-    """(label, samples/s) of the loader through the transform, and of the training step."""
-    meta = ds.meta
-    amp = args.amp or ("bf16" if device.type == "cuda" else "none")
-    tf = DeviceTransform(meta["mean"], meta["std"], args.img_size, device)
-    cfg = {"model": "vit_tiny", "img_size": args.img_size, "patch_size": 16,
+def train_step(meta, img_size, mask, device, amp):
+    """(step, transform) of ViT-tiny/16 training at `mask` (similarity) on data in `meta`'s
+    layout: `step(batch)` takes a loader batch (transformed on the device first) or an (x, y)
+    pair already transformed, runs one AdamW step and returns its sample count."""
+    tf = DeviceTransform(meta["mean"], meta["std"], img_size, device)
+    cfg = {"model": "vit_tiny", "img_size": img_size, "patch_size": 16,
            "out_indices": (3, 5, 7, 11), "decoder_channels": 64, "fill": "nearest", "aux": True}
     model = build_model(cfg, meta).to(device)
-    masker = TokenMasker("similarity", args.mask, 16).to(device)
+    masker = TokenMasker("similarity", mask, 16).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     dtype = torch.bfloat16 if amp == "bf16" else None
 
-    def load(batch):
-        tf(batch[0], batch[1], train=True)
-        return len(batch[0])
-
-    def train(batch):
+    def step(batch):
         x, y = tf(batch[0], batch[1], train=True) if len(batch) == 3 else batch
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             out = model(x, select=masker)
@@ -268,6 +272,33 @@ def training_rows(args, ds, device):
         loss.backward()
         opt.step()
         return len(x)
+    return step, tf
+
+
+def model_only_rate(ds, step, tf, batch_size, n, device, deadline=None):
+    """Samples/s of `step` on one batch of `ds` already transformed on the device."""
+    first = next(iter(train_loader(ds, batch_size, 0, 0, device)))
+    on_device = tf(first[0], first[1], train=True)
+    return loader_rate(itertools.repeat(on_device), n, step, device, deadline=deadline)
+
+
+def fed_rate(ds, step, batch_size, workers, n, device, deadline=None):
+    """Samples/s of `step` fed by the training loader with `workers` processes (end to end)."""
+    loader = train_loader(ds, batch_size, workers, 0, device)
+    try:
+        return loader_rate(endless(loader), n, step, device, 2 * workers + 1, deadline)
+    finally:
+        del loader  # its persistent workers end with it
+
+
+def training_rows(args, ds, device):
+    """(label, samples/s) of the loader through the transform, and of the training step."""
+    amp = args.amp or ("bf16" if device.type == "cuda" else "none")
+    step, tf = train_step(ds.meta, args.img_size, args.mask, device, amp)
+
+    def load(batch):
+        tf(batch[0], batch[1], train=True)
+        return len(batch[0])
 
     rows = []
     workers = [int(v) for v in args.workers.split(",")]
@@ -276,11 +307,8 @@ def training_rows(args, ds, device):
         rows.append((f"loader + transform, {w} workers", loader_rate(
             endless(loader), args.batches, load, device, warmup=2 * w + 1)))
         print(f"  {rows[-1][0]}: {rows[-1][1]:,.0f} samples/s", flush=True)
-    loader = train_loader(ds, args.batch_size, max(workers), 0, device)
-    first = next(iter(loader))
-    on_device = tf(first[0], first[1], train=True)
-    fixed = loader_rate(itertools.repeat(on_device), args.batches, train, device)
-    e2e = loader_rate(endless(loader), args.batches, train, device, warmup=2 * max(workers) + 1)
+    fixed = model_only_rate(ds, step, tf, args.batch_size, args.batches, device)
+    e2e = fed_rate(ds, step, args.batch_size, max(workers), args.batches, device)
     rows += [(f"train step at mask {args.mask:g}, batch already on device", fixed),
              (f"train step at mask {args.mask:g} fed by the loader ({max(workers)} workers)",
               e2e)]

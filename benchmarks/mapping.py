@@ -3,13 +3,14 @@
     python -m benchmarks.mapping --data-dir data/bigearthnet --grid 20 --masks 0,0.6,0.75
 
 Writes (once, under --work) a GeoTIFF scene of --grid x --grid tiles that repeat the real
-samples of a prepared split, and a checkpoint trained one epoch on that split (the weights do not
-change the speed). For each mask ratio: tiles/s of predict.py's whole mapping run (reading,
+samples of a prepared split, and a checkpoint trained one step on its train split (the weights do
+not change the speed). For each mask ratio: tiles/s of predict.py's whole mapping run (reading,
 tiling, normalising, model, writing the outputs) and of the model alone (normalise, resize and
 forward on the same tiles already in memory, same batch size), each with its speed-up over mask
 0, and the share of the model's speed-up that predict.py keeps. One run each; it asserts nothing.
 """
 import argparse
+import itertools
 import os
 import subprocess
 import sys
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 
 import predict
+from benchmarks.throughput import time_steps
 from rvit.atomic import atomic_write
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,33 +46,42 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def scene_and_checkpoint(args):
-    """(scene path, checkpoint path), made once."""
-    import rasterio
-    from rasterio.transform import from_origin
-    os.makedirs(args.work, exist_ok=True)
+def checkpoint(args, timeout=None):
+    """Path of a checkpoint trained one step on the split (made once); subprocess.TimeoutExpired
+    when train.py runs past `timeout` seconds."""
     ckpt = os.path.join(args.work, "run", "last.pt")
-    if not os.path.exists(ckpt):
+    if not os.path.exists(ckpt):  # one training step (the weights do not change the speed)
+        with h5py.File(os.path.join(args.data_dir, "train.h5")) as f:
+            batch = min(8, len(f["images"]))
         subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--dataset",
                         args.dataset, "--data-dir", args.data_dir, "--out",
-                        os.path.join(args.work, "run"), "--epochs", "1", "--batch-size", "2",
-                        "--img-size", str(args.img_size), "--workers", "0", "--device", "cpu"],
-                       check=True, stdout=subprocess.DEVNULL)
+                        os.path.join(args.work, "run"), "--epochs", "1", "--batch-size",
+                        str(batch), "--img-size", str(args.img_size), "--workers", "0",
+                        "--device", "cpu"], check=True, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, timeout=timeout)
+    return ckpt
+
+
+def scene(args):
+    """Path of a GeoTIFF of args.grid x args.grid tiles repeating the split's samples (made
+    once)."""
+    import rasterio
+    from rasterio.transform import from_origin
     path = os.path.join(args.work, f"scene-{args.grid}.tif")
     if not os.path.exists(path):
         with h5py.File(os.path.join(args.data_dir, f"{args.split}.h5")) as f:
             images = f["images"][:]
         n, C, S, _ = images.shape
-        scene = np.empty((C, args.grid * S, args.grid * S), images.dtype)
+        pixels = np.empty((C, args.grid * S, args.grid * S), images.dtype)
         for k in range(args.grid * args.grid):
             r, c = divmod(k, args.grid)
-            scene[:, r * S:(r + 1) * S, c * S:(c + 1) * S] = images[k % n]
+            pixels[:, r * S:(r + 1) * S, c * S:(c + 1) * S] = images[k % n]
         with atomic_write(path) as tmp, rasterio.open(
-                tmp, "w", driver="GTiff", height=scene.shape[1], width=scene.shape[2], count=C,
-                dtype=scene.dtype, crs="EPSG:32633",
+                tmp, "w", driver="GTiff", height=pixels.shape[1], width=pixels.shape[2], count=C,
+                dtype=pixels.dtype, crs="EPSG:32633",
                 transform=from_origin(500000, 5000000, 10, 10)) as dst:
-            dst.write(scene)
-    return path, ckpt
+            dst.write(pixels)
+    return path
 
 
 def time_predict(args, scene, ckpt, m):
@@ -94,36 +105,51 @@ def time_model(args, scene, ckpt, m):
         grid = predict.Grid(src.height, src.width, pred.tile, pred.tile)
         tiles = [t for _, _, t, _ in predict.read_tiles(src, grid, pred.meta["mean"])]
     batches = [torch.from_numpy(np.stack(b)) for b in predict.batched(tiles, args.batch_size)]
-    pred(batches[0], torch.arange(len(batches[0])))  # warm-up
-    start = time.perf_counter()
-    for i, b in enumerate(batches):
-        y, _, _ = pred(b, torch.arange(len(b)) + i * args.batch_size)
-    if args.device == "cuda":
-        torch.cuda.synchronize()
-    return len(tiles) / (time.perf_counter() - start)
+    # the first batch once more as the warm-up, then every batch with its tile numbers
+    todo = itertools.chain([(0, batches[0])], enumerate(batches))
+
+    def one_batch():
+        i, b = next(todo)
+        pred(b, torch.arange(len(b)) + i * args.batch_size)
+    _, times = time_steps(one_batch, len(batches), pred.device, warmup=1, sync_each=False)
+    return len(tiles) / sum(times)
+
+
+def measure(args, scene, ckpt, masks, deadline=None):
+    """Per mask ratio, in order: dict of mask, model_tiles_per_s, predict_tiles_per_s, and
+    their speed-ups over the first mask (model_speedup, predict_speedup) and the share of the
+    model's speed-up that predict.py keeps (share_kept). With a `deadline` (a
+    `time.perf_counter()` time), a mask is left out when the time left is shorter than the
+    longest mask so far took (the first, mask 0, costs the most)."""
+    rows, longest = [], 0.0
+    for m in masks:
+        start = time.perf_counter()
+        if deadline is not None and start + longest > deadline:
+            break
+        rows.append({"mask": m, "model_tiles_per_s": time_model(args, scene, ckpt, m),
+                     "predict_tiles_per_s": time_predict(args, scene, ckpt, m)})
+        longest = max(longest, time.perf_counter() - start)
+    for r in rows:
+        r["model_speedup"] = r["model_tiles_per_s"] / rows[0]["model_tiles_per_s"]
+        r["predict_speedup"] = r["predict_tiles_per_s"] / rows[0]["predict_tiles_per_s"]
+        r["share_kept"] = r["predict_speedup"] / r["model_speedup"]
+    return rows
 
 
 def main(argv=None):
     args = parse_args(argv)
-    scene, ckpt = scene_and_checkpoint(args)
-    masks = [float(m) for m in args.masks.split(",")]
+    ckpt, path = checkpoint(args), scene(args)
     name = torch.cuda.get_device_name() if args.device == "cuda" else \
         f"CPU ({os.cpu_count()} cores)"
     print(f"{name}, torch {torch.__version__}, {args.grid ** 2} tiles, batch {args.batch_size}, "
           f"img {args.img_size}, {args.strategy}", flush=True)
-    rows = []
-    for m in masks:
-        model, mapped = time_model(args, scene, ckpt, m), time_predict(args, scene, ckpt, m)
-        rows.append((m, model, mapped))
-        print(f"  mask {m:g}: model alone {model:.1f} tiles/s, predict.py {mapped:.1f} tiles/s",
-              flush=True)
-    base_model, base_map = rows[0][1], rows[0][2]
+    rows = measure(args, path, ckpt, [float(m) for m in args.masks.split(",")])
     print("\n| mask | model alone, tiles/s | speed-up | predict.py, tiles/s | speed-up | "
           "predict.py / model speed-up |\n|---|---|---|---|---|---|")
-    for m, model, mapped in rows:
-        up_model, up_map = model / base_model, mapped / base_map
-        print(f"| {m:g} | {model:.1f} | {up_model:.2f}x | {mapped:.1f} | {up_map:.2f}x | "
-              f"{up_map / up_model:.0%} |")
+    for r in rows:
+        print(f"| {r['mask']:g} | {r['model_tiles_per_s']:.1f} | {r['model_speedup']:.2f}x | "
+              f"{r['predict_tiles_per_s']:.1f} | {r['predict_speedup']:.2f}x | "
+              f"{r['share_kept']:.0%} |")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from rvit.upernet import segmentation_loss
 from rvit.vit import MODELS
 
 
-def parse_args():
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="vit_tiny", choices=sorted(MODELS), help="ViT size")
     p.add_argument("--batch-size", type=int, default=256, help="images per step")
@@ -57,7 +57,7 @@ def parse_args():
     p.add_argument("--timm", action="store_true",
                    help="also time timm's VisionTransformer with patch_drop_rate (random)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     args.amp = args.amp or ("bf16" if args.device.startswith("cuda") else "none")
     return args
 
@@ -67,23 +67,53 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def time_steps(step, args, device):
-    """(median seconds per call of `step` after warm-up, seconds the warm-up took, compile
-    included)."""
+def time_steps(step, steps, device, warmup=0, deadline=None, sync_each=True):
+    """The benchmarks' one timer: `warmup` untimed calls of `step()` (compile included), then
+    up to `steps` timed calls. With a `deadline` (a `time.perf_counter()` time) it stops before
+    a call that would end past it, judged by the calls so far, so a budget is overrun by at
+    most the misjudgement of one call (or by the first warm-up call, whose cost is unknown).
+
+    Args:
+        steps: timed calls, or a function (seconds of the last warm-up call, None without
+            one) -> timed calls, so a caller can size a run from what one call costs here.
+        device: synchronised around each call (CUDA), so a duration is that call's own.
+        sync_each: False synchronises only after the last call: durations then overlap (device
+            queues, loader prefetch) and only their sum, the run's wall time, is meaningful.
+
+    Returns:
+        (warm-up seconds, [seconds per timed call]); the list is empty when the deadline left
+        no room for a timed call after the warm-up.
+    """
+    def late(now, per_call):
+        return deadline is not None and now + per_call > deadline
+
     sync(device)
     start = time.perf_counter()
-    for _ in range(args.warmup):
-        step()
-    sync(device)
-    warmup = time.perf_counter() - start
-    times = []
-    for _ in range(args.steps):
-        sync(device)
+    last = None
+    for _ in range(warmup):
         t = time.perf_counter()
         step()
         sync(device)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), warmup
+        now = time.perf_counter()
+        last = now - t
+        if late(now, last):
+            return now - start, []
+    warm = time.perf_counter() - start
+    n = steps(last) if callable(steps) else steps
+    times, t0 = [], time.perf_counter()
+    t = t0
+    for i in range(n):
+        step()
+        now = time.perf_counter()
+        stop = i == n - 1 or late(now, (now - t0) / (i + 1))
+        if sync_each or stop:
+            sync(device)
+            now = time.perf_counter()
+        times.append(now - t)
+        t = now
+        if stop:
+            break
+    return warm, times
 
 
 def reset_peak(device):
@@ -111,9 +141,15 @@ def peak_mib(device):
         return float("nan")
 
 
-def measure(model, select, args, device, train):
-    """(images/s, peak MiB, warm-up s) of training steps or inference forwards on a fixed
-    random batch."""
+def measure(model, select, args, device, train, steps=None, deadline=None):
+    """Training steps or inference forwards on a fixed random batch, timed by `time_steps`
+    (`steps` defaults to args.steps; see there for a function and the deadline).
+
+    Returns:
+        dict of img_per_s (NaN when no step was timed), step_s (median seconds per step),
+        steps (timed), warmup_s (seconds, compile included), peak_mib (CUDA: allocated; CPU:
+        resident set of the process).
+    """
     B, S = args.batch_size, args.img_size
     x = torch.randn(B, args.in_chans, S, S, device=device)
     seg = args.task == "segmentation"
@@ -143,12 +179,22 @@ def measure(model, select, args, device, train):
 
     model.train(train)
     reset_peak(device)
-    seconds, warmup = time_steps(train_step if train else infer_step, args, device)
-    return args.batch_size / seconds, peak_mib(device), warmup
+    warmup, times = time_steps(train_step if train else infer_step,
+                               args.steps if steps is None else steps, device, args.warmup,
+                               deadline)
+    step_s = statistics.median(times) if times else float("nan")
+    return {"img_per_s": args.batch_size / step_s, "step_s": step_s, "steps": len(times),
+            "warmup_s": warmup, "peak_mib": peak_mib(device)}
 
 
-def rvit_setting(args, strategy, m, train):
-    """(images/s, peak MiB, warm-up s, mean kept tokens) of RViT at one strategy and mask ratio."""
+def mean_kept(masker):
+    """Mean kept patch tokens of the masker's last batch."""
+    return float(masker.num_kept.float().mean())
+
+
+def rvit_setting(args, strategy, m, train, steps=None, deadline=None):
+    """`measure`'s dict for RViT at one strategy and mask ratio, with `kept` (mean kept patch
+    tokens)."""
     device = torch.device(args.device)
     torch.manual_seed(0)
     cfg = {"model": args.model, "img_size": args.img_size, "patch_size": args.patch_size,
@@ -169,7 +215,8 @@ def rvit_setting(args, strategy, m, train):
     run = torch.compile(model) if args.compile else model
     if args.compile and args.encoder_only:
         run.encode = torch.compile(model.encode)
-    return (*measure(run, masker, args, device, train), float(masker.num_kept.float().mean()))
+    return {**measure(run, masker, args, device, train, steps, deadline),
+            "kept": mean_kept(masker)}
 
 
 def isolated(fn, *args):
@@ -186,16 +233,18 @@ def rvit_runs(args, train):
     n = (args.img_size // args.patch_size) ** 2
     for strategy in args.strategies.split(","):
         for m in (float(v) for v in args.masks.split(",")):
-            ips, peak, warmup, kept = isolated(rvit_setting, args, strategy, m, train)
-            rows.append({"impl": "rvit", "strategy": strategy, "mask": m, "ips": ips,
-                         "peak": peak, "warmup": warmup, "ideal": (1 + n) / (1 + kept)})
-            print(f"  rvit {strategy:<10} mask {m:<5} {ips:10.0f} img/s  kept {kept:6.1f}/{n}"
-                  f"  peak {peak:8.0f} MiB  warm-up {warmup:6.1f} s", flush=True)
+            r = isolated(rvit_setting, args, strategy, m, train)
+            rows.append({"impl": "rvit", "strategy": strategy, "mask": m, "ips": r["img_per_s"],
+                         "peak": r["peak_mib"], "warmup": r["warmup_s"],
+                         "ideal": (1 + n) / (1 + r["kept"])})
+            print(f"  rvit {strategy:<10} mask {m:<5} {r['img_per_s']:10.0f} img/s  kept "
+                  f"{r['kept']:6.1f}/{n}  peak {r['peak_mib']:8.0f} MiB  warm-up "
+                  f"{r['warmup_s']:6.1f} s", flush=True)
     return rows
 
 
-def timm_setting(args, m, train):
-    """(images/s, peak MiB, warm-up s, timm version) of timm's ViT with patch_drop_rate m."""
+def timm_setting(args, m, train, steps=None, deadline=None):
+    """`measure`'s dict for timm's ViT with patch_drop_rate m, with `version` (timm's)."""
     import timm
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -203,17 +252,19 @@ def timm_setting(args, m, train):
                               img_size=args.img_size, in_chans=args.in_chans,
                               num_classes=args.classes, patch_drop_rate=m).to(device)
     run = torch.compile(model) if args.compile else model
-    return (*measure(run, None, args, device, train), timm.__version__)
+    return {**measure(run, None, args, device, train, steps, deadline),
+            "version": timm.__version__}
 
 
 def timm_runs(args, train):
     rows = []
     for m in (float(v) for v in args.masks.split(",")):
-        ips, peak, warmup, version = isolated(timm_setting, args, m, train)
-        rows.append({"impl": f"timm {version}", "strategy": "patch_drop", "mask": m,
-                     "ips": ips, "peak": peak, "warmup": warmup, "ideal": float("nan")})
-        print(f"  timm patch_drop mask {m:<5} {ips:10.0f} img/s  peak {peak:8.0f} MiB"
-              f"  warm-up {warmup:6.1f} s", flush=True)
+        r = isolated(timm_setting, args, m, train)
+        rows.append({"impl": f"timm {r['version']}", "strategy": "patch_drop", "mask": m,
+                     "ips": r["img_per_s"], "peak": r["peak_mib"], "warmup": r["warmup_s"],
+                     "ideal": float("nan")})
+        print(f"  timm patch_drop mask {m:<5} {r['img_per_s']:10.0f} img/s  peak "
+              f"{r['peak_mib']:8.0f} MiB  warm-up {r['warmup_s']:6.1f} s", flush=True)
     return rows
 
 

@@ -90,6 +90,7 @@ def test_varlen_layout_gives_the_padded_outputs_and_gradients(monkeypatch):
     assert_close(results[1][1], results[0][1], rtol=1e-8, atol=1e-12)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available() or vit_module.varlen_attn is None,
                     reason="needs a CUDA GPU and torch.nn.attention.varlen")
 def test_cuda_varlen_attention_matches_padded_attention():
@@ -125,8 +126,9 @@ def test_segmentation_encoder_runs_packed_like_the_classifier():
         assert_close(grid[b, kept], tokens[b, 1:1 + len(kept)], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("device,dtype,tol", [("cpu", torch.float32, 1e-4),
-                                              ("cuda", torch.bfloat16, 5e-2)])
+@pytest.mark.parametrize("device,dtype,tol", [
+    ("cpu", torch.float32, 1e-4),
+    pytest.param("cuda", torch.bfloat16, 5e-2, marks=pytest.mark.cuda)])
 def test_compiled_and_eager_outputs_agree(device, dtype, tol):
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")

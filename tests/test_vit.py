@@ -103,6 +103,7 @@ def test_each_strategy_runs_the_blocks_on_exactly_the_tokens_it_keeps(strategy):
             assert_close(out[b], m.head(m.norm(t)[:, 0])[0], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.cuda
 def test_bf16_autocast_close_to_fp32_on_cuda():
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
