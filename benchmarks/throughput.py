@@ -45,8 +45,9 @@ def parse_args(argv=None):
                    help="segmentation: time RUPerNet's encoder alone (tapped blocks, grid "
                         "restored), to see the decoder's share of a step")
     p.add_argument("--masks", default="0,0.25,0.5,0.6,0.75,0.85", help="comma-separated ratios")
-    p.add_argument("--strategies", default="similarity,dynamic,random,coverage",
-                   help="comma-separated strategies")
+    p.add_argument("--strategies", default="similarity,dynamic,random,coverage,kmedoids,"
+                                            "similarity+merge,kmedoids+merge",
+                   help="comma-separated rules: strategies, '+merge' to merge dropped tokens")
     p.add_argument("--mode", choices=("train", "infer", "both"), default="both",
                    help="time training steps, inference forwards, or both")
     p.add_argument("--steps", type=int, default=20, help="timed steps per setting")
@@ -193,8 +194,8 @@ def mean_kept(masker):
 
 
 def rvit_setting(args, strategy, m, train, steps=None, deadline=None):
-    """`measure`'s dict for RViT at one strategy and mask ratio, with `kept` (mean kept patch
-    tokens)."""
+    """`measure`'s dict for RViT at one rule (a strategy, "+merge" to merge the dropped tokens)
+    and mask ratio, with `kept` (mean kept patch tokens)."""
     device = torch.device(args.device)
     torch.manual_seed(0)
     cfg = {"model": args.model, "img_size": args.img_size, "patch_size": args.patch_size,
@@ -203,7 +204,8 @@ def rvit_setting(args, strategy, m, train, steps=None, deadline=None):
     meta = {"task": args.task, "bands": [None] * args.in_chans, "classes": [None] * args.classes}
     model = build_model(cfg, meta).to(device)
     vit = encoder(model)
-    masker = TokenMasker(strategy, m, args.patch_size).to(device)
+    strategy, _, merge = strategy.partition("+")
+    masker = TokenMasker(strategy, m, args.patch_size, merge=merge == "merge").to(device)
     if strategy == "dynamic" and m > 0:  # calibrate tau before any timing
         with torch.no_grad():
             for _ in range(20):
