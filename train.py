@@ -17,7 +17,6 @@ import time
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import yaml
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
@@ -30,7 +29,7 @@ from rvit.evaluation import autocast, evaluate, peak_memory_mb
 from rvit.masking import TokenMasker
 from rvit.flops import vit_flops
 from rvit.models import build_model, encoder, encoder_depth
-from rvit.upernet import segmentation_loss
+from rvit.tasks import criterion, report_metrics
 
 
 def lr_lambda(warmup_steps, total_steps):
@@ -89,6 +88,10 @@ def main(args):
     meta = {k: train_ds.meta[k] for k in ("dataset", "task", "bands", "classes", "mean", "std")}
     meta["ignore_index"] = train_ds.meta.get("ignore_index")
     meta["tile_size"] = train_ds.meta["image_shape"][-1]  # predict.py tiles scenes by it
+    # a config section without metrics (such as `folder`) reports the file's task's defaults
+    args.main_metric, args.metrics = report_metrics(meta["task"], getattr(args, "metrics", None),
+                                                    getattr(args, "main_metric", None))
+    loss_fn = criterion(meta, args.label_smoothing)
     if len(train_ds) < args.batch_size * world:
         raise ValueError(f"{train_ds.path}: {len(train_ds)} samples, fewer than one batch of "
                          f"{args.batch_size} x {world} processes (lower --batch-size)")
@@ -169,13 +172,16 @@ def main(args):
         loader.sampler.start = first * args.batch_size
         try:
             stats = train_one_epoch(model, model_without_ddp, masker, loader, transform, opt,
-                                    sched, scaler, amp, epoch, meta["ignore_index"], first,
+                                    sched, scaler, amp, epoch, loss_fn, first,
                                     args.checkpoint_every, lambda step: save(epoch, step))
         except NonFiniteLoss as e:
             note = f"the last good checkpoint {last_path} is kept" if os.path.exists(last_path) \
                 else "no checkpoint had been written yet"
             raise NonFiniteLoss(f"{e}; run stopped, {note}") from e
         metrics = evaluate(model_without_ddp, masker, val, transform, meta, amp, desc="val")
+        if args.main_metric not in metrics:
+            raise ValueError(f"{args.config}: main_metric {args.main_metric!r} is not a "
+                             f"{meta['task']} metric; choose one of {sorted(metrics)}")
         score = metrics[args.main_metric]
         is_best = score > best
         best = max(best, score)
@@ -212,10 +218,11 @@ def check_finite(first_bad, model, epoch, done):
 
 
 def train_one_epoch(model, model_without_ddp, masker, loader, transform, opt, sched, scaler, amp,
-                    epoch, ignore_index=None, first=0, every=0, save=None):
+                    epoch, loss_fn, first=0, every=0, save=None):
     """One pass over this rank's shard, from batch `first` (after a mid-epoch resume), calling
-    `save(batches done)` every `every` batches. Returns mean loss, lr, kept share (mean, min,
-    max over images), encoder GFLOPs per image and images/s, pooled over ranks.
+    `save(batches done)` every `every` batches; `loss_fn(output, targets)` is the task's loss
+    (rvit/tasks.py). Returns mean loss, lr, kept share (mean, min, max over images), encoder
+    GFLOPs per image and images/s, pooled over ranks.
 
     Raises:
         NonFiniteLoss: a loss was NaN or infinite; no checkpoint is written after it.
@@ -235,8 +242,7 @@ def train_one_epoch(model, model_without_ddp, masker, loader, transform, opt, sc
         x, y = transform(images, targets, train=True)
         with autocast(dev, amp):
             out = model(x, select=masker)
-            loss = segmentation_loss(out, y, ignore_index) if y.dim() == 3 else \
-                F.binary_cross_entropy_with_logits(out.float(), y)
+            loss = loss_fn(out, y)
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(opt)
