@@ -128,13 +128,19 @@ def test_class_folder_model_maps_a_geotiff_scene_as_it_predicts_the_samples(
         assert r["class"] == samples[k]["class"] == classes[want.argmax()]
 
 
-def test_multilabel_manifest_of_the_same_samples_trains_evaluates_and_predicts(ben, tmp_path):
+def multilabel_manifest(ben, root):
+    """The real patches' RGB bands as ROOT/<patch>.png and ROOT/labels.csv listing each with
+    all its CORINE labels; returns the manifest's path."""
     rows = [("image", "labels")]
     for patch in PATCHES:
         image, labels, _ = ben[patch]
-        write_png(tmp_path / f"{patch}.png", to_uint8(image))
+        write_png(root / f"{patch}.png", to_uint8(image))
         rows.append((f"{patch}.png", ";".join(labels)))
-    manifest = write_csv(tmp_path / "labels.csv", rows)
+    return write_csv(root / "labels.csv", rows)
+
+
+def test_multilabel_manifest_of_the_same_samples_trains_evaluates_and_predicts(ben, tmp_path):
+    manifest = multilabel_manifest(ben, tmp_path)
     convert(tmp_path, tmp_path / "data", "--manifest", manifest, "--bands", ",".join(RGB))
     ckpt = train_run(tmp_path / "data", tmp_path / "run", "--epochs", 1, *TINY)
     record = evaluate_run(ckpt, tmp_path / "data", "train", tmp_path / "eval.json")
@@ -280,10 +286,7 @@ def test_missing_band_prints_one_error_line_and_writes_nothing(ben_run, tmp_path
                                    "data; this split's task is multilabel"),
     (["--label-smoothing", "1"], "--label-smoothing must be in [0, 1), got 1.0")])
 def test_bad_label_smoothing_is_one_line(ben, tmp_path, flags, message):
-    rows = [("image", "labels")] + [(f"{p}.png", ";".join(ben[p][1])) for p in PATCHES]
-    for patch in PATCHES:
-        write_png(tmp_path / f"{patch}.png", to_uint8(ben[patch][0]))
-    convert(tmp_path, tmp_path / "data", "--manifest", write_csv(tmp_path / "l.csv", rows))
+    convert(tmp_path, tmp_path / "data", "--manifest", multilabel_manifest(ben, tmp_path))
     with pytest.raises(ValueError) as error:
         train_run(tmp_path / "data", tmp_path / "run", *flags, *TINY)
     assert str(error.value) == message
