@@ -19,6 +19,7 @@ from rvit.config import (add_masking_args, add_runtime_args, check, device_and_a
 from rvit.data import DeviceTransform, H5Dataset, eval_loader
 from rvit.evaluation import calibrate_dynamic, evaluate
 from rvit.models import load_run
+from rvit.tasks import report_metrics
 
 
 def parse_args(argv=None):
@@ -87,7 +88,7 @@ def main(args):
             examples = os.path.join(examples, f"m{m:g}")
         result = evaluate(model, masker, loader, transform, meta, amp, desc=f"{args.split} m{m:g}",
                           examples_dir=examples, num_examples=args.num_examples)
-        rows.append({"dataset": cfg["dataset"], "split": args.split,
+        rows.append({"dataset": cfg["dataset"], "task": meta["task"], "split": args.split,
                      "checkpoint": args.checkpoint, "mask_ratio": m,
                      "train_mask_ratio": cfg["mask"],
                      "train_mask_range": cfg.get("mask_range"), "merge": args.merge,
@@ -95,7 +96,8 @@ def main(args):
                      "train_strategy": cfg["strategy"], "tau_source": tau_source, "amp": amp,
                      "world_size": world, **result, **provenance(device)})
         if rank == 0:
-            print_table(rows[-1], cfg.get("metrics", []), meta["classes"])
+            print_table(rows[-1], report_metrics(meta["task"], cfg.get("metrics"))[1],
+                        meta["classes"])
     if rank == 0:
         tag = f"m{args.mask[0]:g}" if len(args.mask) == 1 else "sweep"
         out = args.out or os.path.join(os.path.dirname(args.checkpoint),
@@ -106,16 +108,25 @@ def main(args):
 
 
 def print_table(record, metrics, classes):
+    """The record's metrics in %, `metrics` first; per class F1 and IoU when the record holds
+    them, and for multiclass data the confusion matrix."""
     print(f"{record['dataset']} {record['split']}: {record['num_samples']} samples, "
           f"mask {record['mask_ratio']:g} ({record['strategy']}), "
           f"kept share {record['kept_share']:.3f}, {record['gflops']:.3f} GFLOPs/image, "
           f"{record['images_per_s']:.1f} img/s")
     for key in list(metrics) + [k for k in record if k.startswith(("mAP", "F1", "mIoU", "OA",
                                                                    "jaccard"))
-                                if k not in metrics]:
+                                if k not in metrics and isinstance(record[k], float)]:
         print(f"  {key:<18} {100 * record[key]:7.2f}")
-    for name, iou in zip(classes, record.get("IoU_per_class", [])):
-        print(f"  IoU {name:<28} {100 * iou:7.2f}")
+    per_class = [k for k in ("F1_per_class", "IoU_per_class") if k in record]
+    if per_class:
+        print(f"  {'per class':<30}" + "".join(f"{k.split('_')[0]:>8}" for k in per_class))
+        for i, name in enumerate(classes):
+            print(f"  {name[:30]:<30}" + "".join(f"{100 * record[k][i]:8.2f}" for k in per_class))
+    if record["task"] == "multiclass":  # images, not pixels: a matrix worth reading
+        print("  confusion matrix: rows reference, columns predicted, classes in the order above")
+        for name, row in zip(classes, record["confusion_matrix"]):
+            print(f"  {name[:30]:<30}" + "".join(f"{v:>6}" for v in row))
 
 
 if __name__ == "__main__":

@@ -1,30 +1,36 @@
 """Map new imagery with a trained RViT: a GeoTIFF scene tile by tile, or a prepared HDF5 split.
 
     python predict.py --checkpoint runs/flair-similarity-m0.6/best.pt --input scene.tif --out map/
-    python predict.py --checkpoint runs/bigearthnet-similarity-m0.6/best.pt --input s2.vrt \\
-        --out map/ --mask 0.75
+    python predict.py --checkpoint runs/bigearthnet-similarity-m0.6/best.pt \\
+        --input S2A_MSIL2A_....SAFE/GRANULE/*/IMG_DATA --out map/ --mask 0.75
     python predict.py --checkpoint RUN/best.pt --input data/bigearthnet/test.h5 --out preds/
 
 A GeoTIFF (or a GDAL VRT stacking band files) must hold the checkpoint's bands in its order, in
-the units it was trained on (BigEarthNet: reflectance x 10000). It is read one strip of tiles at
-a time, never whole, and cut into tiles of the size the model was trained on (the training
-samples' side: BigEarthNet 120 px, FLAIR 512 px, Woody its --tile-size); tiles are normalised
-with the checkpoint's train-split statistics, batched and run with the kept tokens only.
-Partial edge tiles are padded with the band means (zero after normalisation) and cropped back;
-tiles whose pixels are all nodata (the dataset mask: nodata value, alpha or internal mask) are
-skipped and written as nodata.
+the units it was trained on (BigEarthNet: reflectance x 10000). A folder or several single-band
+files (Sentinel-2 as delivered: `*_B02.tif`, `*_B8A_20m.jp2`, ...) are matched to the
+checkpoint's band names and stacked in a virtual raster on the finest band's grid (scene.py),
+resampled bilinearly as prepare_data.py resamples BigEarthNet; nothing is written for it. The
+scene is read one strip of tiles at a time, never whole, and cut into tiles of the size the
+model was trained on (the training samples' side: BigEarthNet 120 px, FLAIR 512 px, Woody its
+--tile-size); tiles are normalised with the checkpoint's train-split statistics, batched and run
+with the kept tokens only. Partial edge tiles are padded with the band means (zero after
+normalisation) and cropped back; tiles whose pixels are all nodata (the dataset mask: nodata
+value, alpha or internal mask) are skipped and written as nodata.
 
 Writes to OUT, each file under a temporary name renamed when complete:
   classification: probabilities.tif (float32, a band per class, one pixel per tile, the
-    scene's CRS, its transform scaled to the tile; NaN where skipped), predictions.csv (tile
-    row, column, centre x / y in the scene's CRS, kept share, labels above --threshold);
+    scene's CRS, its transform scaled to the tile; NaN where skipped: sigmoid per class for
+    multi-label data, softmax over classes for single-label data), predictions.csv (tile row,
+    column, centre x / y in the scene's CRS, kept share, then the labels above --threshold,
+    or for single-label data the top class and its probability);
   segmentation: classes.tif (uint8 class ids at full resolution, the scene's CRS and transform;
     255 where skipped or nodata); --overlap blends the logits of overlapping tiles with a
     linear ramp so seams do not show;
   both: kept_share.tif (share of tokens each tile kept: a redundancy map of the scene) and,
     with --save-examples, PNGs as in evaluate.py.
-An HDF5 split (labels optional) gives predictions.csv (name, a probability per class) or, for
-segmentation, classes.h5 (`classes` (N, H, W) uint8, `names`).
+An HDF5 split (labels optional) gives predictions.csv (name, kept share, the label columns as
+above, a probability per class) or, for segmentation, classes.h5 (`classes` (N, H, W) uint8,
+`names`).
 rasterio (requirements-data.txt) is imported here only, for GeoTIFF input.
 """
 import argparse
@@ -45,12 +51,15 @@ from rvit.data import DeviceTransform
 from rvit.evaluation import autocast
 from rvit.figures import save_examples
 from rvit.models import encoder, load_run
+from rvit.tasks import label_columns, task_of
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="RUN/best.pt or RUN/last.pt")
-    p.add_argument("--input", required=True,
-                   help="a GeoTIFF / VRT scene, or a prepared HDF5 split (.h5)")
+    p.add_argument("--input", required=True, nargs="+",
+                   help="a GeoTIFF / VRT scene, a prepared HDF5 split (.h5), or single-band "
+                        "files (a folder of them, or several files) named by band, e.g. "
+                        "*_B02.tif, *_B8A_20m.jp2")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--tile-size", type=int, default=None,
                    help="tile side in pixels (default: the training samples' side, stored in "
@@ -59,7 +68,8 @@ def parse_args(argv=None):
                    help="segmentation: pixels shared by neighbouring tiles, blended with a "
                         "linear ramp")
     p.add_argument("--threshold", type=float, default=0.5,
-                   help="classification: probability above which a label is predicted")
+                   help="multi-label classification: probability above which a label is "
+                        "predicted")
     p.add_argument("--save-examples", default=None, metavar="DIR",
                    help="write PNGs of the first tiles (image, kept tokens, prediction); "
                         "needs Pillow")
@@ -93,6 +103,7 @@ class Predictor:
         self.transform = DeviceTransform(self.meta["mean"], self.meta["std"], cfg["img_size"],
                                          device)
         self.seg = self.meta["task"] == "segmentation"
+        self.activation = task_of(self.meta).activation
         self.tile = args.tile_size or self.meta.get("tile_size")
         if not self.tile:
             raise ValueError(f"{args.checkpoint}: stores no training tile size (trained before "
@@ -106,8 +117,9 @@ class Predictor:
     def __call__(self, images, index, names):
         """images (B, C, S, S) native dtype or float; index (B,) int64 tile numbers (seed the
         random strategy); names: B stems for example PNGs. Returns (output, kept share (B,)
-        float32 numpy): output is sigmoid probabilities (B, classes), or logits (B, classes,
-        S, S) brought back to the tile's size, float32 on the CPU."""
+        float32 numpy): output is probabilities (B, classes) (sigmoid for multi-label, softmax
+        for single-label data), or logits (B, classes, S, S) brought back to the tile's size,
+        float32 on the CPU."""
         x, _ = self.transform(images, torch.zeros(len(images), 1))
         with autocast(self.device, self.amp):
             out = self.model(x, select=partial(self.masker, index=index))
@@ -122,7 +134,7 @@ class Predictor:
             save_examples(self.examples_dir, x[:n], keep, self.meta, self.patch, names[:n],
                           out[:n].argmax(1) if self.seg else None)
             self.examples_left -= n
-        return (out if self.seg else torch.sigmoid(out)).cpu(), kept
+        return self.activation(out).cpu(), kept
 
 
 def batched(items, size):
@@ -140,15 +152,16 @@ def batched(items, size):
 def predict_h5(args, pred, files):
     """Predictions for every sample of an HDF5 split: classes.h5 (segmentation) or
     predictions.csv (classification), under `files`' temporary names."""
-    with h5py.File(args.input, "r") as f:
+    path = args.input[0]
+    with h5py.File(path, "r") as f:
         if not isinstance(f.get("images"), h5py.Dataset) or f["images"].ndim != 4:
-            raise ValueError(f"{args.input}: no (N, C, H, W) dataset 'images'")
+            raise ValueError(f"{path}: no (N, C, H, W) dataset 'images'")
         images = f["images"]
         bands = [b.decode() if isinstance(b, bytes) else str(b)
                  for b in f.attrs.get("bands", pred.meta["bands"])]
-        check_bands(args.input, images.shape[1], bands, pred.meta["bands"])
+        check_bands(path, images.shape[1], bands, pred.meta["bands"])
         if images.shape[2:] != (pred.tile, pred.tile):
-            raise ValueError(f"{args.input}: samples of {images.shape[2]} x {images.shape[3]} "
+            raise ValueError(f"{path}: samples of {images.shape[2]} x {images.shape[3]} "
                              f"px, the checkpoint was trained on {pred.tile} x {pred.tile}")
         n = len(images)
         names = [v.decode() if isinstance(v, bytes) else str(v) for v in f["names"][:]] \
@@ -161,7 +174,8 @@ def predict_h5(args, pred, files):
         else:
             out = open(files.path(os.path.join(args.out, "predictions.csv")), "w", newline="")
             rows = csv.writer(out)
-            rows.writerow(["name", "kept_share", *pred.meta["classes"]])
+            head, cells = label_columns(pred.meta, args.threshold)
+            rows.writerow(["name", "kept_share", *head, *pred.meta["classes"]])
         with out:
             for start in tqdm(range(0, n, args.batch_size), desc="predict", unit="batch"):
                 stop = min(n, start + args.batch_size)
@@ -171,7 +185,7 @@ def predict_h5(args, pred, files):
                     classes[start:stop] = y.argmax(1).numpy().astype(np.uint8)
                     continue
                 for name, p, k in zip(names[start:stop], y.numpy(), kept):
-                    rows.writerow([name, f"{k:.4f}", *(f"{v:.6f}" for v in p)])
+                    rows.writerow([name, f"{k:.4f}", *cells(p), *(f"{v:.6f}" for v in p)])
 
 
 def check_bands(path, count, bands, expected):
@@ -185,20 +199,15 @@ def check_bands(path, count, bands, expected):
 
 
 def predict_scene(args, pred, files):
-    """Tile a GeoTIFF / VRT scene and map it, under `files`' temporary names."""
+    """Tile a GeoTIFF / VRT scene, or a virtual stack of band files, and map it, under
+    `files`' temporary names."""
     try:
-        import rasterio
-
         import scene
     except ImportError as e:
         raise ImportError("GeoTIFF input needs rasterio: pip install -r requirements-data.txt") \
             from e
-    try:
-        src = rasterio.open(args.input)
-    except rasterio.errors.RasterioIOError as e:
-        raise ValueError(f"{args.input}: not a readable GeoTIFF / VRT ({e})") from e
-    with src:
-        check_bands(args.input, src.count, list(src.descriptions), pred.meta["bands"])
+    with scene.open_scene(args.input, pred.meta["bands"]) as src:
+        check_bands(args.input[0], src.count, list(src.descriptions), pred.meta["bands"])
         S = pred.tile
         if not 0 <= args.overlap < S:
             raise ValueError(f"--overlap {args.overlap}: must be in [0, {S})")
@@ -241,10 +250,12 @@ def main(args):
     device_name, amp = device_and_amp(args)
     args.batch_size = args.batch_size or 32
     pred = Predictor(args, torch.device(device_name), amp)
-    if not os.path.isfile(args.input):
-        raise FileNotFoundError(f"{args.input}: no such file")
+    for path in args.input:
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path}: no such file or folder")
+    h5 = len(args.input) == 1 and os.path.isfile(args.input[0]) and h5py.is_hdf5(args.input[0])
     with AtomicFiles() as files:  # every output appears at once, or none does
-        (predict_h5 if h5py.is_hdf5(args.input) else predict_scene)(args, pred, files)
+        (predict_h5 if h5 else predict_scene)(args, pred, files)
     print(f"mask {args.mask:g} ({args.strategy}); wrote " + ", ".join(files.files))
 
 

@@ -1,8 +1,11 @@
 """A scene read tile by tile, and the maps predict.py writes from the tiles' predictions.
 
-Tiles are cut on a regular grid (`Grid`), read one strip of tile rows at a time so memory does
-not grow with the scene (`read_tiles`); each task has a sink with one interface, `open(files,
-src, grid, meta, args)`, `add(row, col, prediction, valid, kept share)`, `close()`:
+A scene is one GeoTIFF / VRT, or single-band files stacked virtually (`open_scene`): Sentinel-2
+as delivered, each band at its own resolution, resampled bilinearly on the fly to the finest
+band's grid by a GDAL VRT held in memory. Tiles are cut on a regular grid (`Grid`), read one
+strip of tile rows at a time so memory does not grow with the scene (`read_tiles`); each task
+has a sink with one interface, `open(files, src, grid, meta, args)`, `add(row, col,
+prediction, valid, kept share)`, `close()`:
 classification writes probabilities.tif (a pixel per tile) and predictions.csv, segmentation
 blends overlapping tiles' logits with a linear ramp and writes classes.tif at full resolution.
 Every file is written under a temporary name of `rvit.atomic.AtomicFiles`. rasterio
@@ -11,11 +14,15 @@ Every file is written under a temporary name of `rvit.atomic.AtomicFiles`. raste
 import csv
 import math
 import os
+import re
+from xml.sax.saxutils import escape
 
 import numpy as np
 import rasterio
 from rasterio.transform import Affine
 from rasterio.windows import Window
+
+from rvit.tasks import label_columns
 
 NODATA_CLASS = 255  # classes.tif value of skipped or nodata pixels
 
@@ -31,6 +38,131 @@ class Grid:
 
     def __len__(self):
         return self.rows * self.cols
+
+
+BAND_SUFFIXES = (".tif", ".tiff", ".jp2")
+
+
+def open_scene(inputs, bands):
+    """The scene predict.py maps, as an open rasterio dataset.
+
+    Args:
+        inputs: one GeoTIFF / VRT (used as it is), or folders (searched recursively) and
+            single-band files to find one file per band in (`band_files`).
+        bands: the checkpoint's band names, in its order.
+
+    Raises:
+        ValueError: an unreadable file, or band files that are missing, ambiguous or do not
+            stack (naming them).
+    """
+    if len(inputs) == 1 and os.path.isfile(inputs[0]):
+        try:
+            return rasterio.open(inputs[0])
+        except rasterio.errors.RasterioIOError as e:
+            raise ValueError(f"{inputs[0]}: not a readable GeoTIFF / VRT ({e})") from e
+    return stack_bands(band_files(inputs, bands), bands)
+
+
+def band_files(inputs, bands):
+    """One file per band name, in `bands`' order, from folders and files: a file is band B02 when
+    its name ends in `B02` after `_`, `-` or nothing, optionally followed by L2A's resolution
+    (`_10m`), then .tif, .tiff or .jp2, in any case. A band found at several resolutions (an
+    L2A product's R10m / R20m / R60m copies) is read from the finest, its native one.
+
+    Returns:
+        list of paths, one per band.
+
+    Raises:
+        ValueError: one line naming every band with no file and every band with several.
+    """
+    files = []
+    for path in inputs:
+        if os.path.isdir(path):
+            files += sorted(os.path.join(d, f) for d, _, names in os.walk(path) for f in names)
+        else:
+            files.append(path)
+    found, missing, ambiguous = [], [], []
+    for band in bands:
+        pattern = re.compile(rf"(?:^|[_-]){re.escape(band)}(?:_(\d+)m)?\.(?:tiff?|jp2)$",
+                             re.IGNORECASE)
+        hits = [(m.group(1), f) for f in files if (m := pattern.search(os.path.basename(f)))]
+        if len(hits) > 1 and all(res for res, _ in hits):
+            finest = min(int(res) for res, _ in hits)
+            hits = [(res, f) for res, f in hits if int(res) == finest]
+        if len(hits) == 1:
+            found.append(hits[0][1])
+        elif hits:
+            names = [f for _, f in hits]
+            more = f", and {len(names) - 2} more" if len(names) > 2 else ""
+            ambiguous.append(f"{band} ({', '.join(names[:2])}{more})")
+        else:
+            missing.append(band)
+    if missing or ambiguous:
+        where = inputs[0] if len(inputs) == 1 else f"{len(inputs)} --input paths"
+        problems = ([f"no file for band(s) {', '.join(missing)}"] if missing else []) + \
+            ([f"several files for {'; '.join(ambiguous)}"] if ambiguous else [])
+        raise ValueError(f"{where}: {'; '.join(problems)} (the checkpoint needs one "
+                         f"*_<band>{'/'.join(BAND_SUFFIXES)} per band: {', '.join(bands)})")
+    return found
+
+
+def stack_bands(paths, bands):
+    """Single-band files as one virtual raster on the grid of the finest (most pixels), each
+    band resampled bilinearly: the GDAL resampling prepare_data.py applies to BigEarthNet's 20 m
+    and 60 m bands, so a patch's files give the pixels of its converted sample exactly. The
+    VRT is an XML string opened by GDAL: no stacked copy is written.
+
+    Args:
+        paths: one file per band; bands: their names (the VRT's band descriptions).
+
+    Returns:
+        open rasterio dataset (len(paths) bands, the finest file's dtype, CRS and transform).
+
+    Raises:
+        ValueError naming the file: unreadable, not one band, another dtype, CRS or extent.
+    """
+    files = [_profile(path) for path in paths]
+    fine = max(files, key=lambda f: f["width"] * f["height"])
+    for f in files:
+        if (f["count"], f["dtype"], f["crs"]) != (1, fine["dtype"], fine["crs"]):
+            raise ValueError(f"{f['path']}: {f['count']} band(s) of {f['dtype']} in {f['crs']}; "
+                             f"expected 1 band of {fine['dtype']} in {fine['crs']}, as "
+                             f"{fine['path']}")
+        # the bands must cover one extent: within half a pixel of the finest grid
+        if max(abs(u - v) for u, v in zip(f["bounds"], fine["bounds"])) > fine["res"] / 2:
+            raise ValueError(f"{f['path']}: bounds {f['bounds']} differ from {fine['path']}'s "
+                             f"{fine['bounds']}")
+    crs = fine["crs"].to_wkt() if fine["crs"] else ""
+    xml = (f'<VRTDataset rasterXSize="{fine["width"]}" rasterYSize="{fine["height"]}">'
+           f"<SRS>{escape(crs)}</SRS><GeoTransform>"
+           f"{', '.join(repr(float(v)) for v in fine['transform'].to_gdal())}</GeoTransform>"
+           + "".join(_vrt_band(k + 1, name, f, fine) for k, (name, f) in
+                     enumerate(zip(bands, files)))
+           + "</VRTDataset>")
+    return rasterio.open(xml)
+
+
+def _profile(path):
+    """rasterio's profile of a file, with its path, bounds and pixel width (CRS units)."""
+    try:
+        with rasterio.open(path) as src:
+            return {**src.profile, "path": path, "bounds": tuple(src.bounds),
+                    "res": abs(src.transform.a)}
+    except rasterio.errors.RasterioIOError as e:
+        raise ValueError(f"{path}: not a readable GeoTIFF / JPEG 2000 ({e})") from e
+
+
+def _vrt_band(index, name, f, fine):
+    """A VRTRasterBand reading all of file `f` into the grid of `fine`, bilinearly."""
+    gdal_type = rasterio.dtypes.typename_fwd[rasterio.dtypes.dtype_rev[f["dtype"]]]
+    nodata = f"<NoDataValue>{f['nodata']!r}</NoDataValue>" if f["nodata"] is not None else ""
+    return (f'<VRTRasterBand dataType="{gdal_type}" band="{index}">'
+            f"<Description>{escape(name)}</Description>{nodata}"
+            f'<SimpleSource resampling="bilinear"><SourceFilename relativeToVRT="0">'
+            f"{escape(os.path.abspath(f['path']))}</SourceFilename><SourceBand>1</SourceBand>"
+            f'<SrcRect xOff="0" yOff="0" xSize="{f["width"]}" ySize="{f["height"]}"/>'
+            f'<DstRect xOff="0" yOff="0" xSize="{fine["width"]}" ySize="{fine["height"]}"/>'
+            "</SimpleSource></VRTRasterBand>")
 
 
 def read_tiles(src, grid, mean):
@@ -72,16 +204,18 @@ def coarse_profile(src, grid):
 
 class ClassificationSink:
     """probabilities.tif (a band per class, one pixel per tile) and predictions.csv (a row
-    per predicted tile: its centre in the scene's CRS and the labels above --threshold)."""
+    per predicted tile: its centre in the scene's CRS and the labels above --threshold, or the
+    top class and its probability for single-label data: `rvit.tasks.label_columns`)."""
 
     def __init__(self, files, src, grid, meta, args):
         self.src, self.grid, self.classes = src, grid, meta["classes"]
-        self.files, self.out, self.threshold = files, args.out, args.threshold
+        self.files, self.out = files, args.out
+        head, self.cells = label_columns(meta, args.threshold)
         self.probs = np.full((len(self.classes), grid.rows, grid.cols), np.nan, np.float32)
         self.table = open(files.path(os.path.join(args.out, "predictions.csv")), "w",
                           newline="")
         self.rows = csv.writer(self.table)
-        self.rows.writerow(["row", "col", "x", "y", "kept_share", "labels"])
+        self.rows.writerow(["row", "col", "x", "y", "kept_share", *head])
 
     @classmethod
     def open(cls, files, src, grid, meta, args):
@@ -96,8 +230,7 @@ class ClassificationSink:
         self.probs[:, r, c] = y
         cx, cy = self.src.transform @ (c * self.grid.step + self.grid.tile / 2,
                                        r * self.grid.step + self.grid.tile / 2)
-        labels = [n for n, p in zip(self.classes, y) if p > self.threshold]
-        self.rows.writerow([r, c, f"{cx:.3f}", f"{cy:.3f}", f"{kept:.4f}", ";".join(labels)])
+        self.rows.writerow([r, c, f"{cx:.3f}", f"{cy:.3f}", f"{kept:.4f}", *self.cells(y)])
 
     def close(self):
         self.table.close()

@@ -20,7 +20,6 @@ import time
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import yaml
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
@@ -34,7 +33,7 @@ from rvit.flops import vit_flops
 from rvit.masking import mask_ratio_at
 from rvit.models import build_model, encoder, encoder_depth
 from rvit.preemption import EXIT_PREEMPTED, Preempted, Preemption
-from rvit.upernet import segmentation_loss
+from rvit.tasks import criterion, report_metrics
 
 
 def lr_lambda(warmup_steps, total_steps):
@@ -129,6 +128,10 @@ def main(args):
                            f"{args.epochs}); nothing to train")
         distributed.cleanup()
         return
+    # a config section without metrics (such as `folder`) reports the file's task's defaults
+    args.main_metric, args.metrics = report_metrics(meta["task"], getattr(args, "metrics", None),
+                                                    getattr(args, "main_metric", None))
+    loss_fn = criterion(meta, args.label_smoothing)
     if len(train_ds) < args.batch_size * world:
         raise ValueError(f"{train_ds.path}: {len(train_ds)} samples, fewer than one batch of "
                          f"{args.batch_size} x {world} processes (lower --batch-size)")
@@ -216,7 +219,7 @@ def main(args):
             lambda step: mask_ratio_at(epoch * steps + step, args.mask_range, args.seed))
         try:
             stats = train_one_epoch(model, model_without_ddp, masker, loader, transform, opt,
-                                    sched, scaler, amp, epoch, meta["ignore_index"], first,
+                                    sched, scaler, amp, epoch, loss_fn, first,
                                     args.checkpoint_every, lambda step: save(epoch, step),
                                     preemption.requested, ratio_at)
         except NonFiniteLoss as e:
@@ -228,6 +231,9 @@ def main(args):
             break
         masker.mask_ratio = args.mask  # validation at --mask, also under --mask-range
         metrics = evaluate(model_without_ddp, masker, val, transform, meta, amp, desc="val")
+        if args.main_metric not in metrics:
+            raise ValueError(f"{args.config}: main_metric {args.main_metric!r} is not a "
+                             f"{meta['task']} metric; choose one of {sorted(metrics)}")
         score = metrics[args.main_metric]
         is_best = score > best
         best = max(best, score)
@@ -278,13 +284,13 @@ def check_finite(first_bad, model, epoch, done):
 
 
 def train_one_epoch(model, model_without_ddp, masker, loader, transform, opt, sched, scaler, amp,
-                    epoch, ignore_index=None, first=0, every=0, save=None, stop=None,
-                    ratio_at=None):
-    """One pass over this rank's shard, from batch `first` (after a mid-epoch resume), calling
-    `save(batches done)` every `every` batches, and after any batch but the last at which
-    `stop()` (collective, called after each such batch) says to stop; with `ratio_at`, the
-    masker's ratio is `ratio_at(batch)` at each step. Returns mean loss, lr, kept share (mean,
-    min, max over images), encoder GFLOPs per image and images/s, pooled over ranks.
+                    epoch, loss_fn, first=0, every=0, save=None, stop=None, ratio_at=None):
+    """One pass over this rank's shard, from batch `first` (after a mid-epoch resume), with
+    `loss_fn(output, targets)` the task's loss (rvit/tasks.py), calling `save(batches done)`
+    every `every` batches, and after any batch but the last at which `stop()` (collective,
+    called after each such batch) says to stop; with `ratio_at`, the masker's ratio is
+    `ratio_at(batch)` at each step. Returns mean loss, lr, kept share (mean, min, max over
+    images), encoder GFLOPs per image and images/s, pooled over ranks.
 
     Raises:
         NonFiniteLoss: a loss was NaN or infinite; no checkpoint is written after it.
@@ -307,8 +313,7 @@ def train_one_epoch(model, model_without_ddp, masker, loader, transform, opt, sc
             masker.mask_ratio = ratio_at(step)
         with autocast(dev, amp):
             out = model(x, select=masker)
-            loss = segmentation_loss(out, y, ignore_index) if y.dim() == 3 else \
-                F.binary_cross_entropy_with_logits(out.float(), y)
+            loss = loss_fn(out, y)
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(opt)

@@ -138,6 +138,9 @@ def train_parser():
     p.add_argument("--epochs", type=int, default=None, help="training epochs")
     p.add_argument("--lr", type=float, default=None, help="peak AdamW learning rate")
     p.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay")
+    p.add_argument("--label-smoothing", type=float, default=0.0,
+                   help="single-label (multiclass) data only: share of each target spread "
+                        "evenly over all classes in the cross-entropy, in [0, 1)")
     p.add_argument("--warmup-epochs", type=float, default=None,
                    help="linear warm-up length in epochs, then cosine decay to 0")
     p.add_argument("--seed", type=int, default=None, help="seed for weights, order, masks")
@@ -244,6 +247,8 @@ def check(args):
         value = getattr(args, flag, None)
         if value is not None and value <= 0:
             raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {value}")
+    if not 0 <= getattr(args, "label_smoothing", 0.0) < 1:
+        raise ValueError(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
     if getattr(args, "img_size", None) and args.img_size % args.patch_size:
         raise ValueError(f"--img-size {args.img_size} is not a multiple of "
                          f"--patch-size {args.patch_size}")

@@ -1,10 +1,11 @@
 """HDF5 splits written by prepare_data.py, and the on-device input pipeline.
 
 A split file holds `images` (N, C, H, W) in the sensor's native dtype (uint8, uint16 or float32),
-`labels` (N, classes) uint8 for multi-label data or `masks` (N, H, W) uint8 for segmentation, and
-`names` (N,) str, with attrs `dataset`, `task`, `bands`, `classes`, per-band `mean` / `std` of the
-train split (native units), `schema_version` and `source`. Samples travel in their native dtype;
-casting, normalisation, resizing and augmentation happen on the training device.
+`labels` (N, classes) uint8 (multi-hot for task multilabel, one-hot for multiclass) or `masks`
+(N, H, W) uint8 for segmentation, and `names` (N,) str, with attrs `dataset`, `task`, `bands`,
+`classes`, per-band `mean` / `std` of the train split (native units), `schema_version` and
+`source`. Samples travel in their native dtype; casting, normalisation, resizing and augmentation
+happen on the training device.
 """
 import copy
 import os
@@ -18,6 +19,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from rvit import distributed
 from rvit.buffers import BatchBuffers
 from rvit.schema import SCHEMA_VERSION
+from rvit.tasks import TASKS
 
 
 def read_meta(path, dataset=None) -> dict:
@@ -53,6 +55,8 @@ def check_layout(f, meta, path):
     for key in ("task", "bands", "classes", "mean", "std"):
         if key not in meta:
             fail(f"attribute {key!r} missing")
+    if meta["task"] not in TASKS:
+        fail(f"unknown task {meta['task']!r}; this RViT knows {', '.join(TASKS)}")
     target = "masks" if meta["task"] == "segmentation" else "labels"
     for key in ("images", target, "names"):
         if not isinstance(f.get(key), h5py.Dataset):
@@ -82,10 +86,10 @@ def _plain(v):
 class H5Dataset(torch.utils.data.Dataset):
     """One split file. Item i: (image (C, H, W) native dtype, target, i).
 
-    target: (classes,) uint8 multi-hot, or (H, W) uint8 class map. The file is opened lazily in
-    each DataLoader worker (h5py handles must not cross a fork). Loaders fetch whole batches
-    through `__getitems__`, which reads every sample straight into one preallocated array. With
-    `preload`, the whole split is read into memory once.
+    target: (classes,) uint8 multi-hot (one-hot for multiclass), or (H, W) uint8 class map. The
+    file is opened lazily in each DataLoader worker (h5py handles must not cross a fork). Loaders
+    fetch whole batches through `__getitems__`, which reads every sample straight into one
+    preallocated array. With `preload`, the whole split is read into memory once.
 
     Raises:
         see `read_meta`; ValueError when a preloaded split would not fit in free memory.

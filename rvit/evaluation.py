@@ -14,9 +14,9 @@ from tqdm import tqdm
 
 from rvit import distributed
 from rvit.figures import save_examples
-from rvit.metrics import MultiLabelMeter, SegmentationMeter
 from rvit.flops import vit_flops
 from rvit.models import encoder, encoder_depth
+from rvit.tasks import meter as task_meter
 
 
 def autocast(device, amp):
@@ -62,15 +62,14 @@ def evaluate(model, masker, loader, transform, meta, amp, desc="eval", examples_
     With `examples_dir`, rank 0 also writes PNGs of its first `num_examples` samples
     (rvit/figures.py).
 
-    Returns a dict of the dataset's metrics plus `kept_share` (mean share of patch tokens kept),
-    `kept_share_min`, `kept_share_max`, `gflops` (mean encoder GFLOPs per image at the kept
-    counts, rvit/flops.py), `num_samples`, `images_per_s` (this rank) and `peak_memory_mb`.
+    Returns a dict of the task's metrics (rvit/tasks.py) plus `kept_share` (mean share of patch
+    tokens kept), `kept_share_min`, `kept_share_max`, `gflops` (mean encoder GFLOPs per image at
+    the kept counts, rvit/flops.py), `num_samples`, `images_per_s` (this rank) and
+    `peak_memory_mb`.
     """
     model.eval()
     masker.eval()
-    seg = meta["task"] == "segmentation"
-    meter = SegmentationMeter(len(meta["classes"]), meta.get("ignore_index")) if seg \
-        else MultiLabelMeter()
+    meter = task_meter(meta)
     dev = transform.device
     kept_sum = torch.zeros(1, device=dev)
     flops_sum = torch.zeros(1, device=dev, dtype=torch.float64)

@@ -6,8 +6,9 @@ counts, which DDP sums exactly; average precision needs every score, which DDP g
 
 Rule for classes that are absent: a class with no positive target has no average precision and is
 left out of the macro mAP; a class absent from both targets and predictions has no F1 or IoU and is
-left out of macro F1 and mIoU (scikit-learn would count it as 0 unless given `labels=`). Weighted
-averages weight each class by its target support, so absent classes weigh nothing either way.
+left out of macro F1 and mIoU (scikit-learn would count it as 0 unless given `labels=`), and is 0
+in per-class lists (scikit-learn's `zero_division=0`). Weighted averages weight each class by its
+target support, so absent classes weigh nothing either way.
 
 Letters: N samples (or pixels), C classes.
 """
@@ -111,13 +112,15 @@ def _ratio(num, den):
     return torch.where(den > 0, num / den.clamp_min(1), torch.zeros_like(num))
 
 
-def f1_from_counts(counts, average: str = "macro") -> float:
-    """F1 = 2 tp / (2 tp + fp + fn) from (3, C) int64 counts; average micro, macro or weighted."""
+def f1_from_counts(counts, average: str = "macro"):
+    """F1 = 2 tp / (2 tp + fp + fn) from (3, C) int64 counts; average micro, macro or weighted,
+    or "none" for the (C,) float64 per-class F1s (0 for a class with no count)."""
     tp, fp, fn = counts
     if average == "micro":
         tp, fp, fn = tp.sum(), fp.sum(), fn.sum()
         return float(_ratio(2 * tp, 2 * tp + fp + fn))
-    return _average(_ratio(2 * tp, 2 * tp + fp + fn), counts, average)
+    f1 = _ratio(2 * tp, 2 * tp + fp + fn)
+    return f1 if average == "none" else _average(f1, counts, average)
 
 
 def jaccard_from_counts(counts, average: str = "macro"):
@@ -158,8 +161,14 @@ class MultiLabelMeter:
                 "num_samples": int(scores.shape[0])}
 
 
-class SegmentationMeter:
-    """Accumulates a confusion matrix; `compute` gives F1, Jaccard, mIoU, OA and per-class IoU."""
+class ConfusionMeter:
+    """Accumulates a confusion matrix of argmax predictions over images (multiclass) or pixels
+    (segmentation); `compute` gives overall accuracy, F1, Jaccard / IoU and the matrix itself.
+
+    Args:
+        num_classes: C.
+        ignore_index: target value left out of the counts (unlabelled pixels), or None.
+    """
 
     def __init__(self, num_classes: int, ignore_index=None):
         self.num_classes, self.ignore_index = num_classes, ignore_index
@@ -167,21 +176,29 @@ class SegmentationMeter:
         self.samples = 0
 
     def update(self, logits, targets):
-        """logits: (B, num_classes, H, W) float; targets: (B, H, W) integer class map."""
+        """logits: (B, C) or (B, C, H, W) float; targets: class ids (B,) or (B, H, W), or
+        one-hot (B, C) as a multiclass split stores them."""
         preds = logits.detach().argmax(1)
+        if targets.shape == logits.shape:  # one-hot rows -> class ids
+            targets = targets.argmax(1)
         self.cm += confusion_matrix(preds, targets, self.num_classes, self.ignore_index).cpu()
         self.samples += targets.shape[0]
 
     def compute(self) -> dict:
+        """Metrics over every sample of every DDP rank; per-class lists in class order, the
+        confusion matrix as a list of rows (reference class) of columns (predicted class)."""
         cm = distributed.all_reduce(self.cm.clone())
         counts = counts_from_confusion(cm)
         total = int(cm.sum())
-        return {"F1_micro": f1_from_counts(counts, "micro"),
+        return {"OA": float(cm.diagonal().sum()) / total if total else float("nan"),
+                "F1_micro": f1_from_counts(counts, "micro"),
                 "F1_macro": f1_from_counts(counts, "macro"),
+                "F1_weighted": f1_from_counts(counts, "weighted"),
                 "jaccard_weighted": jaccard_from_counts(counts, "weighted"),
                 "mIoU": jaccard_from_counts(counts, "macro"),
-                "OA": float(cm.diagonal().sum()) / total if total else float("nan"),
+                "F1_per_class": f1_from_counts(counts, "none").tolist(),
                 "IoU_per_class": jaccard_from_counts(counts, "none").tolist(),
+                "confusion_matrix": cm.tolist(),
                 "num_samples": int(distributed.all_reduce(torch.tensor(self.samples)))}
 
 

@@ -5,7 +5,8 @@ from rvit.vit import MODELS
 
 
 def build_model(cfg, meta):
-    """Model for `meta["task"]` ("multilabel" or "segmentation") from a resolved config.
+    """Model for `meta["task"]` from a resolved config: one ViT classifier for both
+    classification tasks ("multilabel", "multiclass"), RUPerNet for "segmentation".
 
     Args:
         cfg: dict with model, img_size, patch_size and, for segmentation, out_indices,

@@ -4,11 +4,12 @@
 
 Reads every `eval-*.json` below the given run folders (or the given JSON files): one object, or a
 list of them from an `evaluate.py --mask a,b,c` sweep. For each dataset, split and strategy it
-writes a Markdown table: the dataset's metrics (config.yaml `metrics`), each also as a share of
-the full-token baseline (the record at inference mask 0, from a model trained at mask 0 where
-there is one), kept share, encoder GFLOPs per image, the FLOP reduction and the measured
-speed-up over the baseline. With matplotlib installed (optional, imported only here) it also
-draws each metric against kept share per strategy, the baseline as a horizontal line.
+writes a Markdown table: the dataset's metrics (config.yaml `metrics`, else the defaults of the
+task its records name, rvit/tasks.py), each also as a share of the full-token baseline (the
+record at inference mask 0, from a model trained at mask 0 where there is one), kept share,
+encoder GFLOPs per image, the FLOP reduction and the measured speed-up over the baseline. With
+matplotlib installed (optional, imported only here) it also draws each metric against kept share
+per strategy, the baseline as a horizontal line.
 """
 import argparse
 import glob
@@ -17,6 +18,7 @@ import os
 
 from rvit.config import DEFAULT_CONFIG, dataset_config, load_config
 from rvit.figures import pyplot
+from rvit.tasks import TASKS
 
 
 def load_records(paths):
@@ -45,11 +47,15 @@ def baseline(records, rec):
     return full[0] if full else None
 
 
-def metrics_of(dataset, config=DEFAULT_CONFIG):
+def metrics_of(dataset, records, config=DEFAULT_CONFIG):
+    """The metrics to tabulate for a dataset: its config.yaml section's, else the defaults of
+    the one task its records name (records made before they named it: none)."""
     try:
-        return dataset_config(load_config(config), dataset, config).get("metrics", [])
+        listed = dataset_config(load_config(config), dataset, config).get("metrics")
     except ValueError:
-        return []
+        listed = None
+    tasks = {r.get("task") for r in records if r["dataset"] == dataset} & TASKS.keys()
+    return listed or (list(TASKS[tasks.pop()].metrics) if len(tasks) == 1 else [])
 
 
 def table(records, dataset, metrics):
@@ -114,7 +120,7 @@ def main(argv=None):
         raise SystemExit("no evaluation records found")
     parts = []
     for dataset in sorted({r["dataset"] for r in records}):
-        metrics = metrics_of(dataset, args.config)
+        metrics = metrics_of(dataset, records, args.config)
         parts.append(f"## {dataset}\n\n{table(records, dataset, metrics)}\n")
         if args.out:
             os.makedirs(args.out, exist_ok=True)

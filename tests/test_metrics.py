@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from rvit.metrics import (MultiLabelMeter, SegmentationMeter, average_precision,
+from rvit.metrics import (ConfusionMeter, MultiLabelMeter, average_precision,
                           confusion_matrix, counts_from_confusion, f1_from_counts,
                           jaccard_from_counts, multilabel_counts)
 
@@ -116,10 +116,53 @@ def test_meters_pool_batches_like_one_pass():
     assert out["mAP_macro"] == pytest.approx(average_precision(s, y, "macro"))
     assert out["F1_weighted"] == pytest.approx(f1_score((s >= 0).long(), y, "weighted"))
     p, t = segmentation_case(2)
-    seg = SegmentationMeter(5)
+    seg = ConfusionMeter(5)
     logits = torch.nn.functional.one_hot(p, 5).permute(0, 3, 1, 2).float()
     seg.update(logits[:2], t[:2])
     seg.update(logits[2:], t[2:])
     res = seg.compute()
     assert res["OA"] == pytest.approx((p == t).float().mean().item())
     assert res["mIoU"] == pytest.approx(jaccard_index(p, t, 5, "macro"))
+
+
+def multiclass_case(kind, n=300, c=6, seed=0):
+    """(logits (n, c), one-hot targets (n, c)) of a kind of single-label input."""
+    rng = np.random.default_rng(seed)
+    t = rng.integers(0, c - 1, n)  # class c-1 never a target
+    p = np.where(rng.random(n) < 0.6, t, rng.integers(0, c, n))
+    if kind == "one_predicted":  # every sample predicted as class 2
+        p[:] = 2
+    elif kind == "perfect":
+        p = t.copy()
+    elif kind == "one_sample":
+        t, p = t[:1], p[:1]
+    elif kind == "one_class":  # a single class in targets and predictions
+        t[:], p[:] = 1, 1
+    logits = torch.from_numpy(np.eye(c)[p] + rng.random((len(p), c)) * 0.1).float()
+    return logits, torch.from_numpy(np.eye(c, dtype=np.uint8)[t]), p, t
+
+
+@pytest.mark.parametrize("kind", ["random", "one_predicted", "perfect", "one_sample",
+                                  "one_class"])
+def test_multiclass_meter_matches_sklearn(kind):
+    logits, onehot, p, t = multiclass_case(kind)
+    meter = ConfusionMeter(6)
+    for i in range(0, len(p), 64):  # batches pool like one pass
+        meter.update(logits[i:i + 64], onehot[i:i + 64])
+    r = meter.compute()
+    assert r["num_samples"] == len(p)
+    assert r["OA"] == pytest.approx(sk.accuracy_score(t, p))
+    for average in ("macro", "weighted"):
+        assert r[f"F1_{average}"] == pytest.approx(
+            sk.f1_score(t, p, average=average, zero_division=0), abs=1e-12)
+    assert np.allclose(r["F1_per_class"], sk.f1_score(t, p, average=None, labels=range(6),
+                                                      zero_division=0))
+    assert r["confusion_matrix"] == sk.confusion_matrix(t, p, labels=range(6)).tolist()
+
+
+def test_multiclass_meter_takes_class_ids_like_one_hot():
+    logits, onehot, _, t = multiclass_case("random", seed=5)
+    by_id, by_onehot = ConfusionMeter(6), ConfusionMeter(6)
+    by_id.update(logits, torch.from_numpy(t))
+    by_onehot.update(logits, onehot)
+    assert by_id.compute() == by_onehot.compute()

@@ -76,9 +76,9 @@ def test_one_real_patch_as_a_geotiff_gives_the_hdf5_paths_probabilities(
         "--out", tmp_path / "h5", "--device", "cpu")
     with open(tmp_path / "h5" / "predictions.csv") as f:
         rows = list(csv.reader(f))
-    assert rows[0][:2] == ["name", "kept_share"] and len(rows) == 1 + len(names)
+    assert rows[0][:3] == ["name", "kept_share", "labels"] and len(rows) == 1 + len(names)
     assert rows[1][0] == names[0]
-    assert np.allclose([float(v) for v in rows[1][2:]], want.numpy(), atol=1e-5)
+    assert np.allclose([float(v) for v in rows[1][3:]], want.numpy(), atol=1e-5)
 
 
 def test_mosaic_tiles_skips_nodata_pads_edges_and_keeps_georeferencing(
