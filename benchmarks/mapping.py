@@ -24,6 +24,8 @@ import numpy as np
 import torch
 
 import predict
+import scene as scene_io
+from rvit.config import device_and_amp
 from benchmarks.throughput import time_steps
 from rvit.atomic import atomic_write
 
@@ -99,18 +101,18 @@ def time_model(args, scene, ckpt, m):
     import rasterio
     argv = ["--checkpoint", ckpt, "--input", scene, "--out", "-", "--mask", f"{m:g}",
             "--strategy", args.strategy, "--batch-size", str(args.batch_size)]
-    pargs = predict.parse_args(argv)
-    pred = predict.Predictor(pargs, torch.device(args.device))
+    pargs = predict.parse_args(argv + ["--device", args.device])
+    pred = predict.Predictor(pargs, torch.device(args.device), device_and_amp(pargs)[1])
     with rasterio.open(scene) as src:
-        grid = predict.Grid(src.height, src.width, pred.tile, pred.tile)
-        tiles = [t for _, _, t, _ in predict.read_tiles(src, grid, pred.meta["mean"])]
+        grid = scene_io.Grid(src.height, src.width, pred.tile, pred.tile)
+        tiles = [t for _, _, t, _ in scene_io.read_tiles(src, grid, pred.meta["mean"])]
     batches = [torch.from_numpy(np.stack(b)) for b in predict.batched(tiles, args.batch_size)]
     # the first batch once more as the warm-up, then every batch with its tile numbers
     todo = itertools.chain([(0, batches[0])], enumerate(batches))
 
     def one_batch():
         i, b = next(todo)
-        pred(b, torch.arange(len(b)) + i * args.batch_size)
+        pred(b, torch.arange(len(b)) + i * args.batch_size, [])
     _, times = time_steps(one_batch, len(batches), pred.device, warmup=1, sync_each=False)
     return len(tiles) / sum(times)
 
