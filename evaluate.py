@@ -7,7 +7,6 @@
 Prints the dataset's metrics and writes them, with the realised kept share, images/s, device and
 commit, as one JSON object. Under torchrun every sample is counted exactly once.
 """
-import argparse
 import os
 import re
 
@@ -15,7 +14,7 @@ import re
 from rvit import distributed
 from rvit.checkpoint import provenance, write_json
 from rvit.config import (add_masking_args, add_runtime_args, check, device_and_amp, mask_list,
-                         masking_from_run, run_cli)
+                         masking_from_run, parser, run_cli)
 from rvit.data import DeviceTransform, H5Dataset, eval_loader
 from rvit.evaluation import calibrate_dynamic, evaluate
 from rvit.masking import TokenMasker
@@ -23,9 +22,8 @@ from rvit.models import load_run
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Evaluate an RViT checkpoint on one split, at one "
-                                            "or several mask ratios. Masking flags left out "
-                                            "take the checkpoint's values.")
+    p = parser("Evaluate an RViT checkpoint on one split, at one or several mask ratios. "
+               "Masking flags left out take the checkpoint's values.")
     p.add_argument("--checkpoint", required=True, help="RUN/best.pt or RUN/last.pt")
     p.add_argument("--data-dir", default=None,
                    help="folder with SPLIT.h5 (default data/DATASET; paths stored in a "

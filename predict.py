@@ -27,7 +27,6 @@ An HDF5 split (labels optional) gives predictions.csv (name, a probability per c
 segmentation, classes.h5 (`classes` (N, H, W) uint8, `names`).
 rasterio (requirements-data.txt) is imported here only, for GeoTIFF input.
 """
-import argparse
 import csv
 import os
 from functools import partial
@@ -40,7 +39,7 @@ from tqdm import tqdm
 
 from rvit.atomic import AtomicFiles
 from rvit.config import (add_masking_args, add_runtime_args, check, device_and_amp,
-                         masking_from_run, run_cli)
+                         masking_from_run, parser, run_cli)
 from rvit.data import DeviceTransform
 from rvit.evaluation import autocast
 from rvit.figures import save_examples
@@ -48,7 +47,7 @@ from rvit.masking import TokenMasker
 from rvit.models import encoder, load_run
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = parser(__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="RUN/best.pt or RUN/last.pt")
     p.add_argument("--input", required=True,
                    help="a GeoTIFF / VRT scene, or a prepared HDF5 split (.h5)")
@@ -142,7 +141,11 @@ def batched(items, size):
 def predict_h5(args, pred, files):
     """Predictions for every sample of an HDF5 split: classes.h5 (segmentation) or
     predictions.csv (classification), under `files`' temporary names."""
-    with h5py.File(args.input, "r") as f:
+    try:
+        f = h5py.File(args.input, "r")
+    except OSError as e:  # h5py's message (truncated file, bad superblock) lacks the name
+        raise ValueError(f"{args.input}: not a readable HDF5 file ({e})") from e
+    with f:
         if not isinstance(f.get("images"), h5py.Dataset) or f["images"].ndim != 4:
             raise ValueError(f"{args.input}: no (N, C, H, W) dataset 'images'")
         images = f["images"]

@@ -10,17 +10,18 @@ patches this measures fitting, not generalisation. A model trained at mask 0 is 
 every strategy, so it is trained once and evaluated with each strategy's selection. Prints a
 Markdown table of OA / mIoU per strategy; it asserts nothing.
 """
-import argparse
 import json
 import os
 import subprocess
 import sys
 
+from rvit.cli import parser
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = parser(__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", required=True, help="a prepared segmentation dataset folder")
     p.add_argument("--dataset", default="flair", help="its config.yaml section")
     p.add_argument("--out", required=True, help="folder for the runs and results.json")

@@ -17,7 +17,6 @@ Everything is streamed over the HDF5 file (two passes; memory does not grow with
 written to OUT/redundancy.json, printed as Markdown, and drawn as PNGs when matplotlib / Pillow
 are installed (optional, imported only for the figures).
 """
-import argparse
 import heapq
 import os
 
@@ -26,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from rvit.checkpoint import write_json
+from rvit.cli import parser, run_cli
 from rvit.data import DeviceTransform, H5Dataset
 from rvit.figures import grey_dropped, pil_image, pyplot, to_rgb
 from rvit.masking import (STRATEGIES, dynamic_floor, keep_lowest, num_keep,
@@ -354,7 +354,7 @@ def example_grid(result, ds, tf, args):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = parser(__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", required=True, help="folder of prepare_data.py's HDF5 files")
     p.add_argument("--split", default="train", help="split file name without .h5")
     p.add_argument("--out", required=True, help="folder for redundancy.json and the PNGs")
@@ -374,11 +374,16 @@ def parse_args(argv=None):
     p.add_argument("--num-examples", type=int, default=4,
                    help="most and least redundant images shown")
     p.add_argument("--batch-size", type=int, default=32, help="images per step")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     return p.parse_args(argv)
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    """The report for command-line arguments `argv` (default sys.argv); errors raise."""
+    run(parse_args(argv))
+
+
+def run(args):
     result, ds, tf = analyse(args)
     os.makedirs(args.out, exist_ok=True)
     result["figures"] = figures(result, ds, tf, args)
@@ -389,4 +394,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli("rvit.redundancy", run, parse_args())

@@ -10,13 +10,15 @@ there is one), kept share, encoder GFLOPs per image, the FLOP reduction and the 
 speed-up over the baseline. With matplotlib installed (optional, imported only here) it also
 draws each metric against kept share per strategy, the baseline as a horizontal line.
 """
-import argparse
 import glob
 import json
 import os
 
+from rvit.cli import parser, run_cli
 from rvit.config import DEFAULT_CONFIG, dataset_config, load_config
 from rvit.figures import pyplot
+
+RECORD_KEYS = ("dataset", "split", "strategy", "mask_ratio", "kept_share")
 
 
 def load_records(paths):
@@ -32,8 +34,16 @@ def load_records(paths):
     records = []
     for f in files:
         with open(f) as fh:
-            data = json.load(fh)
-        records += data if isinstance(data, list) else [data]
+            try:
+                data = json.load(fh)
+            except ValueError as e:
+                raise ValueError(f"{f}: not a JSON file ({e})") from e
+        data = data if isinstance(data, list) else [data]
+        for r in data:
+            missing = [k for k in RECORD_KEYS if not isinstance(r, dict) or k not in r]
+            if missing:
+                raise ValueError(f"{f}: not an evaluate.py record (no {', '.join(missing)})")
+        records += data
     return records
 
 
@@ -101,17 +111,26 @@ def plot(records, dataset, metric, path):
     return True
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description="Markdown table (and PNG plots) of RViT evaluation "
-                                            "records: metrics against kept share.")
+def parse_args(argv=None):
+    p = parser("Markdown table (and PNG plots) of RViT evaluation records: metrics against "
+               "kept share.")
     p.add_argument("runs", nargs="+", help="run folders (searched for eval-*.json) or JSON files")
     p.add_argument("--out", default=None, help="folder for report.md and plots (default: print)")
     p.add_argument("--config", default=DEFAULT_CONFIG, help="config.yaml naming each dataset's "
                                                             "metrics")
-    args = p.parse_args(argv)
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    """The report for command-line arguments `argv` (default sys.argv); errors raise."""
+    run(parse_args(argv))
+
+
+def run(args):
     records = load_records(args.runs)
     if not records:
-        raise SystemExit("no evaluation records found")
+        raise ValueError(f"{', '.join(args.runs)}: no evaluation records (eval-*.json) found")
     parts = []
     for dataset in sorted({r["dataset"] for r in records}):
         metrics = metrics_of(dataset, args.config)
@@ -129,4 +148,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli("rvit.report", run, parse_args())
