@@ -6,7 +6,8 @@
 Spatial: the redundancy score that the masking uses (rvit/masking.py: mean cosine similarity of
 each patch to the other patches of its image), on standardised pixels and, with --checkpoint, on a
 trained model's patch embeddings: its histogram over all patches, per image the share of patches
-scoring above each --thresholds value, the kept share the dynamic strategy would give at each
+scoring above thresholds (by default the --quantiles of each space's own scores, as a score
+means something else in each space), the kept share the dynamic strategy would give at each
 --mask (threshold = the (1 - m)-quantile of all scores), the mean score per class, and the
 information each strategy keeps at each --mask: its fill error (`fill_error`: every dropped
 patch replaced by its most similar kept patch, as RUPerNet's `nearest` fill does).
@@ -14,8 +15,8 @@ Spectral (C > 1): the band correlation matrix and the number of principal compon
 standardised bands that explain 95 % and 99 % of the variance.
 
 Everything is streamed over the HDF5 file (two passes; memory does not grow with its size) and
-written to OUT/redundancy.json, printed as Markdown, and drawn as PNGs when matplotlib / Pillow
-are installed (optional, imported only for the figures).
+written to OUT/redundancy.json and OUT/report.md (also printed), and drawn as PNGs when
+matplotlib / Pillow are installed (optional, imported only for the figures).
 """
 import heapq
 import os
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from rvit.atomic import atomic_write
 from rvit.checkpoint import write_json
 from rvit.cli import parser, run_cli
 from rvit.data import DeviceTransform, H5Dataset
@@ -104,11 +106,12 @@ def analyse(args):
     if args.img_size % args.patch_size:
         raise ValueError(f"--img-size {args.img_size} is not a multiple of --patch-size "
                          f"{args.patch_size}")
+    if not all(0 < q < 1 for q in args.quantiles):
+        raise ValueError(f"--quantiles {args.quantiles}: each must be in (0, 1)")
     tf = DeviceTransform(meta["mean"], meta["std"], args.img_size, torch.device("cpu"))
     N = (args.img_size // args.patch_size) ** 2
     seg, classes = meta["task"] == "segmentation", meta["classes"]
     hist = {s: np.zeros(len(BINS) - 1) for s in spaces}
-    above = {s: np.zeros(len(args.thresholds)) for s in spaces}
     class_sum = {s: np.zeros(len(classes)) for s in spaces}
     class_n = np.zeros(len(classes))
     spectral = Spectral(len(meta["bands"]))
@@ -119,7 +122,6 @@ def analyse(args):
         for s in spaces:
             r = scores_of(x, s, vit, args.patch_size).numpy()  # (B, N)
             hist[s] += np.histogram(r.clip(-1, 1), BINS)[0]
-            above[s] += np.stack([(r > t).mean(1) for t in args.thresholds], 1).sum(0)
             sums, counts = per_class(r, y, seg, len(classes), args.patch_size)
             class_sum[s] += sums
             track_extremes(extremes[s], r.mean(1), idx, args.num_examples)
@@ -129,26 +131,35 @@ def analyse(args):
         raise ValueError(f"{ds.path}: no samples")
     result = {"dataset": meta["dataset"], "split": args.split, "num_samples": count,
               "img_size": args.img_size, "patch_size": args.patch_size, "num_patches": N,
-              "thresholds": args.thresholds, "spatial": {}}
+              "spatial": {}}
     taus = {s: {m: quantile_from_hist(hist[s], 1 - m) for m in args.mask} for s in spaces}
-    kept, fill = second_pass(ds, args, tf, vit, spaces, taus, N)
+    # (quantile or None, score) per space: a fixed score means something else in each space
+    thresholds = {s: [(None, t) for t in args.thresholds] if args.thresholds else
+                  [(q, quantile_from_hist(hist[s], q)) for q in args.quantiles] for s in spaces}
+    kept, fill, above = second_pass(ds, args, tf, vit, spaces, taus, thresholds, N)
     for s in spaces:
         total = hist[s].sum()
         centers = (BINS[:-1] + BINS[1:]) / 2
         result["spatial"][s] = {
             "histogram": {"edges": BINS.tolist(), "counts": hist[s].astype(int).tolist()},
             "mean_score": float((hist[s] * centers).sum() / total),
-            "share_above": {f"{t:g}": float(v / count) for t, v in zip(args.thresholds,
-                                                                       above[s])},
+            "share_above": above[s],
             "dynamic_kept_share": {f"{m:g}": kept[s][m] for m in args.mask},
             "fill_error": fill[s],
             "per_class_mean_score": {c: (float(class_sum[s][i] / class_n[i]) if class_n[i]
                                          else None) for i, c in enumerate(classes)}}
     if len(meta["bands"]) > 1:
         result["spectral"] = {"bands": meta["bands"], **spectral.result()}
-    result["examples"] = {s: {k: [i for _, i in sorted(v, reverse=True)]  # most extreme first
-                              for k, v in heaps.items()} for s, heaps in extremes.items()}
+    result["examples"] = {s: distinct_extremes(heaps) for s, heaps in extremes.items()}
     return result, ds, tf
+
+
+def distinct_extremes(heaps):
+    """{"most": indices, "least": indices}, most extreme first; an image among the most
+    redundant is left out of the least (a split smaller than twice --num-examples)."""
+    most = [i for _, i in sorted(heaps["most"], reverse=True)]
+    least = [i for _, i in sorted(heaps["least"], reverse=True) if i not in most]
+    return {"most": most, "least": least}
 
 
 def per_class(r, y, seg, num_classes, patch):
@@ -180,16 +191,20 @@ def track_extremes(extremes, means, idx, k):
                 heapq.heapreplace(heap, (key, i))
 
 
-def second_pass(ds, args, tf, vit, spaces, taus, N):
-    """Per-image kept share of the dynamic rule at each mask ratio's threshold, and the fill
-    error of every strategy (see `fill_error`), per space and mask ratio."""
+def second_pass(ds, args, tf, vit, spaces, taus, thresholds, N):
+    """Per-image kept share of the dynamic rule at each mask ratio's threshold, the fill
+    error of every strategy (see `fill_error`), per space and mask ratio, and per space and
+    threshold the share of each image's patches scoring above it (mean, min, max)."""
     floor = dynamic_floor(N)
     shares = {s: {m: [] for m in args.mask} for s in spaces}
+    above = {s: [[] for _ in thresholds[s]] for s in spaces}
     errors = {s: {st: {m: [] for m in args.mask} for st in STRATEGIES} for s in spaces}
     for _, x, _, idx in batches(ds, args, tf, "pass 2"):
         for s in spaces:
             feats = features(x, s, vit, args.patch_size)
             r = redundancy_score(feats)
+            for j, (_, t) in enumerate(thresholds[s]):
+                above[s][j] += (r > t).float().mean(1).tolist()
             for m in args.mask:
                 k = (r < taus[s][m]).sum(1).clamp_min(floor) if m > 0 else torch.full(
                     (r.shape[0],), N)
@@ -207,7 +222,10 @@ def second_pass(ds, args, tf, vit, spaces, taus, N):
                          "similarity_share": num_keep(N, m) / N}
     fill = {s: {st: {f"{m:g}": float(np.mean(errors[s][st][m])) for m in args.mask}
                 for st in STRATEGIES} for s in spaces}
-    return out, fill
+    above = {s: [{"quantile": q, "threshold": t, "mean": float(np.mean(v)),
+                  "min": float(np.min(v)), "max": float(np.max(v))}
+                 for (q, t), v in zip(thresholds[s], above[s])] for s in spaces}
+    return out, fill, above
 
 
 def strategy_error(feats, r, strategy, m, tau, seed, draws=5):
@@ -248,9 +266,15 @@ def markdown(result):
              f"{result['num_samples']} images, {result['num_patches']} patches of "
              f"{result['patch_size']} px at {result['img_size']} px)", ""]
     for s, sp in result["spatial"].items():
+        given = sp["share_above"] and sp["share_above"][0]["quantile"] is None
         lines += [f"## Spatial, {s} space: mean score {sp['mean_score']:.3f}", "",
-                  "| threshold | share of patches above |", "|---|---|"]
-        lines += [f"| {t} | {v:.3f} |" for t, v in sp["share_above"].items()]
+                  "| threshold: " + ("--thresholds" if given else
+                                     f"quantile of all {s}-space scores")
+                  + " | score | share of an image's patches above it: mean | min | max |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {'given' if a['quantile'] is None else format(a['quantile'], 'g')} | "
+                  f"{a['threshold']:.3f} | {a['mean']:.3f} | {a['min']:.3f} | {a['max']:.3f} |"
+                  for a in sp["share_above"]]
         lines += ["", "| mask | dynamic kept share: mean | min | max | similarity keeps |",
                   "|---|---|---|---|---|"]
         lines += [f"| {m} | {v['mean']:.3f} | {v['min']:.3f} | {v['max']:.3f} | "
@@ -364,8 +388,11 @@ def parse_args(argv=None):
     p.add_argument("--img-size", type=int, default=224, help="images are resized to this side "
                                                              "(pixels), as for training")
     p.add_argument("--patch-size", type=int, default=16, help="patch side in pixels")
-    p.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.7, 0.9],
-                   help="report the share of patches scoring above each")
+    p.add_argument("--quantiles", type=float, nargs="+", default=[0.9, 0.95, 0.99],
+                   help="report the share of each image's patches scoring above these "
+                        "quantiles of all scores, per score space")
+    p.add_argument("--thresholds", type=float, nargs="+", default=None,
+                   help="instead of --quantiles: these scores, the same in every space")
     p.add_argument("--mask", type=float, nargs="+", default=[0.25, 0.5, 0.65, 0.75, 0.85],
                    help="mask ratios at which to report the dynamic strategy's kept share and "
                         "every strategy's fill error")
@@ -389,8 +416,12 @@ def run(args):
     result["figures"] = figures(result, ds, tf, args)
     path = os.path.join(args.out, "redundancy.json")
     write_json(result, path)
-    print(markdown(result))
-    print(f"wrote {path}" + "".join(f", {f}" for f in result["figures"]))
+    text = markdown(result)
+    with atomic_write(os.path.join(args.out, "report.md")) as tmp, open(tmp, "w") as f:
+        f.write(text)
+    print(text)
+    print(f"wrote {path}, {os.path.join(args.out, 'report.md')}"
+          + "".join(f", {f}" for f in result["figures"]))
 
 
 if __name__ == "__main__":
