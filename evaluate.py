@@ -16,7 +16,7 @@ from rvit.checkpoint import provenance, write_json
 from rvit.config import (add_masking_args, add_runtime_args, check, device_and_amp, mask_list,
                          masking_from_run, parser, run_cli)
 from rvit.data import DeviceTransform, H5Dataset, eval_loader
-from rvit.evaluation import calibrate_dynamic, evaluate
+from rvit.evaluation import calibrate_dynamic, evaluate, rate_text
 from rvit.masking import TokenMasker
 from rvit.models import load_run
 
@@ -90,7 +90,8 @@ def main(args):
         rows.append({"dataset": cfg["dataset"], "split": args.split,
                      "checkpoint": args.checkpoint, "mask_ratio": m,
                      "train_mask_ratio": cfg["mask"], "strategy": args.strategy,
-                     "train_strategy": cfg["strategy"], "tau_source": tau_source, "amp": amp,
+                     "train_strategy": cfg["strategy"], "tau_source": tau_source,
+                     "tau": float(masker.tau) if tau_source else None, "amp": amp,
                      "world_size": world, **result, **provenance(device)})
         if rank == 0:
             print_table(rows[-1], cfg.get("metrics", []), meta["classes"])
@@ -104,10 +105,12 @@ def main(args):
 
 
 def print_table(record, metrics, classes):
+    tau = f", tau {record['tau']:.4f} from the {record['tau_source']}" if record["tau_source"] \
+        else ""
     print(f"{record['dataset']} {record['split']}: {record['num_samples']} samples, "
-          f"mask {record['mask_ratio']:g} ({record['strategy']}), "
+          f"mask {record['mask_ratio']:g} ({record['strategy']}{tau}), "
           f"kept share {record['kept_share']:.3f}, {record['gflops']:.3f} GFLOPs/image, "
-          f"{record['images_per_s']:.1f} img/s")
+          f"{rate_text(record['images_per_s'])}")
     for key in list(metrics) + [k for k in record if k.startswith(("mAP", "F1", "mIoU", "OA",
                                                                    "jaccard"))
                                 if k not in metrics]:

@@ -26,7 +26,7 @@ from rvit import distributed
 from rvit.checkpoint import atomic_save, load_checkpoint, load_pretrained, provenance
 from rvit.config import device_and_amp, resolve, run_cli, train_parser
 from rvit.data import DeviceTransform, H5Dataset, eval_loader, train_loader
-from rvit.evaluation import autocast, evaluate, peak_memory_mb
+from rvit.evaluation import autocast, evaluate, peak_memory_mb, rate_text
 from rvit.masking import TokenMasker
 from rvit.flops import vit_flops
 from rvit.models import build_model, encoder, encoder_depth
@@ -188,7 +188,7 @@ def main(args):
                 f.write(json.dumps(log) + "\n")
             print(f"epoch {epoch + 1}/{args.epochs}: loss {stats['loss']:.4f}, "
                   f"val {args.main_metric} {100 * score:.2f}{' (best)' if is_best else ''}, "
-                  f"kept {stats['kept_share']:.3f}, {stats['images_per_s']:.0f} img/s", flush=True)
+                  f"kept {stats['kept_share']:.3f}, {rate_text(stats['images_per_s'])}", flush=True)
     # DDP's reducer holds the process group, and frees it holding the GIL, which can deadlock
     # with a gloo thread that needs the GIL to free a finished collective's tensors: drop the
     # reducer first, so the group dies in cleanup(), whose binding releases the GIL

@@ -18,6 +18,16 @@ from rvit.metrics import MultiLabelMeter, SegmentationMeter
 from rvit.flops import vit_flops
 from rvit.models import encoder, encoder_depth
 
+MIN_TIMED_S = 1.0  # a rate from less time than this is noise, not a measurement
+
+
+def rate_text(images_per_s):
+    """'12.3 img/s' (three significant digits, never a rounded 0), or 'n/a img/s' when the
+    loop was too short to time (None)."""
+    if images_per_s is None:
+        return "n/a img/s"
+    return f"{images_per_s:.3g} img/s" if images_per_s < 100 else f"{images_per_s:.0f} img/s"
+
 
 def autocast(device, amp):
     """Autocast context for "bf16" or "fp16" on `device`, or a no-op for "none"."""
@@ -64,7 +74,10 @@ def evaluate(model, masker, loader, transform, meta, amp, desc="eval", examples_
 
     Returns a dict of the dataset's metrics plus `kept_share` (mean share of patch tokens kept),
     `kept_share_min`, `kept_share_max`, `gflops` (mean encoder GFLOPs per image at the kept
-    counts, rvit/flops.py), `num_samples`, `images_per_s` (this rank) and `peak_memory_mb`.
+    counts, rvit/flops.py), `num_samples`, `images_per_s` (this rank's loop: loading, transform
+    and model, timed from the end of the first batch, which pays one-time costs; None when
+    that leaves under MIN_TIMED_S seconds), `timed_images` (the images it counts) and
+    `peak_memory_mb`.
     """
     model.eval()
     masker.eval()
@@ -75,7 +88,7 @@ def evaluate(model, masker, loader, transform, meta, amp, desc="eval", examples_
     kept_sum = torch.zeros(1, device=dev)
     flops_sum = torch.zeros(1, device=dev, dtype=torch.float64)
     kept_min, kept_max = kept_sum + float("inf"), kept_sum - float("inf")
-    start, seen = time.perf_counter(), 0
+    start, seen, timed = None, 0, 0
     vit, depth = encoder(model), encoder_depth(model)
     num_patches = vit.patch_embed.num_patches
     if dev.type == "cuda":
@@ -95,9 +108,15 @@ def evaluate(model, masker, loader, transform, meta, amp, desc="eval", examples_
         flops_sum += vit_flops(vit, keep.num_kept.double(), depth).sum()
         kept_min, kept_max = kept_min.minimum(share.min()), kept_max.maximum(share.max())
         seen += len(images)
+        if start is None:  # the clock starts once the first batch is done
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+        else:
+            timed += len(images)
     if dev.type == "cuda":
         torch.cuda.synchronize()
-    elapsed = time.perf_counter() - start
+    elapsed = time.perf_counter() - start if start is not None else 0.0
     result = meter.compute()
     kept_total = float(distributed.all_reduce(kept_sum))
     n = max(result["num_samples"], 1)
@@ -106,7 +125,8 @@ def evaluate(model, masker, loader, transform, meta, amp, desc="eval", examples_
                   peak_memory_mb=peak_memory_mb(dev),
                   kept_share_min=float(distributed.all_reduce(kept_min, "min")),
                   kept_share_max=float(distributed.all_reduce(kept_max, "max")),
-                  images_per_s=seen / elapsed if elapsed > 0 else 0.0)
+                  images_per_s=timed / elapsed if elapsed >= MIN_TIMED_S else None,
+                  timed_images=timed)
     return result
 
 

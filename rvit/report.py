@@ -6,9 +6,11 @@ Reads every `eval-*.json` below the given run folders (or the given JSON files):
 list of them from an `evaluate.py --mask a,b,c` sweep. For each dataset, split and strategy it
 writes a Markdown table: the dataset's metrics (config.yaml `metrics`), each also as a share of
 the full-token baseline (the record at inference mask 0, from a model trained at mask 0 where
-there is one), kept share, encoder GFLOPs per image, the FLOP reduction and the measured
-speed-up over the baseline. With matplotlib installed (optional, imported only here) it also
-draws each metric against kept share per strategy, the baseline as a horizontal line.
+there is one), kept share, encoder GFLOPs per image, the FLOP reduction, images/s and the
+speed-up over the same trained model and strategy at mask 0 (none for a split too small to
+time). With matplotlib installed (optional, imported only for the plots) it also draws each
+metric against kept share per trained model and strategy, each model's full-token score as a
+horizontal line.
 """
 import glob
 import json
@@ -16,6 +18,7 @@ import os
 
 from rvit.cli import parser, run_cli
 from rvit.config import DEFAULT_CONFIG, dataset_config, load_config
+from rvit.evaluation import MIN_TIMED_S
 from rvit.figures import pyplot
 
 RECORD_KEYS = ("dataset", "split", "strategy", "mask_ratio", "kept_share")
@@ -62,51 +65,99 @@ def metrics_of(dataset, config=DEFAULT_CONFIG):
         return []
 
 
+def model_of(r):
+    """The trained model a record evaluates: its checkpoint (records without one: its training
+    strategy and mask ratio)."""
+    return r.get("checkpoint") or f"{r.get('train_strategy')} m{r.get('train_mask_ratio', 0):g}"
+
+
+def model_label(r):
+    strategy = f" ({r['train_strategy']})" if r.get("train_strategy") else ""
+    return f"trained at mask {r.get('train_mask_ratio', 0):g}{strategy}"
+
+
+def full_tokens(records, rec, strategy=True):
+    """The record of rec's trained model at mask 0 on rec's split (and, with `strategy`, rec's
+    strategy), or None."""
+    return next((r for r in records if model_of(r) == model_of(rec) and r["split"] == rec["split"]
+                 and r["dataset"] == rec["dataset"] and r["mask_ratio"] == 0
+                 and (not strategy or r["strategy"] == rec["strategy"])), None)
+
+
+def speed_up(r, full):
+    """images/s over the same model and strategy's at mask 0, or why there is no ratio."""
+    if full is None:
+        return "n/a (no mask 0)"
+    if r.get("images_per_s") is None or full.get("images_per_s") is None:
+        return "n/a (untimed)"
+    return f"{r['images_per_s'] / full['images_per_s']:.2f}x"
+
+
 def table(records, dataset, metrics):
-    """Markdown table of one dataset's records, sorted by strategy then kept share."""
+    """Markdown table of one dataset's records, sorted by strategy then kept share, and a note
+    saying what the timing columns measure and against what."""
     rows = sorted((r for r in records if r["dataset"] == dataset),
                   key=lambda r: (r["split"], r["strategy"], r.get("train_mask_ratio", 0),
-                                 -r["kept_share"]))
+                                 model_of(r), -r["kept_share"]))
     head = ["split", "strategy", "train mask", "mask", "kept share"]
     head += [f"{m} (% of full)" for m in metrics]
     head += ["GFLOPs", "FLOP reduction", "images/s", "speed-up"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         base = baseline(records, r)
-        cells = [r["split"], r["strategy"], f"{r.get('train_mask_ratio', 0):g}",
+        tau = f", tau {r['tau']:.4f}" if r.get("tau") is not None else ""
+        cells = [r["split"], r["strategy"] + tau, f"{r.get('train_mask_ratio', 0):g}",
                  f"{r['mask_ratio']:g}", f"{r['kept_share']:.3f}"]
         for m in metrics:
             share = f" ({100 * r[m] / base[m]:.1f}%)" if base and base.get(m) else ""
             cells.append(f"{100 * r[m]:.2f}{share}")
         cells.append(f"{r['gflops']:.3f}")
         cells.append(f"{base['gflops'] / r['gflops']:.2f}x" if base else "")
-        cells.append(f"{r['images_per_s']:.1f}")
-        cells.append(f"{r['images_per_s'] / base['images_per_s']:.2f}x" if base else "")
+        rate = r.get("images_per_s")
+        cells.append(f"{rate:.1f}" if rate is not None else "n/a (untimed)")
+        cells.append(speed_up(r, full_tokens(records, r)))
         lines.append("| " + " | ".join(cells) + " |")
+    devices = sorted({str(r.get("device", "unknown device")) for r in rows})
+    lines += ["", "% of full and FLOP reduction: against the full-token record (mask 0, from a "
+              "model trained at mask 0 where there is one). images/s: evaluate.py's loop "
+              "(reading, transform, model) in one process, timed from the end of its first "
+              f"batch, on {'; '.join(devices)}; untimed: under {MIN_TIMED_S:g} s of batches "
+              "after the first (a split too small to time). Speed-up: against the same trained "
+              "model and strategy at mask 0."]
     return "\n".join(lines)
 
 
+DASHES = ("--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)))  # the full-token line of each model
+
+
 def plot(records, dataset, metric, path):
-    """PNG of `metric` against kept share, one line per strategy and training mask ratio;
-    False without matplotlib."""
+    """PNG of `metric` against kept share, one line per trained model and strategy, and each
+    model's full-token score (its record at mask 0) as a grey horizontal line; the legend
+    beside the axes. False without matplotlib."""
     plt = pyplot("the report's plots")
     if plt is None:
         return False
     rows = [r for r in records if r["dataset"] == dataset and metric in r]
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for strategy, trained in sorted({(r["strategy"], r.get("train_mask_ratio", 0)) for r in rows}):
-        pts = sorted((r["kept_share"], 100 * r[metric]) for r in rows if r["strategy"] ==
-                     strategy and r.get("train_mask_ratio", 0) == trained)
-        ax.plot(*zip(*pts), marker="o", label=f"{strategy}, trained at mask {trained:g}")
-    base = baseline(records, rows[0]) if rows else None
-    if base:
-        ax.axhline(100 * base[metric], color="grey", linestyle="--", label="full tokens")
-    ax.set_xlabel("kept share of patch tokens")
+    splits = sorted({r["split"] for r in rows})
+    rows = [r for r in rows if r["split"] == splits[0]]  # one split per plot: the table has all
+    order = sorted({(r.get("train_mask_ratio", 0), str(r.get("train_strategy")), model_of(r),
+                     r["strategy"]) for r in rows})
+    fig, ax = plt.subplots(figsize=(7.2, 3.4), layout="constrained")
+    for *_, model, strategy in order:
+        line = [r for r in rows if model_of(r) == model and r["strategy"] == strategy]
+        pts = sorted((r["kept_share"], 100 * r[metric]) for r in line)
+        ax.plot(*zip(*pts), marker="o", label=f"{strategy}, {model_label(line[0])}")
+    models = list(dict.fromkeys(model for *_, model, _ in order))
+    for i, model in enumerate(models):
+        full = next((r for r in rows if model_of(r) == model and r["mask_ratio"] == 0), None)
+        if full is not None:
+            ax.axhline(100 * full[metric], color="grey", linestyle=DASHES[i % len(DASHES)],
+                       linewidth=1.2, label=f"full tokens, {model_label(full)}")
+    ax.set_xlabel("kept share of patch tokens (1 = all)")
     ax.set_ylabel(f"{metric} (%)")
-    ax.set_title(dataset)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    ax.set_title(f"{dataset}, {splits[0]} split: {metric} against kept share", fontsize=10)
+    fig.legend(loc="outside right upper", fontsize=8, frameon=False)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return True
 
