@@ -17,7 +17,8 @@ skipped and written as nodata.
 Writes to OUT, each file under a temporary name renamed when complete:
   classification: probabilities.tif (float32, a band per class, one pixel per tile, the
     scene's CRS, its transform scaled to the tile; NaN where skipped), predictions.csv (tile
-    row, column, centre x / y in the scene's CRS, kept share, labels above --threshold);
+    row, column, centre x / y in the scene's CRS of the tile's part inside the scene, kept
+    share, labels above --threshold);
   segmentation: classes.tif (uint8 class ids at full resolution, the scene's CRS and transform;
     255 where skipped or nodata); --overlap blends the logits of overlapping tiles with a
     linear ramp so seams do not show;
@@ -168,7 +169,8 @@ def predict_h5(args, pred, files):
             rows = csv.writer(out)
             rows.writerow(["name", "kept_share", *pred.meta["classes"]])
         with out:
-            for start in tqdm(range(0, n, args.batch_size), desc="predict", unit="batch"):
+            for start in tqdm(range(0, n, args.batch_size), desc="predict", unit="batch",
+                              disable=None):  # None: no bar unless stderr is a terminal
                 stop = min(n, start + args.batch_size)
                 y, kept = pred(torch.from_numpy(images[start:stop]), torch.arange(start, stop),
                                [f"sample_{i:06d}" for i in range(start, stop)])
@@ -210,7 +212,10 @@ def predict_scene(args, pred, files):
         if args.overlap and not pred.seg:
             raise ValueError("--overlap blends segmentation tiles; classification tiles do not "
                              "overlap")
-        map_scene(args, pred, src, scene.Grid(src.height, src.width, S, S - args.overlap), files)
+        # a block cache sized to a strip, for this scene only: memory stays flat however tall
+        with rasterio.Env(GDAL_CACHEMAX=scene.strip_cache_mb(src, S)):
+            map_scene(args, pred, src, scene.Grid(src.height, src.width, S, S - args.overlap),
+                      files)
 
 
 def map_scene(args, pred, src, grid, files):
@@ -222,7 +227,7 @@ def map_scene(args, pred, src, grid, files):
     sink = (scene.SegmentationSink if pred.seg else scene.ClassificationSink).open(
         files, src, grid, pred.meta, args)
     kept_map = np.full((grid.rows, grid.cols), np.nan, np.float32)
-    with tqdm(total=len(grid), desc="predict", unit="tile") as bar:
+    with tqdm(total=len(grid), desc="predict", unit="tile", disable=None) as bar:
         for batch in batched(scene.read_tiles(src, grid, pred.meta["mean"]), args.batch_size):
             real = [(r, c, t) for r, c, t, _ in batch if t is not None]
             results = {}

@@ -93,8 +93,9 @@ def evaluate(model, masker, loader, transform, meta, amp, desc="eval", examples_
     num_patches = vit.patch_embed.num_patches
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    for images, targets, index in tqdm(loader, desc=desc, disable=distributed.rank() != 0,
-                                       leave=False):
+    # a bar on rank 0 only, and only on a terminal (disable=None): not in a log file
+    for images, targets, index in tqdm(loader, desc=desc, leave=False,
+                                       disable=None if distributed.rank() == 0 else True):
         x, y = transform(images, targets)
         with autocast(dev, amp):
             out = model(x, select=partial(masker, index=index))

@@ -75,7 +75,7 @@ def scores_of(x, space, vit, patch):
 def batches(ds, args, tf, desc):
     """(native images numpy, model input, targets, index) per batch, with a progress bar."""
     n = min(len(ds), args.max_samples or len(ds))
-    for start in tqdm(range(0, n, args.batch_size), desc=desc):
+    for start in tqdm(range(0, n, args.batch_size), desc=desc, disable=None):  # None: TTY only
         idx = list(range(start, min(n, start + args.batch_size)))
         images, targets, _ = ds.__getitems__(idx)
         x, y = tf(images, targets)
