@@ -122,7 +122,8 @@ class Predictor:
         n = min(self.examples_left, len(images))
         if n:  # PNGs of the first tiles (rvit/figures.py)
             save_examples(self.examples_dir, x[:n], keep, self.meta, self.patch, names[:n],
-                          out[:n].argmax(1) if self.seg else None)
+                          out[:n].argmax(1) if self.seg else torch.sigmoid(out[:n]),
+                          caption=f"{self.masker.strategy} at mask {self.masker.mask_ratio:g}")
             self.examples_left -= n
         return (out if self.seg else torch.sigmoid(out)).cpu(), kept
 

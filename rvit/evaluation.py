@@ -103,7 +103,7 @@ def evaluate(model, masker, loader, transform, meta, amp, desc="eval", examples_
         keep = masker.last  # what this forward pass kept: examples grey exactly these patches
         if examples_dir and seen < num_examples and distributed.rank() == 0:
             write_examples(examples_dir, keep, x, y, out, index, meta, vit.patch_embed.patch_size,
-                           num_examples - seen)
+                           num_examples - seen, f"{masker.strategy} at mask {masker.mask_ratio:g}")
         share = keep.num_kept.float() / num_patches  # (B,) share of patch tokens kept
         kept_sum += share.sum()
         flops_sum += vit_flops(vit, keep.num_kept.double(), depth).sum()
@@ -131,11 +131,15 @@ def evaluate(model, masker, loader, transform, meta, amp, desc="eval", examples_
     return result
 
 
-def write_examples(folder, keep, x, y, out, index, meta, patch, n):
+def write_examples(folder, keep, x, y, out, index, meta, patch, n, caption=""):
     """PNGs of the first n samples of a batch: image, kept tokens (`keep`, the selection the
-    batch's forward pass made), prediction, reference."""
-    seg = meta["task"] == "segmentation"
+    batch's forward pass made), prediction (class map, or class probabilities), reference."""
+    out = out[:n].float()
+    if meta["task"] == "segmentation":
+        pred = out.argmax(1)
+    else:
+        pred = out.softmax(1) if meta["task"] == "multiclass" else torch.sigmoid(out)
     save_examples(folder, x[:n], keep, meta, patch,
                   [f"{re.sub(r'[^A-Za-z0-9_-]', '_', str(meta['dataset']))}_{int(i):06d}"
                    for i in index[:n]],  # a name from a data file never steers the path
-                  out[:n].argmax(1) if seg else None, y[:n] if seg else None)
+                  pred, y[:n], caption)

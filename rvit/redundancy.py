@@ -29,7 +29,7 @@ from rvit.atomic import atomic_write
 from rvit.checkpoint import write_json
 from rvit.cli import parser, run_cli
 from rvit.data import DeviceTransform, H5Dataset
-from rvit.figures import grey_dropped, pil_image, pyplot, to_rgb
+from rvit.figures import grey_dropped, panel_grid, pyplot, to_rgb
 from rvit.masking import (STRATEGIES, dynamic_floor, keep_lowest, num_keep,
                           pixel_patches, redundancy_score, restore_grid, restore_index, select)
 from rvit.models import encoder, load_run
@@ -298,83 +298,104 @@ def markdown(result):
 
 
 def figures(result, ds, tf, args):
-    """Score histograms, band correlation matrix (matplotlib) and the most / least redundant
-    images with their dropped patches greyed at --show-mask (Pillow). Returns files written."""
+    """Score histograms, fill error and band correlation (matplotlib), and the most / least
+    redundant images with their dropped patches greyed at --show-mask (matplotlib, else
+    Pillow). Returns the files written."""
     written = []
-    plt = pyplot("the histogram and correlation plots")
+    plt = pyplot("the histogram, fill error and correlation plots")
     if plt is not None:
-        fig, ax = plt.subplots(figsize=(5, 3.2))
-        for s, sp in result["spatial"].items():
-            edges, counts = np.array(sp["histogram"]["edges"]), np.array(sp["histogram"]["counts"])
-            ax.stairs(counts / counts.sum(), edges, label=f"{s} space")
-        ax.set_xlabel("redundancy score (mean cosine similarity to the other patches)")
-        ax.set_ylabel("share of patches")
-        ax.legend()
-        fig.tight_layout()
-        written.append(os.path.join(args.out, "score_histogram.png"))
-        fig.savefig(written[-1], dpi=120)
-        plt.close(fig)
+        written.append(score_histogram(plt, result, args.out))
         written.append(fill_error_plot(plt, result, args.out))
         if "spectral" in result:
-            sp = result["spectral"]
-            fig, ax = plt.subplots(figsize=(4.5, 4))
-            im = ax.imshow(np.array(sp["correlation"]), vmin=-1, vmax=1, cmap="RdBu_r")
-            ax.set_xticks(range(len(sp["bands"])), sp["bands"], rotation=90)
-            ax.set_yticks(range(len(sp["bands"])), sp["bands"])
-            fig.colorbar(im)
-            fig.tight_layout()
-            written.append(os.path.join(args.out, "band_correlation.png"))
-            fig.savefig(written[-1], dpi=120)
-            plt.close(fig)
+            written.append(correlation_plot(plt, result["spectral"], args.out))
     written += example_grid(result, ds, tf, args)
     return written
+
+
+def save(fig, plt, path):
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def score_histogram(plt, result, out):
+    """A histogram per score space, each over the range its scores span (the bins hold
+    [-1, 1]; the scores of one space fill a small part of it)."""
+    spaces = result["spatial"]
+    fig, axes = plt.subplots(1, len(spaces), figsize=(4.6 * len(spaces), 3.2), squeeze=False,
+                             layout="constrained")
+    for ax, (s, sp) in zip(axes[0], spaces.items()):
+        edges, counts = np.array(sp["histogram"]["edges"]), np.array(sp["histogram"]["counts"])
+        ax.stairs(counts / counts.sum(), edges, fill=True, alpha=0.8)
+        used = np.flatnonzero(counts)
+        lo, hi = edges[used[0]], edges[used[-1] + 1]
+        ax.set_xlim(lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo))
+        ax.axvline(sp["mean_score"], color="k", linestyle="--", linewidth=1,
+                   label=f"mean {sp['mean_score']:.3f}")
+        ax.set_title(f"{result['dataset']} {result['split']}, {s} space: "
+                     f"{result['num_samples']} images,\n{result['num_patches']} patches each",
+                     fontsize=9)
+        ax.set_xlabel("redundancy score: mean cosine similarity\nto the image's other patches "
+                      "(-1 to 1)", fontsize=9)
+        ax.set_ylabel(f"share of patches per {edges[1] - edges[0]:.2g} bin", fontsize=9)
+        ax.legend(fontsize=8, frameon=False)
+    return save(fig, plt, os.path.join(out, "score_histogram.png"))
+
+
+def correlation_plot(plt, spectral, out):
+    """The band correlation matrix, with the components the variance needs in the title."""
+    bands = spectral["bands"]
+    fig, ax = plt.subplots(figsize=(5, 4.4), layout="constrained")
+    im = ax.imshow(np.array(spectral["correlation"]), vmin=-1, vmax=1, cmap="RdBu_r")
+    ax.set_xticks(range(len(bands)), bands, rotation=90, fontsize=8)
+    ax.set_yticks(range(len(bands)), bands, fontsize=8)
+    fig.colorbar(im, label="Pearson correlation of standardised bands")
+    ax.set_title(f"{spectral['components_95']} principal components explain 95 % of the "
+                 f"variance,\n{spectral['components_99']} explain 99 %", fontsize=9)
+    return save(fig, plt, os.path.join(out, "band_correlation.png"))
 
 
 def fill_error_plot(plt, result, out):
     """Fill error against kept share, a line per strategy (solid: pixel space, dashed:
     embedding space); the dynamic strategy at its mean realised kept share."""
-    fig, ax = plt.subplots(figsize=(5, 3.2))
+    fig, ax = plt.subplots(figsize=(6.4, 3.4), layout="constrained")
     for (space, sp), style in zip(result["spatial"].items(), ("-", "--")):
         masks = list(sp["dynamic_kept_share"])
         for i, st in enumerate(STRATEGIES):
             kept = [sp["dynamic_kept_share"][m]["mean" if st == "dynamic" else
                                                 "similarity_share"] for m in masks]
             ax.plot(kept, [sp["fill_error"][st][m] for m in masks], style, marker="o",
-                    color=f"C{i}", label=f"{st} ({space})")
-    ax.set_xlabel("kept share of patch tokens")
-    ax.set_ylabel("fill error (lower keeps more)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = os.path.join(out, "fill_error.png")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+                    color=f"C{i}", label=f"{st} ({space} space)")
+    ax.set_xlabel("kept share of patch tokens (1 = all)")
+    ax.set_ylabel("fill error (0: nothing lost;\n1: as much as all zeros)")
+    ax.set_title(f"{result['dataset']} {result['split']}: information each strategy loses\n"
+                 "(a dropped patch takes its most similar kept one)", fontsize=9)
+    fig.legend(loc="outside right upper", fontsize=8, frameon=False)
+    return save(fig, plt, os.path.join(out, "fill_error.png"))
 
 
 def example_grid(result, ds, tf, args):
     """The most (top row) and least (bottom row) redundant images in pixel space, the patches
-    similarity would drop at --show-mask greyed."""
-    Image = pil_image("the example grid")
-    if Image is None:
-        return []
-    rows = []
-    N = result["num_patches"]
+    similarity would drop at --show-mask greyed, each titled with its mean score."""
+    rows, titles, N = [], [], result["num_patches"]
     for name in ("most", "least"):
-        tiles = []
+        tiles, names = [], []
         for i in result["examples"]["pixel"][name]:
             image, target, _ = ds[i]
             x, _ = tf(image[None], target[None])
-            kept = keep_lowest(scores_of(x, "pixel", None, args.patch_size),
-                               num_keep(N, args.show_mask))[0].numpy()
+            r = scores_of(x, "pixel", None, args.patch_size)
+            kept = keep_lowest(r, num_keep(N, args.show_mask))[0].numpy()
             tiles.append(grey_dropped(to_rgb(x[0], list(ds.meta["bands"])), kept,
                                       args.patch_size))
-        if tiles:
-            rows.append(np.concatenate(tiles, axis=1))
-    width = max(r.shape[1] for r in rows)
-    rows = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0))) for r in rows]
+            names.append(f"#{i}: mean score {float(r.mean()):.3f}")
+        rows.append(tiles)
+        titles.append(names)
     path = os.path.join(args.out, f"examples_mask{args.show_mask:g}.png")
-    Image.fromarray(np.concatenate(rows, axis=0)).save(path)
-    return [path]
+    title = (f"{result['dataset']} {result['split']}: the most and the least redundant images "
+             f"(pixel space)\nsimilarity at mask {args.show_mask:g}: each image's "
+             f"{N - num_keep(N, args.show_mask)} of {N} most redundant patches greyed")
+    return [path] if panel_grid(path, rows, titles, title,
+                                ["most redundant", "least redundant"]) else []
 
 
 def parse_args(argv=None):

@@ -9,7 +9,7 @@ import rasterio
 import torch
 from rasterio.transform import Affine
 
-from conftest import BEN_V1, FLAIR, kill_when_exists, run
+from conftest import BEN_V1, FLAIR, kill_when_exists, png_size, run
 from rvit.checkpoint import load_checkpoint
 from rvit.data import DeviceTransform, H5Dataset
 from rvit.masking import TokenMasker
@@ -64,7 +64,8 @@ def test_one_real_patch_as_a_geotiff_gives_the_hdf5_paths_probabilities(
     crs, transform = patch_profile(names[0])
     write_tif(tmp_path / "patch.tif", images[0], crs, transform, descriptions=bands)
     proc = run("predict.py", "--checkpoint", ben_model, "--input", tmp_path / "patch.tif",
-               "--out", tmp_path / "map", "--device", "cpu")
+               "--out", tmp_path / "map", "--device", "cpu", "--save-examples", tmp_path / "png")
+    assert png_size(tmp_path / "png" / "tile_000000.png")[0] == 520  # image, kept, labels
     # output to a file or pipe: no progress bar in it, the closing line once
     assert "predict:" not in proc.stderr + proc.stdout and proc.stdout.count("wrote") == 1
     with rasterio.open(tmp_path / "map" / "probabilities.tif") as src:

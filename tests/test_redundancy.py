@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import png_size
 from prepare.h5 import SplitWriter
 from rvit.redundancy import main
 
@@ -88,6 +89,9 @@ def test_figures_match_numpy_on_real_bigearthnet_patches(ben_v1, tmp_path):
         assert np.quantile(scores, a["quantile"]) == pytest.approx(a["threshold"], abs=0.01)
     assert "| threshold: quantile of all pixel-space scores | score |" in (
         tmp_path / "report.md").read_text()
+    check_figures(tmp_path, {"score_histogram.png": (460, 320), "fill_error.png": (640, 340),
+                             "band_correlation.png": (500, 440),
+                             "examples_mask0.65.png": (1055, 605)})  # 4 columns, 2 rows
     assert sp["dynamic_kept_share"]["0.5"]["mean"] == pytest.approx(0.5, abs=0.02)
     pixels = images.transpose(1, 0, 2, 3).reshape(12, -1).astype(np.float64)
     assert np.allclose(r["spectral"]["correlation"], np.corrcoef(pixels), atol=1e-6)
@@ -136,7 +140,14 @@ def test_fill_error_matches_a_brute_force_and_coverage_loses_least(ben_v1, tmp_p
     for m in ("0.6", "0.85"):  # the most typical patches go first, and their region with them
         assert err["coverage"][m] < err["similarity"][m]
     assert all(err[st]["0.85"] > err[st]["0.6"] for st in err)
-    assert (tmp_path / "fill_error.png").exists() or not _has_matplotlib()
+
+
+def check_figures(folder, sizes):
+    """Each figure is a PNG of the size (width, height in px) its layout gives (smoke renders:
+    their look is checked by eye)."""
+    if _has_matplotlib():
+        for name, size in sizes.items():
+            assert png_size(folder / name) == size, name
 
 
 def _has_matplotlib():
@@ -165,3 +176,6 @@ def test_example_images_are_the_extremes_of_each_score_space(ben_v1, ben_run, tm
         order = torch.argsort(redundancy_score(f).mean(1), descending=True).tolist()
         assert examples[space] == {"most": order[:2], "least": order[::-1][:2]}, space
     assert examples["pixel"] != examples["embedding"]  # else this test could not tell them apart
+    # two score spaces: a histogram each; 2 images a row
+    check_figures(tmp_path, {"score_histogram.png": (920, 320),
+                             "examples_mask0.65.png": (555, 605)})

@@ -207,3 +207,19 @@ def test_save_examples_leaves_the_evaluation_record_unchanged(which, request, tm
                                                                  "peak_memory_mb")})
     assert records[0] == records[1]
     assert len(os.listdir(tmp_path / "png")) == 3
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    for name in os.listdir(tmp_path / "png"):  # smoke renders; the look is checked by eye
+        width, height = png_size(tmp_path / "png" / name)
+        if which == "flair":  # four titled panels and a class legend
+            assert (width, height) == (1020, 355)
+        else:  # two titled panels, the labels below in as many lines as they wrap to
+            assert width == 520 and 335 <= height <= 520, (width, height)
+
+
+def test_example_labels_name_the_top_classes_with_their_probabilities():
+    from rvit.figures import top_labels
+    assert top_labels(np.array([0.1, 0.8, 0.3, 0.5]), ["a", "b, c", "d", "e"]) == \
+        "b, c 0.80; e 0.50; d 0.30"
