@@ -18,7 +18,9 @@ from rvit.metrics import MultiLabelMeter, SegmentationMeter
 from rvit.flops import vit_flops
 from rvit.models import encoder, encoder_depth
 
-MIN_TIMED_S = 1.0  # a rate from less time than this is noise, not a measurement
+# a rate from less time, or from fewer batches after the first (the last one alone is often a
+# short batch, whose fixed costs inflate its time per image), is noise, not a measurement
+MIN_TIMED_S, MIN_TIMED_BATCHES = 1.0, 2
 
 
 def rate_text(images_per_s):
@@ -76,8 +78,8 @@ def evaluate(model, masker, loader, transform, meta, amp, desc="eval", examples_
     `kept_share_min`, `kept_share_max`, `gflops` (mean encoder GFLOPs per image at the kept
     counts, rvit/flops.py), `num_samples`, `images_per_s` (this rank's loop: loading, transform
     and model, timed from the end of the first batch, which pays one-time costs; None when
-    that leaves under MIN_TIMED_S seconds), `timed_images` (the images it counts) and
-    `peak_memory_mb`.
+    that leaves under MIN_TIMED_S seconds or MIN_TIMED_BATCHES batches), `timed_images` (the
+    images it counts) and `peak_memory_mb`.
     """
     model.eval()
     masker.eval()
@@ -88,7 +90,7 @@ def evaluate(model, masker, loader, transform, meta, amp, desc="eval", examples_
     kept_sum = torch.zeros(1, device=dev)
     flops_sum = torch.zeros(1, device=dev, dtype=torch.float64)
     kept_min, kept_max = kept_sum + float("inf"), kept_sum - float("inf")
-    start, seen, timed = None, 0, 0
+    start, seen, timed, timed_batches = None, 0, 0, 0
     vit, depth = encoder(model), encoder_depth(model)
     num_patches = vit.patch_embed.num_patches
     if dev.type == "cuda":
@@ -114,7 +116,7 @@ def evaluate(model, masker, loader, transform, meta, amp, desc="eval", examples_
                 torch.cuda.synchronize()
             start = time.perf_counter()
         else:
-            timed += len(images)
+            timed, timed_batches = timed + len(images), timed_batches + 1
     if dev.type == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start if start is not None else 0.0
@@ -126,7 +128,8 @@ def evaluate(model, masker, loader, transform, meta, amp, desc="eval", examples_
                   peak_memory_mb=peak_memory_mb(dev),
                   kept_share_min=float(distributed.all_reduce(kept_min, "min")),
                   kept_share_max=float(distributed.all_reduce(kept_max, "max")),
-                  images_per_s=timed / elapsed if elapsed >= MIN_TIMED_S else None,
+                  images_per_s=timed / elapsed if elapsed >= MIN_TIMED_S and
+                  timed_batches >= MIN_TIMED_BATCHES else None,
                   timed_images=timed)
     return result
 

@@ -18,7 +18,7 @@ import os
 
 from rvit.cli import parser, run_cli
 from rvit.config import DEFAULT_CONFIG, dataset_config, load_config
-from rvit.evaluation import MIN_TIMED_S
+from rvit.evaluation import MIN_TIMED_BATCHES, MIN_TIMED_S
 from rvit.figures import pyplot
 
 RECORD_KEYS = ("dataset", "split", "strategy", "mask_ratio", "kept_share")
@@ -72,8 +72,9 @@ def model_of(r):
 
 
 def model_label(r):
-    strategy = f" ({r['train_strategy']})" if r.get("train_strategy") else ""
-    return f"trained at mask {r.get('train_mask_ratio', 0):g}{strategy}"
+    """'model trained at mask 0', or 'model trained with similarity at mask 0.6'."""
+    m, strategy = r.get("train_mask_ratio", 0), r.get("train_strategy")
+    return f"model trained {f'with {strategy} ' if m and strategy else ''}at mask {m:g}"
 
 
 def full_tokens(records, rec, strategy=True):
@@ -121,41 +122,45 @@ def table(records, dataset, metrics):
     lines += ["", "% of full and FLOP reduction: against the full-token record (mask 0, from a "
               "model trained at mask 0 where there is one). images/s: evaluate.py's loop "
               "(reading, transform, model) in one process, timed from the end of its first "
-              f"batch, on {'; '.join(devices)}; untimed: under {MIN_TIMED_S:g} s of batches "
-              "after the first (a split too small to time). Speed-up: against the same trained "
-              "model and strategy at mask 0."]
+              f"batch, on {'; '.join(devices)}; untimed: under {MIN_TIMED_S:g} s or "
+              f"{MIN_TIMED_BATCHES} batches after the first (a split too small to time). "
+              "Speed-up: against the same trained model and strategy at mask 0."]
     return "\n".join(lines)
 
 
-DASHES = ("--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)))  # the full-token line of each model
+LINES, MARKERS = ("-", "--", "-.", ":"), "osD^v"  # per trained model; colour per strategy
 
 
 def plot(records, dataset, metric, path):
-    """PNG of `metric` against kept share, one line per trained model and strategy, and each
-    model's full-token score (its record at mask 0) as a grey horizontal line; the legend
-    beside the axes. False without matplotlib."""
+    """PNG of `metric` against kept share: a line per trained model (line style, marker) and
+    inference strategy (colour), and each model's full-token score (its record at mask 0) as a
+    grey line in the model's style; the legend beside the axes. False without matplotlib."""
     plt = pyplot("the report's plots")
     if plt is None:
         return False
     rows = [r for r in records if r["dataset"] == dataset and metric in r]
     splits = sorted({r["split"] for r in rows})
     rows = [r for r in rows if r["split"] == splits[0]]  # one split per plot: the table has all
-    order = sorted({(r.get("train_mask_ratio", 0), str(r.get("train_strategy")), model_of(r),
-                     r["strategy"]) for r in rows})
-    fig, ax = plt.subplots(figsize=(7.2, 3.4), layout="constrained")
-    for *_, model, strategy in order:
-        line = [r for r in rows if model_of(r) == model and r["strategy"] == strategy]
-        pts = sorted((r["kept_share"], 100 * r[metric]) for r in line)
-        ax.plot(*zip(*pts), marker="o", label=f"{strategy}, {model_label(line[0])}")
-    models = list(dict.fromkeys(model for *_, model, _ in order))
+    models = sorted({model_of(r): r for r in rows}.values(),
+                    key=lambda r: (r.get("train_mask_ratio", 0), str(r.get("train_strategy")),
+                                   model_of(r)))
+    strategies = sorted({r["strategy"] for r in rows})
+    fig, ax = plt.subplots(figsize=(8, 3.6), layout="constrained")
     for i, model in enumerate(models):
-        full = next((r for r in rows if model_of(r) == model and r["mask_ratio"] == 0), None)
+        style = dict(linestyle=LINES[i % len(LINES)], marker=MARKERS[i % len(MARKERS)])
+        for j, strategy in enumerate(strategies):
+            pts = sorted((r["kept_share"], 100 * r[metric]) for r in rows
+                         if model_of(r) == model_of(model) and r["strategy"] == strategy)
+            if pts:
+                ax.plot(*zip(*pts), color=f"C{j}", **style,
+                        label=f"{strategy}, {model_label(model)}")
+        full = full_tokens(rows, model, strategy=False)
         if full is not None:
-            ax.axhline(100 * full[metric], color="grey", linestyle=DASHES[i % len(DASHES)],
-                       linewidth=1.2, label=f"full tokens, {model_label(full)}")
+            ax.axhline(100 * full[metric], color="grey", linewidth=1, linestyle=style["linestyle"],
+                       label=f"full tokens, {model_label(model)}")
     ax.set_xlabel("kept share of patch tokens (1 = all)")
     ax.set_ylabel(f"{metric} (%)")
-    ax.set_title(f"{dataset}, {splits[0]} split: {metric} against kept share", fontsize=10)
+    ax.set_title(f"{dataset}, {splits[0]} split:\n{metric} against kept share", fontsize=9)
     fig.legend(loc="outside right upper", fontsize=8, frameon=False)
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -180,7 +180,7 @@ def test_report_command_writes_markdown(trained, tmp_path):
         import matplotlib  # noqa: F401
     except ImportError:
         return
-    assert png_size(tmp_path / "report" / "mlrsnet_mAP_micro.png") == (720, 340)
+    assert png_size(tmp_path / "report" / "mlrsnet_mAP_micro.png") == (800, 360)
 
 
 @pytest.mark.parametrize("which", ["bigearthnet", "flair"])
@@ -223,3 +223,20 @@ def test_example_labels_name_the_top_classes_with_their_probabilities():
     from rvit.figures import top_labels
     assert top_labels(np.array([0.1, 0.8, 0.3, 0.5]), ["a", "b, c", "d", "e"]) == \
         "b, c 0.80; e 0.50; d 0.30"
+
+
+def test_a_split_too_small_to_time_has_no_rate(ben_v1, ben_run):
+    """One batch (the first pays one-time costs and is not timed) gives no images/s, so no
+    report divides by a warm-up's time."""
+    from rvit.data import DeviceTransform, H5Dataset, eval_loader
+    from rvit.evaluation import evaluate, rate_text
+    from rvit.masking import TokenMasker
+    from rvit.models import load_run
+    ckpt, model = load_run(str(ben_run / "last.pt"))
+    cfg, meta = ckpt["config"], ckpt["meta"]
+    cpu = torch.device("cpu")
+    loader = eval_loader(H5Dataset(str(ben_v1 / "train.h5")), 4, 0, cpu)  # 7 samples: 2 batches
+    r = evaluate(model, TokenMasker("similarity", 0.5, cfg["patch_size"]), loader,
+                 DeviceTransform(meta["mean"], meta["std"], cfg["img_size"], cpu), meta, "none")
+    assert r["images_per_s"] is None and r["timed_images"] == 3 and r["num_samples"] == 7
+    assert rate_text(None) == "n/a img/s" and rate_text(0.3456) == "0.346 img/s"
