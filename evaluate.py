@@ -34,7 +34,7 @@ def parse_args(argv=None):
                         "ratio for a sweep (default: beside the checkpoint)")
     p.add_argument("--save-examples", default=None, metavar="DIR",
                    help="write PNGs of a few samples (image, kept tokens, prediction, "
-                        "reference) to DIR; needs Pillow")
+                        "reference) to DIR; needs matplotlib (or Pillow: plainer)")
     p.add_argument("--num-examples", type=int, default=4, help="how many with --save-examples")
     add_masking_args(p, mask_list)
     add_runtime_args(p)

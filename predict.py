@@ -63,7 +63,7 @@ def parse_args(argv=None):
                    help="classification: probability above which a label is predicted")
     p.add_argument("--save-examples", default=None, metavar="DIR",
                    help="write PNGs of the first tiles (image, kept tokens, prediction); "
-                        "needs Pillow")
+                        "needs matplotlib (or Pillow: plainer)")
     p.add_argument("--num-examples", type=int, default=4, help="how many with --save-examples")
     add_masking_args(p)
     add_runtime_args(p, loader=False)  # tiles are read here, strip by strip: no DataLoader

@@ -221,7 +221,7 @@ def save_examples(folder, x, keep, meta, patch, names, pred=None, target=None, c
             footer = f"predicted (top 3): {top_labels(pred[b].float().cpu().numpy(), classes)}"
             if target is not None:
                 ref = [c for c, v in zip(classes, target[b].tolist()) if v > 0.5]
-                footer += f"\nreference: {', '.join(ref) or 'none'}"
+                footer += f"\nreference: {'; '.join(ref) or 'none'}"
         title = f"{name}" + (f": {caption}" if caption else "") + ", dropped tokens greyed"
         written += panel_grid(os.path.join(folder, f"{name}.png"), [panels], [titles], title,
                               footer=footer, legend=legend)
