@@ -7,7 +7,6 @@
 Prints the dataset's metrics and writes them, with the realised kept share, images/s, device and
 commit, as one JSON object. Under torchrun every sample is counted exactly once.
 """
-import argparse
 import os
 import re
 
@@ -15,17 +14,16 @@ import re
 from rvit import distributed
 from rvit.checkpoint import provenance, write_json
 from rvit.config import (add_masking_args, add_runtime_args, check, device_and_amp, mask_list,
-                         masker_from_args, masking_from_run, run_cli)
+                         masker_from_args, masking_from_run, parser, run_cli)
 from rvit.data import DeviceTransform, H5Dataset, eval_loader
-from rvit.evaluation import calibrate_dynamic, evaluate
+from rvit.evaluation import calibrate_dynamic, evaluate, rate_text
 from rvit.models import load_run
 from rvit.tasks import report_metrics
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Evaluate an RViT checkpoint on one split, at one "
-                                            "or several mask ratios. Masking flags left out "
-                                            "take the checkpoint's values.")
+    p = parser("Evaluate an RViT checkpoint on one split, at one or several mask ratios. "
+               "Masking flags left out take the checkpoint's values.")
     p.add_argument("--checkpoint", required=True, help="RUN/best.pt or RUN/last.pt")
     p.add_argument("--data-dir", default=None,
                    help="folder with SPLIT.h5 (default data/DATASET; paths stored in a "
@@ -36,7 +34,7 @@ def parse_args(argv=None):
                         "ratio for a sweep (default: beside the checkpoint)")
     p.add_argument("--save-examples", default=None, metavar="DIR",
                    help="write PNGs of a few samples (image, kept tokens, prediction, "
-                        "reference) to DIR; needs Pillow")
+                        "reference) to DIR; needs matplotlib (or Pillow: plainer)")
     p.add_argument("--num-examples", type=int, default=4, help="how many with --save-examples")
     add_masking_args(p, mask_list)
     add_runtime_args(p)
@@ -93,7 +91,8 @@ def main(args):
                      "train_mask_ratio": cfg["mask"],
                      "train_mask_range": cfg.get("mask_range"), "merge": args.merge,
                      "prop_attn": args.prop_attn, "strategy": args.strategy,
-                     "train_strategy": cfg["strategy"], "tau_source": tau_source, "amp": amp,
+                     "train_strategy": cfg["strategy"], "tau_source": tau_source,
+                     "tau": float(masker.tau) if tau_source else None, "amp": amp,
                      "world_size": world, **result, **provenance(device)})
         if rank == 0:
             print_table(rows[-1], report_metrics(meta["task"], cfg.get("metrics"))[1],
@@ -110,10 +109,12 @@ def main(args):
 def print_table(record, metrics, classes):
     """The record's metrics in %, `metrics` first; per class F1 and IoU when the record holds
     them, and for multiclass data the confusion matrix."""
+    tau = f", tau {record['tau']:.4f} from the {record['tau_source']}" if record["tau_source"] \
+        else ""
     print(f"{record['dataset']} {record['split']}: {record['num_samples']} samples, "
-          f"mask {record['mask_ratio']:g} ({record['strategy']}), "
+          f"mask {record['mask_ratio']:g} ({record['strategy']}{tau}), "
           f"kept share {record['kept_share']:.3f}, {record['gflops']:.3f} GFLOPs/image, "
-          f"{record['images_per_s']:.1f} img/s")
+          f"{rate_text(record['images_per_s'])}")
     for key in list(metrics) + [k for k in record if k.startswith(("mAP", "F1", "mIoU", "OA",
                                                                    "jaccard"))
                                 if k not in metrics and isinstance(record[k], float)]:

@@ -21,8 +21,9 @@ Writes to OUT, each file under a temporary name renamed when complete:
   classification: probabilities.tif (float32, a band per class, one pixel per tile, the
     scene's CRS, its transform scaled to the tile; NaN where skipped: sigmoid per class for
     multi-label data, softmax over classes for single-label data), predictions.csv (tile row,
-    column, centre x / y in the scene's CRS, kept share, then the labels above --threshold,
-    or for single-label data the top class and its probability);
+    column, centre x / y in the scene's CRS of the tile's part inside the scene, kept share,
+    then the labels above --threshold, or for single-label data the top class and its
+    probability);
   segmentation: classes.tif (uint8 class ids at full resolution, the scene's CRS and transform;
     255 where skipped or nodata); --overlap blends the logits of overlapping tiles with a
     linear ramp so seams do not show;
@@ -33,7 +34,6 @@ above, a probability per class) or, for segmentation, classes.h5 (`classes` (N, 
 `names`).
 rasterio (requirements-data.txt) is imported here only, for GeoTIFF input.
 """
-import argparse
 import csv
 import os
 from functools import partial
@@ -46,7 +46,7 @@ from tqdm import tqdm
 
 from rvit.atomic import AtomicFiles
 from rvit.config import (add_masking_args, add_runtime_args, check, device_and_amp,
-                         masker_from_args, masking_from_run, run_cli)
+                         masker_from_args, masking_from_run, parser, run_cli)
 from rvit.data import DeviceTransform
 from rvit.evaluation import autocast
 from rvit.figures import save_examples
@@ -54,7 +54,7 @@ from rvit.models import encoder, load_run
 from rvit.tasks import label_columns, task_of
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = parser(__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="RUN/best.pt or RUN/last.pt")
     p.add_argument("--input", required=True, nargs="+",
                    help="a GeoTIFF / VRT scene, a prepared HDF5 split (.h5), or single-band "
@@ -72,7 +72,7 @@ def parse_args(argv=None):
                         "predicted")
     p.add_argument("--save-examples", default=None, metavar="DIR",
                    help="write PNGs of the first tiles (image, kept tokens, prediction); "
-                        "needs Pillow")
+                        "needs matplotlib (or Pillow: plainer)")
     p.add_argument("--num-examples", type=int, default=4, help="how many with --save-examples")
     add_masking_args(p)
     add_runtime_args(p, loader=False)  # tiles are read here, strip by strip: no DataLoader
@@ -132,7 +132,8 @@ class Predictor:
         n = min(self.examples_left, len(images))
         if n:  # PNGs of the first tiles (rvit/figures.py)
             save_examples(self.examples_dir, x[:n], keep, self.meta, self.patch, names[:n],
-                          out[:n].argmax(1) if self.seg else None)
+                          out[:n].argmax(1) if self.seg else torch.sigmoid(out[:n]),
+                          caption=f"{self.masker.strategy} at mask {self.masker.mask_ratio:g}")
             self.examples_left -= n
         return self.activation(out).cpu(), kept
 
@@ -153,7 +154,11 @@ def predict_h5(args, pred, files):
     """Predictions for every sample of an HDF5 split: classes.h5 (segmentation) or
     predictions.csv (classification), under `files`' temporary names."""
     path = args.input[0]
-    with h5py.File(path, "r") as f:
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:  # h5py's message (truncated file, bad superblock) lacks the name
+        raise ValueError(f"{path}: not a readable HDF5 file ({e})") from e
+    with f:
         if not isinstance(f.get("images"), h5py.Dataset) or f["images"].ndim != 4:
             raise ValueError(f"{path}: no (N, C, H, W) dataset 'images'")
         images = f["images"]
@@ -177,7 +182,8 @@ def predict_h5(args, pred, files):
             head, cells = label_columns(pred.meta, args.threshold)
             rows.writerow(["name", "kept_share", *head, *pred.meta["classes"]])
         with out:
-            for start in tqdm(range(0, n, args.batch_size), desc="predict", unit="batch"):
+            for start in tqdm(range(0, n, args.batch_size), desc="predict", unit="batch",
+                              disable=None):  # None: no bar unless stderr is a terminal
                 stop = min(n, start + args.batch_size)
                 y, kept = pred(torch.from_numpy(images[start:stop]), torch.arange(start, stop),
                                [f"sample_{i:06d}" for i in range(start, stop)])
@@ -202,6 +208,8 @@ def predict_scene(args, pred, files):
     """Tile a GeoTIFF / VRT scene, or a virtual stack of band files, and map it, under
     `files`' temporary names."""
     try:
+        import rasterio
+
         import scene
     except ImportError as e:
         raise ImportError("GeoTIFF input needs rasterio: pip install -r requirements-data.txt") \
@@ -214,7 +222,10 @@ def predict_scene(args, pred, files):
         if args.overlap and not pred.seg:
             raise ValueError("--overlap blends segmentation tiles; classification tiles do not "
                              "overlap")
-        map_scene(args, pred, src, scene.Grid(src.height, src.width, S, S - args.overlap), files)
+        # a block cache sized to a strip, for this scene only: memory stays flat however tall
+        with rasterio.Env(GDAL_CACHEMAX=scene.strip_cache_mb(src, S)):
+            map_scene(args, pred, src, scene.Grid(src.height, src.width, S, S - args.overlap),
+                      files)
 
 
 def map_scene(args, pred, src, grid, files):
@@ -226,7 +237,7 @@ def map_scene(args, pred, src, grid, files):
     sink = (scene.SegmentationSink if pred.seg else scene.ClassificationSink).open(
         files, src, grid, pred.meta, args)
     kept_map = np.full((grid.rows, grid.cols), np.nan, np.float32)
-    with tqdm(total=len(grid), desc="predict", unit="tile") as bar:
+    with tqdm(total=len(grid), desc="predict", unit="tile", disable=None) as bar:
         for batch in batched(scene.read_tiles(src, grid, pred.meta["mean"]), args.batch_size):
             real = [(r, c, t) for r, c, t, _ in batch if t is not None]
             results = {}

@@ -13,7 +13,6 @@ Writes OUT/train.h5, OUT/val.h5, OUT/test.h5 (schema in prepare/h5.py). Each fil
 under a temporary name and renamed only when complete, so an interrupted run leaves no partial
 file. Raw-format readers need requirements-data.txt (rasterio, pyarrow).
 """
-import argparse
 import os
 import subprocess
 import sys
@@ -23,12 +22,13 @@ import zipfile
 from prepare import bigearthnet, flair, folder, mlrsnet, woody
 from prepare.h5 import write_splits
 from prepare.splits import official_splits, read_list, seeded_split, write_split_csv
+from rvit.cli import parser, run_cli
 
 EXAMPLE_WHEEL = "bigearthnet-common==2.8.0"
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = parser(__doc__.split("\n\n")[0])
     p.add_argument("--dataset", required=True,
                    choices=("bigearthnet", "mlrsnet", "woody", "flair", "folder"),
                    help="which dataset; folder: your own imagery (class folders or a manifest)")
@@ -84,18 +84,19 @@ def parse_args(argv=None):
                    help="folder segmentation: mask value (0..255) of unlabelled pixels, left "
                         "out of loss and metrics; tiles with no other value are dropped")
     p.add_argument("--test-sites", nargs="+", default=list(woody.TEST_SITES),
-                   help="Woody: sites held out whole for test (FoMo-Bench's by default)")
+                   help="Woody: sites held out whole for test; the default is FoMo-Bench's")
     p.add_argument("--flair-classes", type=int, choices=(19, 13), default=19,
                    help="FLAIR: all 19 classes, or 13 with 12..18 merged into 'other' "
                         "(the FLAIR-1 challenge baseline)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split when none is given")
     p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
-                   help="processes that read and resample samples (default: this machine's "
-                        "cores); one writer keeps the order, so the files are the same for any "
-                        "count")
+                   help="processes that read and resample samples, by default one per core "
+                        "of this machine; one writer keeps the order, so the files are the same "
+                        "for any count")
     p.add_argument("--on-error", choices=("stop", "skip"), default="stop",
                    help="on a bad sample: stop with an error, or skip it and list it in "
                         "OUT/skipped.csv")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     return p.parse_args(argv)
 
 
@@ -335,8 +336,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except (ValueError, OSError, RuntimeError, ImportError) as e:
-        print(f"prepare_data.py: error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_cli("prepare_data.py", main, parse_args())

@@ -189,6 +189,17 @@ def read_tiles(src, grid, mean):
             yield r, c, tile, ok
 
 
+def strip_cache_mb(src, tile, floor=16):
+    """GDAL block cache (MiB) that reading one strip of tiles at a time needs: twice the blocks
+    a strip touches (a block row that straddles two strips is then read once), at least
+    `floor`. GDAL's default, 5 % of RAM, keeps the blocks of strips long done: 1.2 GB for a
+    1.1 GB scene, though each strip is read once."""
+    block_h = max(h for h, _ in src.block_shapes)
+    itemsize = max(np.dtype(d).itemsize for d in src.dtypes)
+    strip = src.count * (tile + block_h) * src.width * itemsize  # bytes
+    return max(floor, math.ceil(2 * strip / 2**20))
+
+
 def ramp(tile, overlap):
     """(S, S) blending weights: rising linearly over `overlap` px from every edge, 1 inside."""
     i = np.arange(tile, dtype=np.float32)
@@ -204,8 +215,9 @@ def coarse_profile(src, grid):
 
 class ClassificationSink:
     """probabilities.tif (a band per class, one pixel per tile) and predictions.csv (a row
-    per predicted tile: its centre in the scene's CRS and the labels above --threshold, or the
-    top class and its probability for single-label data: `rvit.tasks.label_columns`)."""
+    per predicted tile: the centre of its part inside the scene, in the scene's CRS, and the
+    labels above --threshold, or the top class and its probability for single-label data:
+    `rvit.tasks.label_columns`)."""
 
     def __init__(self, files, src, grid, meta, args):
         self.src, self.grid, self.classes = src, grid, meta["classes"]
@@ -228,8 +240,9 @@ class ClassificationSink:
         if y is None:
             return
         self.probs[:, r, c] = y
-        cx, cy = self.src.transform @ (c * self.grid.step + self.grid.tile / 2,
-                                       r * self.grid.step + self.grid.tile / 2)
+        x0, y0, S = c * self.grid.step, r * self.grid.step, self.grid.tile
+        w, h = min(S, self.grid.width - x0), min(S, self.grid.height - y0)
+        cx, cy = self.src.transform @ (x0 + w / 2, y0 + h / 2)  # of the part inside the scene
         self.rows.writerow([r, c, f"{cx:.3f}", f"{cy:.3f}", f"{kept:.4f}", *self.cells(y)])
 
     def close(self):

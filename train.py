@@ -28,7 +28,7 @@ from rvit import distributed, run_folder
 from rvit.checkpoint import atomic_save, load_checkpoint, load_pretrained, provenance
 from rvit.config import device_and_amp, masker_from_args, resolve, run_cli, run_tag, train_parser
 from rvit.data import DeviceTransform, H5Dataset, eval_loader, train_loader
-from rvit.evaluation import autocast, evaluate, peak_memory_mb
+from rvit.evaluation import autocast, evaluate, peak_memory_mb, rate_text
 from rvit.flops import vit_flops
 from rvit.masking import mask_ratio_at
 from rvit.models import build_model, encoder, encoder_depth
@@ -245,7 +245,8 @@ def main(args):
                 "val": metrics, "peak_memory_mb": peak_memory_mb(device), **info})
             print(f"epoch {epoch + 1}/{args.epochs}: loss {stats['loss']:.4f}, "
                   f"val {args.main_metric} {100 * score:.2f}{' (best)' if is_best else ''}, "
-                  f"kept {stats['kept_share']:.3f}, {stats['images_per_s']:.0f} img/s", flush=True)
+                  f"kept {stats['kept_share']:.3f}, {rate_text(stats['images_per_s'])}",
+                  flush=True)
         # a signal during the epoch's last batch or validation stops here, after the epoch's save
         if epoch + 1 < args.epochs and preemption.requested():
             stop_at = (epoch + 1, 0)

@@ -9,7 +9,6 @@ then times `prepare_data.py --workers N` on it for each N: patches/s, the speed-
 first N, and the hours the 480,038 reBEN patches would take at that rate. Also checks that
 every N wrote the same datasets. Prints a Markdown table last; it asserts nothing.
 """
-import argparse
 import os
 import shutil
 import subprocess
@@ -19,12 +18,14 @@ import time
 import h5py
 import numpy as np
 
+from rvit.cli import parser
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REBEN_PATCHES = 480_038
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = parser(__doc__.split("\n\n")[0])
     p.add_argument("--root", required=True, help="a folder of BigEarthNet v1 S2 patch folders")
     p.add_argument("--copies", type=int, default=40, help="copies of each patch")
     p.add_argument("--workers", default="1,2", help="comma-separated worker counts")

@@ -19,7 +19,6 @@ same step on a batch already on the device, and their ratio. On a CPU the transf
 model share the cores with the loader, so that ratio says nothing about a GPU. Prints the
 settings first and a Markdown table last; it asserts nothing.
 """
-import argparse
 import itertools
 import os
 import sys
@@ -35,13 +34,14 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from benchmarks.throughput import time_steps
+from rvit.cli import parser
 from rvit.data import DeviceTransform, H5Dataset, train_loader
 from rvit.masking import TokenMasker
 from rvit.models import build_model
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = parser(__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", required=True, help="folder with SPLIT.h5")
     p.add_argument("--split", default="train", help="split file name without .h5")
     p.add_argument("--synthesize", type=int, metavar="N",
@@ -58,7 +58,8 @@ def parse_args(argv=None):
                    help="skip the read_direct_chunk and LMDB + safetensors references")
     p.add_argument("--amp", choices=("bf16", "none"), default=None,
                    help="default bf16 on CUDA, none on CPU")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device (cuda when available)")
     return p.parse_args(argv)
 
 

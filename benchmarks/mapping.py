@@ -9,7 +9,6 @@ tiling, normalising, model, writing the outputs) and of the model alone (normali
 forward on the same tiles already in memory, same batch size), each with its speed-up over mask
 0, and the share of the model's speed-up that predict.py keeps. One run each; it asserts nothing.
 """
-import argparse
 import itertools
 import os
 import subprocess
@@ -28,12 +27,13 @@ import scene as scene_io
 from rvit.config import device_and_amp
 from benchmarks.throughput import time_steps
 from rvit.atomic import atomic_write
+from rvit.cli import parser
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = parser(__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", required=True, help="a prepared classification dataset")
     p.add_argument("--dataset", default="bigearthnet", help="its config.yaml section")
     p.add_argument("--split", default="train", help="split whose samples tile the scene")
@@ -44,7 +44,8 @@ def parse_args(argv=None):
     p.add_argument("--img-size", type=int, default=224, help="model input side (pixels)")
     p.add_argument("--work", default=os.path.join("data", "mapping-bench"),
                    help="folder for the scene, the checkpoint and the maps")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device (cuda when available)")
     return p.parse_args(argv)
 
 

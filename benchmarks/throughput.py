@@ -10,7 +10,6 @@ included) and the warm-up's seconds (with --compile, mostly compile time). Print
 torch version and settings first and a Markdown table last. Timings are figures to read, not
 tests: nothing here asserts a speed.
 """
-import argparse
 import multiprocessing
 import os
 import statistics
@@ -24,6 +23,7 @@ if not __package__:  # run as `python benchmarks/x.py`: make the repository root
 import torch
 import torch.nn.functional as F
 
+from rvit.cli import parser
 from rvit.masking import TokenMasker
 from rvit.models import build_model, encoder
 from rvit.upernet import segmentation_loss
@@ -31,7 +31,7 @@ from rvit.vit import MODELS
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = parser(__doc__.split("\n\n")[0])
     p.add_argument("--model", default="vit_tiny", choices=sorted(MODELS), help="ViT size")
     p.add_argument("--batch-size", type=int, default=256, help="images per step")
     p.add_argument("--img-size", type=int, default=224, help="input side in pixels")
@@ -57,7 +57,8 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--timm", action="store_true",
                    help="also time timm's VisionTransformer with patch_drop_rate (random)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device (cuda when available)")
     args = p.parse_args(argv)
     args.amp = args.amp or ("bf16" if args.device.startswith("cuda") else "none")
     return args

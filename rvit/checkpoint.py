@@ -10,6 +10,7 @@ import math
 import os
 import platform
 import subprocess
+import zipfile
 
 import numpy as np
 import torch
@@ -53,7 +54,12 @@ def load_checkpoint(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a damaged file; name the file once
-        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from e
+        # torch.save writes a zip archive; for any other file torch's message (about
+        # weights_only, "please file an issue") would mislead
+        lines = str(e).strip().splitlines()
+        cause = f"{type(e).__name__}: {lines[0] if lines else ''}" if zipfile.is_zipfile(path) \
+            else "not a zip archive, as torch.save writes"
+        raise ValueError(f"{path}: not a readable checkpoint ({cause})") from e
 
 
 def _npz_to_state_dict(path):

@@ -6,11 +6,11 @@ file, key or flag.
 """
 import argparse
 import os
-import sys
 
 import torch
 import yaml
 
+from rvit.cli import parser, run_cli  # noqa: F401 (run_cli: the entry points import it here)
 from rvit.masking import FILLS, SCORE_REDUCES, SCORE_SPACES, STRATEGIES, TokenMasker, num_keep
 from rvit.preemption import DEFAULT_SIGNALS, EXIT_PREEMPTED, signal_names
 from rvit.vit import MODELS
@@ -104,13 +104,12 @@ def add_runtime_args(p, loader=True):
 
 
 def train_parser():
-    p = argparse.ArgumentParser(
-        description="Train a redundancy-aware ViT (RViT). Flags left out take the dataset's "
-                    "defaults from config.yaml.",
-        epilog=f"Exit status: 0 trained (or nothing left to train); 1 an error, named in one "
-               f"line; 2 a bad flag; {EXIT_PREEMPTED} (EX_TEMPFAIL) stopped by a signal of "
-               "--preempt-signals after writing OUT/last.pt: run the same command with "
-               "--resume auto to continue.")
+    p = parser("Train a redundancy-aware ViT (RViT). Flags left out take the dataset's "
+               "defaults from config.yaml.")
+    p.epilog = (f"Exit status: 0 trained (or nothing left to train); 1 an error, named in one "
+                f"line; 2 a bad flag; {EXIT_PREEMPTED} (EX_TEMPFAIL) stopped by a signal of "
+                "--preempt-signals after writing OUT/last.pt: run the same command with "
+                "--resume auto to continue.")
     p.add_argument("--dataset", required=True, help="dataset name, a section of config.yaml")
     p.add_argument("--data-dir", default=None,
                    help="folder with train.h5 / val.h5 from prepare_data.py (default data/DATASET)")
@@ -214,18 +213,6 @@ def device_and_amp(args):
     available, else cpu; bf16 on CUDA, none (fp32) elsewhere."""
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     return device, args.amp or ("bf16" if device == "cuda" else "none")
-
-
-def run_cli(name, main, args, errors=(ValueError, OSError, ImportError, RuntimeError)):
-    """Run an entry point's main(args): a bad file, flag or input ends as one line naming it
-    (exit 1), with the traceback only under --debug."""
-    try:
-        main(args)
-    except errors as e:
-        if args.debug:
-            raise
-        print(f"{name}: error: {e}", file=sys.stderr)
-        sys.exit(1)
 
 
 def check(args):

@@ -18,6 +18,18 @@ from rvit.flops import vit_flops
 from rvit.models import encoder, encoder_depth
 from rvit.tasks import meter as task_meter
 
+# a rate from less time, or from fewer batches after the first (the last one alone is often a
+# short batch, whose fixed costs inflate its time per image), is noise, not a measurement
+MIN_TIMED_S, MIN_TIMED_BATCHES = 1.0, 2
+
+
+def rate_text(images_per_s):
+    """'12.3 img/s' (three significant digits, never a rounded 0), or 'n/a img/s' when the
+    loop was too short to time (None)."""
+    if images_per_s is None:
+        return "n/a img/s"
+    return f"{images_per_s:.3g} img/s" if images_per_s < 100 else f"{images_per_s:.0f} img/s"
+
 
 def autocast(device, amp):
     """Autocast context for "bf16" or "fp16" on `device`, or a no-op for "none"."""
@@ -64,8 +76,10 @@ def evaluate(model, masker, loader, transform, meta, amp, desc="eval", examples_
 
     Returns a dict of the task's metrics (rvit/tasks.py) plus `kept_share` (mean share of patch
     tokens kept), `kept_share_min`, `kept_share_max`, `gflops` (mean encoder GFLOPs per image at
-    the kept counts, rvit/flops.py), `num_samples`, `images_per_s` (this rank) and
-    `peak_memory_mb`.
+    the kept counts, rvit/flops.py), `num_samples`, `images_per_s` (this rank's loop: loading,
+    transform and model, timed from the end of the first batch, which pays one-time costs; None
+    when that leaves under MIN_TIMED_S seconds or MIN_TIMED_BATCHES batches), `timed_images`
+    (the images it counts) and `peak_memory_mb`.
     """
     model.eval()
     masker.eval()
@@ -74,13 +88,14 @@ def evaluate(model, masker, loader, transform, meta, amp, desc="eval", examples_
     kept_sum = torch.zeros(1, device=dev)
     flops_sum = torch.zeros(1, device=dev, dtype=torch.float64)
     kept_min, kept_max = kept_sum + float("inf"), kept_sum - float("inf")
-    start, seen = time.perf_counter(), 0
+    start, seen, timed, timed_batches = None, 0, 0, 0
     vit, depth = encoder(model), encoder_depth(model)
     num_patches = vit.patch_embed.num_patches
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    for images, targets, index in tqdm(loader, desc=desc, disable=distributed.rank() != 0,
-                                       leave=False):
+    # a bar on rank 0 only, and only on a terminal (disable=None): not in a log file
+    for images, targets, index in tqdm(loader, desc=desc, leave=False,
+                                       disable=None if distributed.rank() == 0 else True):
         x, y = transform(images, targets)
         with autocast(dev, amp):
             out = model(x, select=partial(masker, index=index))
@@ -88,15 +103,21 @@ def evaluate(model, masker, loader, transform, meta, amp, desc="eval", examples_
         keep = masker.last  # what this forward pass kept: examples grey exactly these patches
         if examples_dir and seen < num_examples and distributed.rank() == 0:
             write_examples(examples_dir, keep, x, y, out, index, meta, vit.patch_embed.patch_size,
-                           num_examples - seen)
+                           num_examples - seen, f"{masker.strategy} at mask {masker.mask_ratio:g}")
         share = keep.num_kept.float() / num_patches  # (B,) share of patch tokens kept
         kept_sum += share.sum()
         flops_sum += vit_flops(vit, keep.num_kept.double(), depth).sum()
         kept_min, kept_max = kept_min.minimum(share.min()), kept_max.maximum(share.max())
         seen += len(images)
+        if start is None:  # the clock starts once the first batch is done
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+        else:
+            timed, timed_batches = timed + len(images), timed_batches + 1
     if dev.type == "cuda":
         torch.cuda.synchronize()
-    elapsed = time.perf_counter() - start
+    elapsed = time.perf_counter() - start if start is not None else 0.0
     result = meter.compute()
     kept_total = float(distributed.all_reduce(kept_sum))
     n = max(result["num_samples"], 1)
@@ -105,15 +126,21 @@ def evaluate(model, masker, loader, transform, meta, amp, desc="eval", examples_
                   peak_memory_mb=peak_memory_mb(dev),
                   kept_share_min=float(distributed.all_reduce(kept_min, "min")),
                   kept_share_max=float(distributed.all_reduce(kept_max, "max")),
-                  images_per_s=seen / elapsed if elapsed > 0 else 0.0)
+                  images_per_s=timed / elapsed if elapsed >= MIN_TIMED_S and
+                  timed_batches >= MIN_TIMED_BATCHES else None,
+                  timed_images=timed)
     return result
 
 
-def write_examples(folder, keep, x, y, out, index, meta, patch, n):
+def write_examples(folder, keep, x, y, out, index, meta, patch, n, caption=""):
     """PNGs of the first n samples of a batch: image, kept tokens (`keep`, the selection the
-    batch's forward pass made), prediction, reference."""
-    seg = meta["task"] == "segmentation"
+    batch's forward pass made), prediction (class map, or class probabilities), reference."""
+    out = out[:n].float()
+    if meta["task"] == "segmentation":
+        pred = out.argmax(1)
+    else:
+        pred = out.softmax(1) if meta["task"] == "multiclass" else torch.sigmoid(out)
     save_examples(folder, x[:n], keep, meta, patch,
                   [f"{re.sub(r'[^A-Za-z0-9_-]', '_', str(meta['dataset']))}_{int(i):06d}"
                    for i in index[:n]],  # a name from a data file never steers the path
-                  out[:n].argmax(1) if seg else None, y[:n] if seg else None)
+                  pred, y[:n], caption)

@@ -6,7 +6,8 @@
 Spatial: the redundancy score that the masking uses (rvit/masking.py: mean cosine similarity of
 each patch to the other patches of its image), on standardised pixels and, with --checkpoint, on a
 trained model's patch embeddings: its histogram over all patches, per image the share of patches
-scoring above each --thresholds value, the kept share the dynamic strategy would give at each
+scoring above thresholds (by default the --quantiles of each space's own scores, as a score
+means something else in each space), the kept share the dynamic strategy would give at each
 --mask (threshold = the (1 - m)-quantile of all scores), the mean score per class, and the
 information each strategy keeps at each --mask: its fill error (`fill_error`: every dropped
 patch replaced by its most similar kept patch, as RUPerNet's `nearest` fill does).
@@ -14,10 +15,9 @@ Spectral (C > 1): the band correlation matrix and the number of principal compon
 standardised bands that explain 95 % and 99 % of the variance.
 
 Everything is streamed over the HDF5 file (two passes; memory does not grow with its size) and
-written to OUT/redundancy.json, printed as Markdown, and drawn as PNGs when matplotlib / Pillow
-are installed (optional, imported only for the figures).
+written to OUT/redundancy.json and OUT/report.md (also printed), and drawn as PNGs when
+matplotlib / Pillow are installed (optional, imported only for the figures).
 """
-import argparse
 import heapq
 import os
 
@@ -25,9 +25,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from rvit.atomic import atomic_write
 from rvit.checkpoint import write_json
+from rvit.cli import parser, run_cli
 from rvit.data import DeviceTransform, H5Dataset
-from rvit.figures import grey_dropped, pil_image, pyplot, to_rgb
+from rvit.figures import grey_dropped, panel_grid, pyplot, to_rgb
 from rvit.masking import (STRATEGIES, dynamic_floor, keep_lowest, merge_tokens, num_keep,
                           pixel_patches, redundancy_score, restore_grid, restore_index, select)
 from rvit.models import encoder, load_run
@@ -73,7 +75,7 @@ def scores_of(x, space, vit, patch):
 def batches(ds, args, tf, desc):
     """(native images numpy, model input, targets, index) per batch, with a progress bar."""
     n = min(len(ds), args.max_samples or len(ds))
-    for start in tqdm(range(0, n, args.batch_size), desc=desc):
+    for start in tqdm(range(0, n, args.batch_size), desc=desc, disable=None):  # None: TTY only
         idx = list(range(start, min(n, start + args.batch_size)))
         images, targets, _ = ds.__getitems__(idx)
         x, y = tf(images, targets)
@@ -104,11 +106,12 @@ def analyse(args):
     if args.img_size % args.patch_size:
         raise ValueError(f"--img-size {args.img_size} is not a multiple of --patch-size "
                          f"{args.patch_size}")
+    if not all(0 < q < 1 for q in args.quantiles):
+        raise ValueError(f"--quantiles {args.quantiles}: each must be in (0, 1)")
     tf = DeviceTransform(meta["mean"], meta["std"], args.img_size, torch.device("cpu"))
     N = (args.img_size // args.patch_size) ** 2
     seg, classes = meta["task"] == "segmentation", meta["classes"]
     hist = {s: np.zeros(len(BINS) - 1) for s in spaces}
-    above = {s: np.zeros(len(args.thresholds)) for s in spaces}
     class_sum = {s: np.zeros(len(classes)) for s in spaces}
     class_n = np.zeros(len(classes))
     spectral = Spectral(len(meta["bands"]))
@@ -119,7 +122,6 @@ def analyse(args):
         for s in spaces:
             r = scores_of(x, s, vit, args.patch_size).numpy()  # (B, N)
             hist[s] += np.histogram(r.clip(-1, 1), BINS)[0]
-            above[s] += np.stack([(r > t).mean(1) for t in args.thresholds], 1).sum(0)
             sums, counts = per_class(r, y, seg, len(classes), args.patch_size)
             class_sum[s] += sums
             track_extremes(extremes[s], r.mean(1), idx, args.num_examples)
@@ -129,26 +131,35 @@ def analyse(args):
         raise ValueError(f"{ds.path}: no samples")
     result = {"dataset": meta["dataset"], "split": args.split, "num_samples": count,
               "img_size": args.img_size, "patch_size": args.patch_size, "num_patches": N,
-              "thresholds": args.thresholds, "spatial": {}}
+              "spatial": {}}
     taus = {s: {m: quantile_from_hist(hist[s], 1 - m) for m in args.mask} for s in spaces}
-    kept, fill = second_pass(ds, args, tf, vit, spaces, taus, N)
+    # (quantile or None, score) per space: a fixed score means something else in each space
+    thresholds = {s: [(None, t) for t in args.thresholds] if args.thresholds else
+                  [(q, quantile_from_hist(hist[s], q)) for q in args.quantiles] for s in spaces}
+    kept, fill, above = second_pass(ds, args, tf, vit, spaces, taus, thresholds, N)
     for s in spaces:
         total = hist[s].sum()
         centers = (BINS[:-1] + BINS[1:]) / 2
         result["spatial"][s] = {
             "histogram": {"edges": BINS.tolist(), "counts": hist[s].astype(int).tolist()},
             "mean_score": float((hist[s] * centers).sum() / total),
-            "share_above": {f"{t:g}": float(v / count) for t, v in zip(args.thresholds,
-                                                                       above[s])},
+            "share_above": above[s],
             "dynamic_kept_share": {f"{m:g}": kept[s][m] for m in args.mask},
             "fill_error": fill[s],
             "per_class_mean_score": {c: (float(class_sum[s][i] / class_n[i]) if class_n[i]
                                          else None) for i, c in enumerate(classes)}}
     if len(meta["bands"]) > 1:
         result["spectral"] = {"bands": meta["bands"], **spectral.result()}
-    result["examples"] = {s: {k: [i for _, i in sorted(v, reverse=True)]  # most extreme first
-                              for k, v in heaps.items()} for s, heaps in extremes.items()}
+    result["examples"] = {s: distinct_extremes(heaps) for s, heaps in extremes.items()}
     return result, ds, tf
+
+
+def distinct_extremes(heaps):
+    """{"most": indices, "least": indices}, most extreme first; an image among the most
+    redundant is left out of the least (a split smaller than twice --num-examples)."""
+    most = [i for _, i in sorted(heaps["most"], reverse=True)]
+    least = [i for _, i in sorted(heaps["least"], reverse=True) if i not in most]
+    return {"most": most, "least": least}
 
 
 def per_class(r, y, seg, num_classes, patch):
@@ -180,17 +191,21 @@ def track_extremes(extremes, means, idx, k):
                 heapq.heapreplace(heap, (key, i))
 
 
-def second_pass(ds, args, tf, vit, spaces, taus, N):
-    """Per-image kept share of the dynamic rule at each mask ratio's threshold, and the fill
-    error of every strategy (see `fill_error`), per space and mask ratio."""
+def second_pass(ds, args, tf, vit, spaces, taus, thresholds, N):
+    """Per-image kept share of the dynamic rule at each mask ratio's threshold, the fill
+    error of every strategy (see `fill_error`), per space and mask ratio, and per space and
+    threshold the share of each image's patches scoring above it (mean, min, max)."""
     floor = dynamic_floor(N)
     shares = {s: {m: [] for m in args.mask} for s in spaces}
+    above = {s: [[] for _ in thresholds[s]] for s in spaces}
     rules = [st + merge for st in STRATEGIES for merge in ("", "+merge")]
     errors = {s: {rule: {m: [] for m in args.mask} for rule in rules} for s in spaces}
     for _, x, _, idx in batches(ds, args, tf, "pass 2"):
         for s in spaces:
             feats = features(x, s, vit, args.patch_size)
             r = redundancy_score(feats)
+            for j, (_, t) in enumerate(thresholds[s]):
+                above[s][j] += (r > t).float().mean(1).tolist()
             for m in args.mask:
                 k = (r < taus[s][m]).sum(1).clamp_min(floor) if m > 0 else torch.full(
                     (r.shape[0],), N)
@@ -209,7 +224,10 @@ def second_pass(ds, args, tf, vit, spaces, taus, N):
                          "similarity_share": num_keep(N, m) / N}
     fill = {s: {rule: {f"{m:g}": float(np.mean(errors[s][rule][m])) for m in args.mask}
                 for rule in rules} for s in spaces}
-    return out, fill
+    above = {s: [{"quantile": q, "threshold": t, "mean": float(np.mean(v)),
+                  "min": float(np.min(v)), "max": float(np.max(v))}
+                 for (q, t), v in zip(thresholds[s], above[s])] for s in spaces}
+    return out, fill, above
 
 
 def strategy_error(feats, r, strategy, m, tau, seed, draws=5):
@@ -261,9 +279,15 @@ def markdown(result):
              f"{result['num_samples']} images, {result['num_patches']} patches of "
              f"{result['patch_size']} px at {result['img_size']} px)", ""]
     for s, sp in result["spatial"].items():
+        given = sp["share_above"] and sp["share_above"][0]["quantile"] is None
         lines += [f"## Spatial, {s} space: mean score {sp['mean_score']:.3f}", "",
-                  "| threshold | share of patches above |", "|---|---|"]
-        lines += [f"| {t} | {v:.3f} |" for t, v in sp["share_above"].items()]
+                  "| threshold: " + ("--thresholds" if given else
+                                     f"quantile of all {s}-space scores")
+                  + " | score | share of an image's patches above it: mean | min | max |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {'given' if a['quantile'] is None else format(a['quantile'], 'g')} | "
+                  f"{a['threshold']:.3f} | {a['mean']:.3f} | {a['min']:.3f} | {a['max']:.3f} |"
+                  for a in sp["share_above"]]
         lines += ["", "| mask | dynamic kept share: mean | min | max | similarity keeps |",
                   "|---|---|---|---|---|"]
         lines += [f"| {m} | {v['mean']:.3f} | {v['min']:.3f} | {v['max']:.3f} | "
@@ -289,87 +313,108 @@ def markdown(result):
 
 
 def figures(result, ds, tf, args):
-    """Score histograms, band correlation matrix (matplotlib) and the most / least redundant
-    images with their dropped patches greyed at --show-mask (Pillow). Returns files written."""
+    """Score histograms, fill error and band correlation (matplotlib), and the most / least
+    redundant images with their dropped patches greyed at --show-mask (matplotlib, else
+    Pillow). Returns the files written."""
     written = []
-    plt = pyplot("the histogram and correlation plots")
+    plt = pyplot("the histogram, fill error and correlation plots")
     if plt is not None:
-        fig, ax = plt.subplots(figsize=(5, 3.2))
-        for s, sp in result["spatial"].items():
-            edges, counts = np.array(sp["histogram"]["edges"]), np.array(sp["histogram"]["counts"])
-            ax.stairs(counts / counts.sum(), edges, label=f"{s} space")
-        ax.set_xlabel("redundancy score (mean cosine similarity to the other patches)")
-        ax.set_ylabel("share of patches")
-        ax.legend()
-        fig.tight_layout()
-        written.append(os.path.join(args.out, "score_histogram.png"))
-        fig.savefig(written[-1], dpi=120)
-        plt.close(fig)
+        written.append(score_histogram(plt, result, args.out))
         written.append(fill_error_plot(plt, result, args.out))
         if "spectral" in result:
-            sp = result["spectral"]
-            fig, ax = plt.subplots(figsize=(4.5, 4))
-            im = ax.imshow(np.array(sp["correlation"]), vmin=-1, vmax=1, cmap="RdBu_r")
-            ax.set_xticks(range(len(sp["bands"])), sp["bands"], rotation=90)
-            ax.set_yticks(range(len(sp["bands"])), sp["bands"])
-            fig.colorbar(im)
-            fig.tight_layout()
-            written.append(os.path.join(args.out, "band_correlation.png"))
-            fig.savefig(written[-1], dpi=120)
-            plt.close(fig)
+            written.append(correlation_plot(plt, result["spectral"], args.out))
     written += example_grid(result, ds, tf, args)
     return written
+
+
+def save(fig, plt, path):
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def score_histogram(plt, result, out):
+    """A histogram per score space, each over the range its scores span (the bins hold
+    [-1, 1]; the scores of one space fill a small part of it)."""
+    spaces = result["spatial"]
+    fig, axes = plt.subplots(1, len(spaces), figsize=(4.6 * len(spaces), 3.2), squeeze=False,
+                             layout="constrained")
+    for ax, (s, sp) in zip(axes[0], spaces.items()):
+        edges, counts = np.array(sp["histogram"]["edges"]), np.array(sp["histogram"]["counts"])
+        ax.stairs(counts / counts.sum(), edges, fill=True, alpha=0.8)
+        used = np.flatnonzero(counts)
+        lo, hi = edges[used[0]], edges[used[-1] + 1]
+        ax.set_xlim(lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo))
+        ax.axvline(sp["mean_score"], color="k", linestyle="--", linewidth=1,
+                   label=f"mean {sp['mean_score']:.3f}")
+        ax.set_title(f"{result['dataset']} {result['split']}, {s} space: "
+                     f"{result['num_samples']} images,\n{result['num_patches']} patches each",
+                     fontsize=9)
+        ax.set_xlabel("redundancy score: mean cosine similarity\nto the image's other patches "
+                      "(-1 to 1)", fontsize=9)
+        ax.set_ylabel(f"share of patches per {edges[1] - edges[0]:.2g} bin", fontsize=9)
+        ax.legend(fontsize=8, frameon=False)
+    return save(fig, plt, os.path.join(out, "score_histogram.png"))
+
+
+def correlation_plot(plt, spectral, out):
+    """The band correlation matrix, with the components the variance needs in the title."""
+    bands = spectral["bands"]
+    fig, ax = plt.subplots(figsize=(5, 4.4), layout="constrained")
+    im = ax.imshow(np.array(spectral["correlation"]), vmin=-1, vmax=1, cmap="RdBu_r")
+    ax.set_xticks(range(len(bands)), bands, rotation=90, fontsize=8)
+    ax.set_yticks(range(len(bands)), bands, fontsize=8)
+    fig.colorbar(im, label="Pearson correlation of standardised bands")
+    ax.set_title(f"{spectral['components_95']} principal components explain 95 % of the "
+                 f"variance,\n{spectral['components_99']} explain 99 %", fontsize=9)
+    return save(fig, plt, os.path.join(out, "band_correlation.png"))
 
 
 def fill_error_plot(plt, result, out):
     """Fill error against kept share, a line per strategy (solid: pixel space, dashed:
     embedding space); the dynamic strategy at its mean realised kept share."""
-    fig, ax = plt.subplots(figsize=(5, 3.2))
+    fig, ax = plt.subplots(figsize=(6.4, 3.4), layout="constrained")
     for (space, sp), style in zip(result["spatial"].items(), ("-", "--")):
         masks = list(sp["dynamic_kept_share"])
         for i, st in enumerate(STRATEGIES):
             kept = [sp["dynamic_kept_share"][m]["mean" if st == "dynamic" else
                                                 "similarity_share"] for m in masks]
             ax.plot(kept, [sp["fill_error"][st][m] for m in masks], style, marker="o",
-                    color=f"C{i}", label=f"{st} ({space})")
-    ax.set_xlabel("kept share of patch tokens")
-    ax.set_ylabel("fill error (lower keeps more)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = os.path.join(out, "fill_error.png")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+                    color=f"C{i}", label=f"{st} ({space} space)")
+    ax.set_xlabel("kept share of patch tokens (1 = all)")
+    ax.set_ylabel("fill error (0: nothing lost;\n1: as much as all zeros)")
+    ax.set_title(f"{result['dataset']} {result['split']}: information each strategy loses\n"
+                 "(a dropped patch takes its most similar kept one)", fontsize=9)
+    fig.legend(loc="outside right upper", fontsize=8, frameon=False)
+    return save(fig, plt, os.path.join(out, "fill_error.png"))
 
 
 def example_grid(result, ds, tf, args):
     """The most (top row) and least (bottom row) redundant images in pixel space, the patches
-    similarity would drop at --show-mask greyed."""
-    Image = pil_image("the example grid")
-    if Image is None:
-        return []
-    rows = []
-    N = result["num_patches"]
+    similarity would drop at --show-mask greyed, each titled with its mean score."""
+    rows, titles, N = [], [], result["num_patches"]
     for name in ("most", "least"):
-        tiles = []
+        tiles, names = [], []
         for i in result["examples"]["pixel"][name]:
             image, target, _ = ds[i]
             x, _ = tf(image[None], target[None])
-            kept = keep_lowest(scores_of(x, "pixel", None, args.patch_size),
-                               num_keep(N, args.show_mask))[0].numpy()
+            r = scores_of(x, "pixel", None, args.patch_size)
+            kept = keep_lowest(r, num_keep(N, args.show_mask))[0].numpy()
             tiles.append(grey_dropped(to_rgb(x[0], list(ds.meta["bands"])), kept,
                                       args.patch_size))
-        if tiles:
-            rows.append(np.concatenate(tiles, axis=1))
-    width = max(r.shape[1] for r in rows)
-    rows = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0))) for r in rows]
+            names.append(f"#{i}: mean score {float(r.mean()):.3f}")
+        rows.append(tiles)
+        titles.append(names)
     path = os.path.join(args.out, f"examples_mask{args.show_mask:g}.png")
-    Image.fromarray(np.concatenate(rows, axis=0)).save(path)
-    return [path]
+    title = (f"{result['dataset']} {result['split']}: the most and the least redundant images "
+             f"(pixel space)\nsimilarity at mask {args.show_mask:g}: each image's "
+             f"{N - num_keep(N, args.show_mask)} of {N} most redundant patches greyed")
+    return [path] if panel_grid(path, rows, titles, title,
+                                ["most redundant", "least redundant"]) else []
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = parser(__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", required=True, help="folder of prepare_data.py's HDF5 files")
     p.add_argument("--split", default="train", help="split file name without .h5")
     p.add_argument("--out", required=True, help="folder for redundancy.json and the PNGs")
@@ -379,8 +424,11 @@ def parse_args(argv=None):
     p.add_argument("--img-size", type=int, default=224, help="images are resized to this side "
                                                              "(pixels), as for training")
     p.add_argument("--patch-size", type=int, default=16, help="patch side in pixels")
-    p.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.7, 0.9],
-                   help="report the share of patches scoring above each")
+    p.add_argument("--quantiles", type=float, nargs="+", default=[0.9, 0.95, 0.99],
+                   help="report the share of each image's patches scoring above these "
+                        "quantiles of all scores, per score space")
+    p.add_argument("--thresholds", type=float, nargs="+", default=None,
+                   help="instead of --quantiles: these scores, the same in every space")
     p.add_argument("--mask", type=float, nargs="+", default=[0.25, 0.5, 0.65, 0.75, 0.85],
                    help="mask ratios at which to report the dynamic strategy's kept share and "
                         "every strategy's fill error")
@@ -389,19 +437,28 @@ def parse_args(argv=None):
     p.add_argument("--num-examples", type=int, default=4,
                    help="most and least redundant images shown")
     p.add_argument("--batch-size", type=int, default=32, help="images per step")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     return p.parse_args(argv)
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    """The report for command-line arguments `argv` (default sys.argv); errors raise."""
+    run(parse_args(argv))
+
+
+def run(args):
     result, ds, tf = analyse(args)
     os.makedirs(args.out, exist_ok=True)
     result["figures"] = figures(result, ds, tf, args)
     path = os.path.join(args.out, "redundancy.json")
     write_json(result, path)
-    print(markdown(result))
-    print(f"wrote {path}" + "".join(f", {f}" for f in result["figures"]))
+    text = markdown(result)
+    with atomic_write(os.path.join(args.out, "report.md")) as tmp, open(tmp, "w") as f:
+        f.write(text)
+    print(text)
+    print(f"wrote {path}, {os.path.join(args.out, 'report.md')}"
+          + "".join(f", {f}" for f in result["figures"]))
 
 
 if __name__ == "__main__":
-    main()
+    run_cli("rvit.redundancy", run, parse_args())

@@ -7,18 +7,22 @@ list of them from an `evaluate.py --mask a,b,c` sweep. For each dataset, split a
 writes a Markdown table: the dataset's metrics (config.yaml `metrics`, else the defaults of the
 task its records name, rvit/tasks.py), each also as a share of the full-token baseline (the
 record at inference mask 0, from a model trained at mask 0 where there is one), kept share,
-encoder GFLOPs per image, the FLOP reduction and the measured speed-up over the baseline. With
-matplotlib installed (optional, imported only here) it also draws each metric against kept share
-per strategy, the baseline as a horizontal line.
+encoder GFLOPs per image, the FLOP reduction, images/s and the speed-up over the same trained
+model and strategy at mask 0 (none for a split too small to time). With matplotlib installed
+(optional, imported only for the plots) it also draws each metric against kept share per
+trained model and strategy, each model's full-token score as a horizontal line.
 """
-import argparse
 import glob
 import json
 import os
 
+from rvit.cli import parser, run_cli
 from rvit.config import DEFAULT_CONFIG, dataset_config, load_config
+from rvit.evaluation import MIN_TIMED_BATCHES, MIN_TIMED_S
 from rvit.figures import pyplot
 from rvit.tasks import TASKS
+
+RECORD_KEYS = ("dataset", "split", "strategy", "mask_ratio", "kept_share")
 
 
 def load_records(paths):
@@ -34,8 +38,16 @@ def load_records(paths):
     records = []
     for f in files:
         with open(f) as fh:
-            data = json.load(fh)
-        records += data if isinstance(data, list) else [data]
+            try:
+                data = json.load(fh)
+            except ValueError as e:
+                raise ValueError(f"{f}: not a JSON file ({e})") from e
+        data = data if isinstance(data, list) else [data]
+        for r in data:
+            missing = [k for k in RECORD_KEYS if not isinstance(r, dict) or k not in r]
+            if missing:
+                raise ValueError(f"{f}: not an evaluate.py record (no {', '.join(missing)})")
+        records += data
     return records
 
 
@@ -58,66 +70,128 @@ def metrics_of(dataset, records, config=DEFAULT_CONFIG):
     return listed or (list(TASKS[tasks.pop()].metrics) if len(tasks) == 1 else [])
 
 
+def model_of(r):
+    """The trained model a record evaluates: its checkpoint (records without one: its training
+    strategy and mask ratio)."""
+    return r.get("checkpoint") or f"{r.get('train_strategy')} m{r.get('train_mask_ratio', 0):g}"
+
+
+def model_label(r):
+    """'model trained at mask 0', or 'model trained with similarity at mask 0.6'."""
+    m, strategy = r.get("train_mask_ratio", 0), r.get("train_strategy")
+    return f"model trained {f'with {strategy} ' if m and strategy else ''}at mask {m:g}"
+
+
+def full_tokens(records, rec, strategy=True):
+    """The record of rec's trained model at mask 0 on rec's split (and, with `strategy`, rec's
+    strategy), or None."""
+    return next((r for r in records if model_of(r) == model_of(rec) and r["split"] == rec["split"]
+                 and r["dataset"] == rec["dataset"] and r["mask_ratio"] == 0
+                 and (not strategy or r["strategy"] == rec["strategy"])), None)
+
+
+def speed_up(r, full):
+    """images/s over the same model and strategy's at mask 0, or why there is no ratio."""
+    if full is None:
+        return "n/a (no mask 0)"
+    if r.get("images_per_s") is None or full.get("images_per_s") is None:
+        return "n/a (untimed)"
+    return f"{r['images_per_s'] / full['images_per_s']:.2f}x"
+
+
 def table(records, dataset, metrics):
-    """Markdown table of one dataset's records, sorted by strategy then kept share."""
+    """Markdown table of one dataset's records, sorted by strategy then kept share, and a note
+    saying what the timing columns measure and against what."""
     rows = sorted((r for r in records if r["dataset"] == dataset),
                   key=lambda r: (r["split"], r["strategy"], r.get("train_mask_ratio", 0),
-                                 -r["kept_share"]))
+                                 model_of(r), -r["kept_share"]))
     head = ["split", "strategy", "train mask", "mask", "kept share"]
     head += [f"{m} (% of full)" for m in metrics]
     head += ["GFLOPs", "FLOP reduction", "images/s", "speed-up"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         base = baseline(records, r)
-        cells = [r["split"], r["strategy"], f"{r.get('train_mask_ratio', 0):g}",
+        tau = f", tau {r['tau']:.4f}" if r.get("tau") is not None else ""
+        cells = [r["split"], r["strategy"] + tau, f"{r.get('train_mask_ratio', 0):g}",
                  f"{r['mask_ratio']:g}", f"{r['kept_share']:.3f}"]
         for m in metrics:
             share = f" ({100 * r[m] / base[m]:.1f}%)" if base and base.get(m) else ""
             cells.append(f"{100 * r[m]:.2f}{share}")
         cells.append(f"{r['gflops']:.3f}")
         cells.append(f"{base['gflops'] / r['gflops']:.2f}x" if base else "")
-        cells.append(f"{r['images_per_s']:.1f}")
-        cells.append(f"{r['images_per_s'] / base['images_per_s']:.2f}x" if base else "")
+        rate = r.get("images_per_s")
+        cells.append(f"{rate:.1f}" if rate is not None else "n/a (untimed)")
+        cells.append(speed_up(r, full_tokens(records, r)))
         lines.append("| " + " | ".join(cells) + " |")
+    devices = sorted({str(r.get("device", "unknown device")) for r in rows})
+    lines += ["", "% of full and FLOP reduction: against the full-token record (mask 0, from a "
+              "model trained at mask 0 where there is one). images/s: evaluate.py's loop "
+              "(reading, transform, model) in one process, timed from the end of its first "
+              f"batch, on {'; '.join(devices)}; untimed: under {MIN_TIMED_S:g} s or "
+              f"{MIN_TIMED_BATCHES} batches after the first (a split too small to time). "
+              "Speed-up: against the same trained model and strategy at mask 0."]
     return "\n".join(lines)
 
 
+LINES, MARKERS = ("-", "--", "-.", ":"), "osD^v"  # per trained model; colour per strategy
+
+
 def plot(records, dataset, metric, path):
-    """PNG of `metric` against kept share, one line per strategy and training mask ratio;
-    False without matplotlib."""
+    """PNG of `metric` against kept share: a line per trained model (line style, marker) and
+    inference strategy (colour), and each model's full-token score (its record at mask 0) as a
+    grey line in the model's style; the legend beside the axes. False without matplotlib."""
     plt = pyplot("the report's plots")
     if plt is None:
         return False
     rows = [r for r in records if r["dataset"] == dataset and metric in r]
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for strategy, trained in sorted({(r["strategy"], r.get("train_mask_ratio", 0)) for r in rows}):
-        pts = sorted((r["kept_share"], 100 * r[metric]) for r in rows if r["strategy"] ==
-                     strategy and r.get("train_mask_ratio", 0) == trained)
-        ax.plot(*zip(*pts), marker="o", label=f"{strategy}, trained at mask {trained:g}")
-    base = baseline(records, rows[0]) if rows else None
-    if base:
-        ax.axhline(100 * base[metric], color="grey", linestyle="--", label="full tokens")
-    ax.set_xlabel("kept share of patch tokens")
+    splits = sorted({r["split"] for r in rows})
+    rows = [r for r in rows if r["split"] == splits[0]]  # one split per plot: the table has all
+    models = sorted({model_of(r): r for r in rows}.values(),
+                    key=lambda r: (r.get("train_mask_ratio", 0), str(r.get("train_strategy")),
+                                   model_of(r)))
+    strategies = sorted({r["strategy"] for r in rows})
+    fig, ax = plt.subplots(figsize=(8, 3.6), layout="constrained")
+    for i, model in enumerate(models):
+        style = dict(linestyle=LINES[i % len(LINES)], marker=MARKERS[i % len(MARKERS)])
+        for j, strategy in enumerate(strategies):
+            pts = sorted((r["kept_share"], 100 * r[metric]) for r in rows
+                         if model_of(r) == model_of(model) and r["strategy"] == strategy)
+            if pts:
+                ax.plot(*zip(*pts), color=f"C{j}", **style,
+                        label=f"{strategy}, {model_label(model)}")
+        full = full_tokens(rows, model, strategy=False)
+        if full is not None:
+            ax.axhline(100 * full[metric], color="grey", linewidth=1, linestyle=style["linestyle"],
+                       label=f"full tokens, {model_label(model)}")
+    ax.set_xlabel("kept share of patch tokens (1 = all)")
     ax.set_ylabel(f"{metric} (%)")
-    ax.set_title(dataset)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    ax.set_title(f"{dataset}, {splits[0]} split:\n{metric} against kept share", fontsize=9)
+    fig.legend(loc="outside right upper", fontsize=8, frameon=False)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return True
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description="Markdown table (and PNG plots) of RViT evaluation "
-                                            "records: metrics against kept share.")
+def parse_args(argv=None):
+    p = parser("Markdown table (and PNG plots) of RViT evaluation records: metrics against "
+               "kept share.")
     p.add_argument("runs", nargs="+", help="run folders (searched for eval-*.json) or JSON files")
     p.add_argument("--out", default=None, help="folder for report.md and plots (default: print)")
     p.add_argument("--config", default=DEFAULT_CONFIG, help="config.yaml naming each dataset's "
                                                             "metrics")
-    args = p.parse_args(argv)
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    """The report for command-line arguments `argv` (default sys.argv); errors raise."""
+    run(parse_args(argv))
+
+
+def run(args):
     records = load_records(args.runs)
     if not records:
-        raise SystemExit("no evaluation records found")
+        raise ValueError(f"{', '.join(args.runs)}: no evaluation records (eval-*.json) found")
     parts = []
     for dataset in sorted({r["dataset"] for r in records}):
         metrics = metrics_of(dataset, records, args.config)
@@ -135,4 +209,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli("rvit.report", run, parse_args())

@@ -25,6 +25,14 @@ def run(script, *args, env=None, check=True):
     return proc
 
 
+def png_size(path):
+    """(width, height) of a PNG file, after checking that it is one."""
+    with open(path, "rb") as f:
+        head = f.read(24)
+    assert head[:8] == b"\x89PNG\r\n\x1a\n", f"{path}: not a PNG"
+    return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+
+
 def kill_when_exists(script, args, path, timeout=60):
     """Start one of the entry points, SIGKILL it as soon as `path` exists (or after `timeout`
     seconds), and wait for it to end."""

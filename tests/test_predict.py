@@ -9,7 +9,7 @@ import rasterio
 import torch
 from rasterio.transform import Affine
 
-from conftest import BEN_V1, FLAIR, kill_when_exists, run
+from conftest import BEN_V1, FLAIR, kill_when_exists, png_size, run
 from rvit.checkpoint import load_checkpoint
 from rvit.data import DeviceTransform, H5Dataset
 from rvit.masking import TokenMasker
@@ -63,8 +63,11 @@ def test_one_real_patch_as_a_geotiff_gives_the_hdf5_paths_probabilities(
     images, names, bands = ben_train
     crs, transform = patch_profile(names[0])
     write_tif(tmp_path / "patch.tif", images[0], crs, transform, descriptions=bands)
-    run("predict.py", "--checkpoint", ben_model, "--input", tmp_path / "patch.tif",
-        "--out", tmp_path / "map", "--device", "cpu")
+    proc = run("predict.py", "--checkpoint", ben_model, "--input", tmp_path / "patch.tif",
+               "--out", tmp_path / "map", "--device", "cpu", "--save-examples", tmp_path / "png")
+    assert png_size(tmp_path / "png" / "tile_000000.png")[0] == 520  # image, kept, labels
+    # output to a file or pipe: no progress bar in it, the closing line once
+    assert "predict:" not in proc.stderr + proc.stdout and proc.stdout.count("wrote") == 1
     with rasterio.open(tmp_path / "map" / "probabilities.tif") as src:
         probs = src.read()[:, 0, 0]
         assert src.shape == (1, 1) and src.count == 19 and src.crs == crs
@@ -105,8 +108,11 @@ def test_mosaic_tiles_skips_nodata_pads_edges_and_keeps_georeferencing(
         rows = list(csv.DictReader(f))
     assert len(rows) == 11
     corner = next(r for r in rows if (r["row"], r["col"]) == ("2", "3"))
+    # the centre of its 30 x 50 px inside the scene, not of the padded tile
     assert (float(corner["x"]), float(corner["y"])) == pytest.approx(
-        transform @ (3 * 120 + 60, 2 * 120 + 60))
+        transform @ (3 * 120 + 25, 2 * 120 + 15))
+    inner = next(r for r in rows if (r["row"], r["col"]) == ("0", "1"))
+    assert (float(inner["x"]), float(inner["y"])) == pytest.approx(transform @ (180, 60))
     # the bottom-right tile: 30 x 50 real pixels, padded with the band means
     meta = load_checkpoint(str(ben_model))["meta"]
     tile = np.tile(np.float32(meta["mean"])[:, None, None], (1, 120, 120))
@@ -212,3 +218,41 @@ def test_killed_prediction_leaves_no_final_file(ben_model, ben_train, tmp_path):
     assert (out / "predictions.csv.tmp").exists()
     assert not any((out / n).exists() for n in ("predictions.csv", "probabilities.tif",
                                                 "kept_share.tif"))
+
+
+def peak_rss_mib(*args, env=None):
+    """Peak resident memory (MiB) of one predict.py run, measured in a process of its own
+    (RUSAGE_CHILDREN of an intermediate interpreter: the maximum over its children only)."""
+    import json
+    import subprocess
+    import sys
+    code = ("import json, resource, subprocess, sys; "
+            "p = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+            "print(json.dumps([p.returncode, p.stderr[-2000:], "
+            "resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024]))")
+    out = subprocess.run([sys.executable, "-c", code, sys.executable,
+                          os.path.join(os.path.dirname(os.path.dirname(__file__)), "predict.py"),
+                          *map(str, args)], capture_output=True, text=True, env=env, check=True)
+    rc, err, peak = json.loads(out.stdout)
+    assert rc == 0, err
+    return peak
+
+
+def test_memory_stays_flat_for_a_scene_twice_as_tall(ben_model, ben_train, tmp_path):
+    """GDAL's block cache defaults to 5 % of RAM and kept every strip read (2.0 GB resident for
+    a 1.1 GB scene). GDAL_CACHEMAX=2048 (MiB) in the environment stands for a machine with
+    40 GB of RAM, so the test does not depend on this one's: predict.py sizes the cache to a
+    strip for the scene it reads, whatever the environment says."""
+    images, names, bands = ben_train
+    crs, transform = patch_profile(names[0])
+    strip = np.concatenate(list(images[:5]), axis=2).astype(np.float64)  # (12, 120, 600)
+    env = {**os.environ, "GDAL_CACHEMAX": "2048"}
+    peaks = []
+    for height in (960, 1920):  # 111 and 221 MB of float64 pixels; 240 px tiles, a row a batch
+        scene = np.tile(strip, (1, height // 120, 2))  # (12, height, 1200)
+        write_tif(tmp_path / f"{height}.tif", scene, crs, transform, descriptions=bands)
+        del scene
+        peaks.append(peak_rss_mib("--checkpoint", ben_model, "--input", tmp_path / f"{height}.tif",
+                                  "--out", tmp_path / f"map{height}", "--device", "cpu",
+                                  "--tile-size", "240", "--batch-size", "5", env=env))
+    assert peaks[1] == pytest.approx(peaks[0], rel=0.10), peaks

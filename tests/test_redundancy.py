@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import png_size
 from prepare.h5 import SplitWriter
 from rvit.redundancy import main
 
@@ -35,7 +36,8 @@ def test_one_repeated_patch_is_fully_redundant(tmp_path):
                "0.99", "--mask", "0.5")
     sp = r["spatial"]["pixel"]
     assert sp["mean_score"] > 0.99
-    assert sp["share_above"] == {"0.5": 1.0, "0.9": 1.0, "0.99": 1.0}
+    assert [(a["threshold"], a["min"]) for a in sp["share_above"]] == [(0.5, 1.0), (0.9, 1.0),
+                                                                       (0.99, 1.0)]
 
 
 def test_independent_noise_bands_need_every_component(tmp_path):
@@ -71,15 +73,25 @@ def numpy_scores(image, p):
 
 def test_figures_match_numpy_on_real_bigearthnet_patches(ben_v1, tmp_path):
     main(["--data-dir", str(ben_v1), "--out", str(tmp_path), "--img-size", "120",
-          "--patch-size", "8", "--thresholds", "0", "0.05", "--mask", "0.5"])
+          "--patch-size", "8", "--mask", "0.5"])  # default thresholds: score quantiles
     r = json.loads((tmp_path / "redundancy.json").read_text())
     with h5py.File(ben_v1 / "train.h5") as f:
         images = f["images"][:]
     scores = np.stack([numpy_scores(img, 8) for img in images])  # (7, 225)
     sp = r["spatial"]["pixel"]
     assert sp["mean_score"] == pytest.approx(scores.mean(), abs=0.005)  # histogram bin width
-    assert sp["share_above"]["0"] == pytest.approx((scores > 0).mean(), abs=1e-6)
-    assert sp["share_above"]["0.05"] == pytest.approx((scores > 0.05).mean(), abs=1e-6)
+    assert [a["quantile"] for a in sp["share_above"]] == [0.9, 0.95, 0.99]
+    for a in sp["share_above"]:
+        per_image = (scores > a["threshold"]).mean(1)  # (7,)
+        assert [a["mean"], a["min"], a["max"]] == pytest.approx(
+            [per_image.mean(), per_image.min(), per_image.max()], abs=1e-6)
+        # the threshold is within the histogram's bin width of the quantile
+        assert np.quantile(scores, a["quantile"]) == pytest.approx(a["threshold"], abs=0.01)
+    assert "| threshold: quantile of all pixel-space scores | score |" in (
+        tmp_path / "report.md").read_text()
+    check_figures(tmp_path, {"score_histogram.png": (460, 320), "fill_error.png": (640, 340),
+                             "band_correlation.png": (500, 440),
+                             "examples_mask0.65.png": (1055, 605)})  # 4 columns, 2 rows
     assert sp["dynamic_kept_share"]["0.5"]["mean"] == pytest.approx(0.5, abs=0.02)
     pixels = images.transpose(1, 0, 2, 3).reshape(12, -1).astype(np.float64)
     assert np.allclose(r["spectral"]["correlation"], np.corrcoef(pixels), atol=1e-6)
@@ -87,6 +99,9 @@ def test_figures_match_numpy_on_real_bigearthnet_patches(ben_v1, tmp_path):
     explained = np.cumsum(eig) / eig.sum()
     assert r["spectral"]["components_95"] == int(np.argmax(explained >= 0.95)) + 1
     assert r["num_samples"] == 7 and len(r["examples"]["pixel"]["most"]) == 4
+    # 7 images, 4 of each kind asked: the least redundant row leaves out the most redundant
+    assert len(r["examples"]["pixel"]["least"]) == 3
+    assert not set(r["examples"]["pixel"]["most"]) & set(r["examples"]["pixel"]["least"])
 
 
 def brute_fill_error(feats, kept):
@@ -125,7 +140,14 @@ def test_fill_error_matches_a_brute_force_and_coverage_loses_least(ben_v1, tmp_p
     for m in ("0.6", "0.85"):  # the most typical patches go first, and their region with them
         assert err["coverage"][m] < err["similarity"][m]
     assert all(err[st]["0.85"] > err[st]["0.6"] for st in err)
-    assert (tmp_path / "fill_error.png").exists() or not _has_matplotlib()
+
+
+def check_figures(folder, sizes):
+    """Each figure is a PNG of the size (width, height in px) its layout gives (smoke renders:
+    their look is checked by eye)."""
+    if _has_matplotlib():
+        for name, size in sizes.items():
+            assert png_size(folder / name) == size, name
 
 
 def _has_matplotlib():
@@ -154,3 +176,6 @@ def test_example_images_are_the_extremes_of_each_score_space(ben_v1, ben_run, tm
         order = torch.argsort(redundancy_score(f).mean(1), descending=True).tolist()
         assert examples[space] == {"most": order[:2], "least": order[::-1][:2]}, space
     assert examples["pixel"] != examples["embedding"]  # else this test could not tell them apart
+    # two score spaces: a histogram each; 2 images a row
+    check_figures(tmp_path, {"score_histogram.png": (920, 320),
+                             "examples_mask0.65.png": (555, 605)})

@@ -10,7 +10,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from conftest import MLRS_LABELS, run
+from conftest import MLRS_LABELS, png_size, run
 from rvit import vit_tiny
 from rvit.flops import vit_flops
 from rvit.report import load_records, table
@@ -122,6 +122,7 @@ def test_sweep_rows_match_plain_evaluations_and_report_reads_them(trained, tmp_p
         "--strategy", "dynamic", "--out", dyn, *CPU)
     d = json.loads(dyn.read_text())
     assert d["tau_source"].startswith("train split") and 0 < d["kept_share"] < 1
+    assert isinstance(d["tau"], float) and rows[1]["tau"] is None  # the threshold it used
     cov = tmp_path / "eval-test-cov.json"
     run("evaluate.py", "--checkpoint", ckpt, "--data-dir", data, "--mask", "0.75",
         "--strategy", "coverage", "--out", cov, *CPU)
@@ -131,8 +132,7 @@ def test_sweep_rows_match_plain_evaluations_and_report_reads_them(trained, tmp_p
 
     records = load_records([tmp_path])
     assert len(records) == 6
-    md = table(records, "mlrsnet", ["mAP_micro", "F1_micro"]).splitlines()
-    body = [[c.strip() for c in line.strip("|").split("|")] for line in md[2:]]
+    body = table_rows(table(records, "mlrsnet", ["mAP_micro", "F1_micro"]))
     assert len(body) == 6 and sum(c[1] == "coverage" for c in body) == 1
     for r in rows:
         cells = next(c for c in body if c[1] == "similarity" and float(c[3]) == r["mask_ratio"]
@@ -141,6 +141,33 @@ def test_sweep_rows_match_plain_evaluations_and_report_reads_them(trained, tmp_p
         assert cells[5].endswith(f"({100 * r['mAP_micro'] / rows[0]['mAP_micro']:.1f}%)")
         assert cells[7] == f"{r['gflops']:.3f}"
         assert cells[8] == f"{rows[0]['gflops'] / r['gflops']:.2f}x"
+
+
+def table_rows(markdown):
+    """The cells of a Markdown table's body rows."""
+    lines = [line for line in markdown.splitlines() if line.startswith("|")]
+    return [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
+
+
+def test_speed_up_is_against_the_same_model_and_strategy_at_mask_0():
+    def rec(ckpt, strategy, m, rate, **extra):
+        return {"dataset": "d", "split": "test", "strategy": strategy, "mask_ratio": m,
+                "kept_share": 1 - m, "checkpoint": ckpt, "train_strategy": "similarity",
+                "train_mask_ratio": 0.6 if ckpt == "b.pt" else 0, "gflops": 2 - m,
+                "images_per_s": rate, "mAP_micro": 0.5, "device": "cpu: 2 cores", **extra}
+    records = [rec("a.pt", "dynamic", 0, 0.7),  # a 1-sample split's rate, first in the table
+               rec("a.pt", "dynamic", 0.5, None, tau=0.12345, tau_source="checkpoint"),
+               rec("a.pt", "similarity", 0, 10.0), rec("a.pt", "similarity", 0.5, 25.0),
+               rec("b.pt", "similarity", 0, 20.0), rec("b.pt", "similarity", 0.5, 30.0),
+               rec("b.pt", "random", 0.5, 40.0)]
+    text = table(records, "d", ["mAP_micro"])
+    speed = {(c[1], c[2], c[3]): (c[-2], c[-1]) for c in table_rows(text)}
+    assert speed[("similarity", "0", "0")] == ("10.0", "1.00x")
+    assert speed[("similarity", "0", "0.5")] == ("25.0", "2.50x")  # not 25 / 0.7
+    assert speed[("similarity", "0.6", "0.5")] == ("30.0", "1.50x")  # its own model's mask 0
+    assert speed[("dynamic, tau 0.1235", "0", "0.5")] == ("n/a (untimed)", "n/a (untimed)")
+    assert speed[("random", "0.6", "0.5")] == ("40.0", "n/a (no mask 0)")
+    assert "on cpu: 2 cores" in text and "timed from the end of its first batch" in text
 
 
 def test_report_command_writes_markdown(trained, tmp_path):
@@ -153,7 +180,7 @@ def test_report_command_writes_markdown(trained, tmp_path):
         import matplotlib  # noqa: F401
     except ImportError:
         return
-    assert (tmp_path / "report" / "mlrsnet_mAP_micro.png").stat().st_size > 1000
+    assert png_size(tmp_path / "report" / "mlrsnet_mAP_micro.png") == (800, 360)
 
 
 @pytest.mark.parametrize("which", ["bigearthnet", "flair"])
@@ -180,3 +207,36 @@ def test_save_examples_leaves_the_evaluation_record_unchanged(which, request, tm
                                                                  "peak_memory_mb")})
     assert records[0] == records[1]
     assert len(os.listdir(tmp_path / "png")) == 3
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    for name in os.listdir(tmp_path / "png"):  # smoke renders; the look is checked by eye
+        width, height = png_size(tmp_path / "png" / name)
+        if which == "flair":  # four titled panels and a class legend
+            assert (width, height) == (1020, 355)
+        else:  # two titled panels, the labels below in as many lines as they wrap to
+            assert width == 520 and 335 <= height <= 520, (width, height)
+
+
+def test_example_labels_name_the_top_classes_with_their_probabilities():
+    from rvit.figures import top_labels
+    assert top_labels(np.array([0.1, 0.8, 0.3, 0.5]), ["a", "b, c", "d", "e"]) == \
+        "b, c 0.80; e 0.50; d 0.30"
+
+
+def test_a_split_too_small_to_time_has_no_rate(ben_v1, ben_run):
+    """One batch (the first pays one-time costs and is not timed) gives no images/s, so no
+    report divides by a warm-up's time."""
+    from rvit.data import DeviceTransform, H5Dataset, eval_loader
+    from rvit.evaluation import evaluate, rate_text
+    from rvit.masking import TokenMasker
+    from rvit.models import load_run
+    ckpt, model = load_run(str(ben_run / "last.pt"))
+    cfg, meta = ckpt["config"], ckpt["meta"]
+    cpu = torch.device("cpu")
+    loader = eval_loader(H5Dataset(str(ben_v1 / "train.h5")), 4, 0, cpu)  # 7 samples: 2 batches
+    r = evaluate(model, TokenMasker("similarity", 0.5, cfg["patch_size"]), loader,
+                 DeviceTransform(meta["mean"], meta["std"], cfg["img_size"], cpu), meta, "none")
+    assert r["images_per_s"] is None and r["timed_images"] == 3 and r["num_samples"] == 7
+    assert rate_text(None) == "n/a img/s" and rate_text(0.3456) == "0.346 img/s"

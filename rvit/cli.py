@@ -1,0 +1,40 @@
+"""What every entry point and `python -m` tool shares on the command line: its parser and the
+one-line error wrapper. Torch-free, so that prepare_data.py can use it too.
+"""
+import argparse
+import sys
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help appends each flag's default, except where there is nothing to show: a default of
+    None (the help says where the value comes from), an off switch (store_true) or an empty
+    list."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.default == []:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def parser(description):
+    """An ArgumentParser that shows defaults in --help and takes no abbreviated flags (argparse
+    would otherwise read `--epoch 1` as `--epochs 1`, silently)."""
+    return argparse.ArgumentParser(description=description, allow_abbrev=False,
+                                   formatter_class=DefaultsHelpFormatter)
+
+
+def run_cli(name, main, args, errors=(ValueError, OSError, ImportError, RuntimeError)):
+    """Run an entry point's main(args): a bad file, flag or input ends as one line naming it
+    (exit 1), with the traceback only under --debug.
+
+    Only the first line of a message is shown: a library's multi-line explanation (torch,
+    GDAL) follows it under --debug.
+    """
+    try:
+        main(args)
+    except errors as e:
+        if args.debug:
+            raise
+        lines = str(e).strip().splitlines() or [type(e).__name__]
+        print(f"{name}: error: {lines[0]}", file=sys.stderr)
+        sys.exit(1)
