@@ -13,8 +13,9 @@ import re
 
 from rvit import distributed
 from rvit.checkpoint import provenance, write_json
-from rvit.config import (add_masking_args, add_runtime_args, check, device_and_amp, mask_list,
-                         masker_from_args, masking_from_run, parser, run_cli)
+from rvit.config import (add_examples_args, add_masking_args, add_runtime_args, check,
+                         device_and_amp, mask_list, masker_from_args, masking_from_run, parser,
+                         run_cli)
 from rvit.data import DeviceTransform, H5Dataset, eval_loader
 from rvit.evaluation import calibrate_dynamic, evaluate, rate_text
 from rvit.models import load_run
@@ -32,10 +33,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None,
                    help="JSON file for the results: one object, or a list of one per mask "
                         "ratio for a sweep (default: beside the checkpoint)")
-    p.add_argument("--save-examples", default=None, metavar="DIR",
-                   help="write PNGs of a few samples (image, kept tokens, prediction, "
-                        "reference) to DIR; needs matplotlib (or Pillow: plainer)")
-    p.add_argument("--num-examples", type=int, default=4, help="how many with --save-examples")
+    add_examples_args(p, "samples")
     add_masking_args(p, mask_list)
     add_runtime_args(p)
     return p.parse_args(argv)

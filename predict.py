@@ -45,8 +45,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from rvit.atomic import AtomicFiles
-from rvit.config import (add_masking_args, add_runtime_args, check, device_and_amp,
-                         masker_from_args, masking_from_run, parser, run_cli)
+from rvit.config import (add_examples_args, add_masking_args, add_runtime_args, check,
+                         device_and_amp, masker_from_args, masking_from_run, parser, run_cli)
 from rvit.data import DeviceTransform
 from rvit.evaluation import autocast
 from rvit.figures import save_examples
@@ -65,15 +65,11 @@ def parse_args(argv=None):
                    help="tile side in pixels (default: the training samples' side, stored in "
                         "the checkpoint)")
     p.add_argument("--overlap", type=int, default=0,
-                   help="segmentation: pixels shared by neighbouring tiles, blended with a "
-                        "linear ramp")
+                   help="segmentation: pixels neighbouring tiles share (linear-ramp blend)")
     p.add_argument("--threshold", type=float, default=0.5,
                    help="multi-label classification: probability above which a label is "
                         "predicted")
-    p.add_argument("--save-examples", default=None, metavar="DIR",
-                   help="write PNGs of the first tiles (image, kept tokens, prediction); "
-                        "needs matplotlib (or Pillow: plainer)")
-    p.add_argument("--num-examples", type=int, default=4, help="how many with --save-examples")
+    add_examples_args(p, "tiles")
     add_masking_args(p)
     add_runtime_args(p, loader=False)  # tiles are read here, strip by strip: no DataLoader
     return p.parse_args(argv)

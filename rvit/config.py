@@ -88,6 +88,15 @@ def add_masking_args(p, mask_type=float):
                    help="redundancy = mean or max cosine similarity to the image's other patches")
 
 
+def add_examples_args(p, what):
+    """--save-examples DIR and --num-examples: PNGs of the first `what` (samples, tiles)."""
+    p.add_argument("--save-examples", default=None, metavar="DIR",
+                   help=f"write PNGs of the first {what} (image, kept tokens, prediction, "
+                        "reference where there is one) to DIR; needs matplotlib (or Pillow: "
+                        "plainer)")
+    p.add_argument("--num-examples", type=int, default=4, help="how many with --save-examples")
+
+
 def add_runtime_args(p, loader=True):
     """Batch size, device, precision and --debug; with `loader`, also --workers, --preload."""
     p.add_argument("--batch-size", type=int, default=None, help="images per step per process")
