@@ -170,7 +170,10 @@ def main(args):
         model_without_ddp = nn.SyncBatchNorm.convert_sync_batchnorm(model_without_ddp)
     # MAE's pair: `model` is what training calls (compiled and / or DDP-wrapped),
     # `model_without_ddp` the plain module that checkpoints save and validation runs
-    model = torch.compile(model_without_ddp) if args.compile else model_without_ddp
+    model = model_without_ddp
+    if args.compile:
+        model = torch.compile(model_without_ddp)
+        masker.eager()
     if world > 1:
         # blocks after the last tapped one get no gradient in segmentation
         unused = meta["task"] == "segmentation" and max(args.out_indices) < len(

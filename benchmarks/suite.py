@@ -293,8 +293,8 @@ def timm_version():
 
 
 def varlen_usable(device):
-    from rvit.vit import use_varlen, varlen_attn
-    if varlen_attn is None:
+    from rvit.vit import load_varlen, use_varlen
+    if load_varlen() is None:
         return "no: torch.nn.attention.varlen is missing (torch < 2.10)"
     if device.type != "cuda":
         return "no: CUDA only (FlashAttention)"

@@ -216,6 +216,8 @@ def rvit_setting(args, strategy, m, train, steps=None, deadline=None):
     if args.encoder_only and args.task != "segmentation":
         raise SystemExit("--encoder-only needs --task segmentation")
     run = torch.compile(model) if args.compile else model
+    if args.compile:
+        masker.eager()
     if args.compile and args.encoder_only:
         run.encode = torch.compile(model.encode)
     return {**measure(run, masker, args, device, train, steps, deadline),

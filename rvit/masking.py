@@ -239,6 +239,14 @@ class Selection(NamedTuple):
     src: Optional[torch.Tensor] = None
     prop_attn: bool = False
 
+    def eager(self):
+        """Run this masker eagerly inside a torch.compile'd model (call it when compiling):
+        the loops of coverage and k-medoids would unroll into the graph, and a ratio that
+        changes per step (--mask-range) would recompile it. Not done at import: importing
+        torch's compiler costs every process start about 0.8 s. Returns the masker."""
+        self.forward = torch.compiler.disable(self.forward)
+        return self
+
     @property
     def num_kept(self):
         """(B,) int64 patch tokens kept per image."""
@@ -372,9 +380,6 @@ class TokenMasker(nn.Module):
         tau = q if torch.isnan(self.tau) else self.momentum * self.tau + (1 - self.momentum) * q
         self.tau.copy_(tau)
 
-    # selection runs eagerly under torch.compile: the loops of coverage and k-medoids would
-    # unroll into the graph, and a ratio that changes per step (--mask-range) would recompile it
-    @torch.compiler.disable
     @torch.no_grad()
     def forward(self, z, x, index=None):
         """z: (B, N, D) patch embeddings; x: (B, C, H, W) image; index: (B,) sample indices
@@ -397,6 +402,14 @@ class TokenMasker(nn.Module):
             keep = keep._replace(src=restore_index(keep, N, z), prop_attn=self.prop_attn)
         self.last = keep
         return keep
+
+    def eager(self):
+        """Run this masker eagerly inside a torch.compile'd model (call it when compiling):
+        the loops of coverage and k-medoids would unroll into the graph, and a ratio that
+        changes per step (--mask-range) would recompile it. Not done at import: importing
+        torch's compiler costs every process start about 0.8 s. Returns the masker."""
+        self.forward = torch.compiler.disable(self.forward)
+        return self
 
     @property
     def num_kept(self):

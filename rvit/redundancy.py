@@ -371,20 +371,25 @@ def correlation_plot(plt, spectral, out):
 
 
 def fill_error_plot(plt, result, out):
-    """Fill error against kept share, a line per strategy (solid: pixel space, dashed:
-    embedding space); the dynamic strategy at its mean realised kept share."""
-    fig, ax = plt.subplots(figsize=(6.4, 3.4), layout="constrained")
-    for (space, sp), style in zip(result["spatial"].items(), ("-", "--")):
+    """Fill error against kept share, a panel per score space: a colour per strategy, solid
+    without merging, dotted with it; the dynamic strategy at its mean realised kept share."""
+    spaces = result["spatial"]
+    fig, axes = plt.subplots(1, len(spaces), figsize=(3.6 * len(spaces) + 2.6, 3.4),
+                             layout="constrained", sharey=True, squeeze=False)
+    for ax, (space, sp) in zip(axes[0], spaces.items()):
         masks = list(sp["dynamic_kept_share"])
         for i, st in enumerate(STRATEGIES):
             kept = [sp["dynamic_kept_share"][m]["mean" if st == "dynamic" else
                                                 "similarity_share"] for m in masks]
-            ax.plot(kept, [sp["fill_error"][st][m] for m in masks], style, marker="o",
-                    color=f"C{i}", label=f"{st} ({space} space)")
-    ax.set_xlabel("kept share of patch tokens (1 = all)")
-    ax.set_ylabel("fill error (0: nothing lost;\n1: as much as all zeros)")
-    ax.set_title(f"{result['dataset']} {result['split']}: information each strategy loses\n"
-                 "(a dropped patch takes its most similar kept one)", fontsize=9)
+            for rule, style in ((st, "-"), (st + "+merge", ":")):
+                ax.plot(kept, [sp["fill_error"][rule][m] for m in masks], style, marker="o",
+                        markersize=3, color=f"C{i}", label=rule if ax is axes[0][0] else None)
+        ax.set_title(f"{space} space", fontsize=9)
+        ax.set_xlabel("kept share of patch tokens (1 = all)")
+    axes[0][0].set_ylabel("fill error (0: nothing lost;\n1: as much as all zeros)")
+    fig.suptitle(f"{result['dataset']} {result['split']}: information each rule loses (a dropped "
+                 "patch takes its most similar kept one;\n+merge: every patch its group's mean)",
+                 fontsize=9)
     fig.legend(loc="outside right upper", fontsize=8, frameon=False)
     return save(fig, plt, os.path.join(out, "fill_error.png"))
 

@@ -55,8 +55,14 @@ def baseline(records, rec):
     """The full-token record of rec's dataset and split, or None."""
     full = [r for r in records if r["dataset"] == rec["dataset"] and r["split"] == rec["split"]
             and r["mask_ratio"] == 0]
-    full.sort(key=lambda r: r.get("train_mask_ratio", 0) != 0)  # trained at mask 0 first
+    full.sort(key=lambda r: trained_at(r) != "0")  # trained at mask 0 first
     return full[0] if full else None
+
+
+def trained_at(r):
+    """The training mask ratio of a record's model: '0.6', or '0-0.9' for --mask-range."""
+    lo_hi = r.get("train_mask_range")
+    return f"{lo_hi[0]:g}-{lo_hi[1]:g}" if lo_hi else f"{r.get('train_mask_ratio', 0):g}"
 
 
 def metrics_of(dataset, records, config=DEFAULT_CONFIG):
@@ -73,13 +79,15 @@ def metrics_of(dataset, records, config=DEFAULT_CONFIG):
 def model_of(r):
     """The trained model a record evaluates: its checkpoint (records without one: its training
     strategy and mask ratio)."""
-    return r.get("checkpoint") or f"{r.get('train_strategy')} m{r.get('train_mask_ratio', 0):g}"
+    return r.get("checkpoint") or f"{r.get('train_strategy')} m{trained_at(r)}"
 
 
 def model_label(r):
-    """'model trained at mask 0', or 'model trained with similarity at mask 0.6'."""
-    m, strategy = r.get("train_mask_ratio", 0), r.get("train_strategy")
-    return f"model trained {f'with {strategy} ' if m and strategy else ''}at mask {m:g}"
+    """'model trained at mask 0', 'model trained with similarity at mask 0.6', or '... at masks
+    0-0.9' for a model trained over a mask range."""
+    m, strategy = trained_at(r), r.get("train_strategy")
+    at = f"masks {m}" if r.get("train_mask_range") else f"mask {m}"
+    return f"model trained {f'with {strategy} ' if m != '0' and strategy else ''}at {at}"
 
 
 def full_tokens(records, rec, strategy=True):
@@ -103,8 +111,8 @@ def table(records, dataset, metrics):
     """Markdown table of one dataset's records, sorted by strategy then kept share, and a note
     saying what the timing columns measure and against what."""
     rows = sorted((r for r in records if r["dataset"] == dataset),
-                  key=lambda r: (r["split"], r["strategy"], r.get("train_mask_ratio", 0),
-                                 model_of(r), -r["kept_share"]))
+                  key=lambda r: (r["split"], r["strategy"], trained_at(r), model_of(r),
+                                 -r["kept_share"]))
     head = ["split", "strategy", "train mask", "mask", "kept share"]
     head += [f"{m} (% of full)" for m in metrics]
     head += ["GFLOPs", "FLOP reduction", "images/s", "speed-up"]
@@ -112,7 +120,7 @@ def table(records, dataset, metrics):
     for r in rows:
         base = baseline(records, r)
         tau = f", tau {r['tau']:.4f}" if r.get("tau") is not None else ""
-        cells = [r["split"], r["strategy"] + tau, f"{r.get('train_mask_ratio', 0):g}",
+        cells = [r["split"], r["strategy"] + tau, trained_at(r),
                  f"{r['mask_ratio']:g}", f"{r['kept_share']:.3f}"]
         for m in metrics:
             share = f" ({100 * r[m] / base[m]:.1f}%)" if base and base.get(m) else ""
@@ -147,8 +155,7 @@ def plot(records, dataset, metric, path):
     splits = sorted({r["split"] for r in rows})
     rows = [r for r in rows if r["split"] == splits[0]]  # one split per plot: the table has all
     models = sorted({model_of(r): r for r in rows}.values(),
-                    key=lambda r: (r.get("train_mask_ratio", 0), str(r.get("train_strategy")),
-                                   model_of(r)))
+                    key=lambda r: (trained_at(r), str(r.get("train_strategy")), model_of(r)))
     strategies = sorted({r["strategy"] for r in rows})
     fig, ax = plt.subplots(figsize=(8, 3.6), layout="constrained")
     for i, model in enumerate(models):

@@ -36,10 +36,19 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, N, D)
 
 
-try:  # torch >= 2.10: FlashAttention over packed variable-length sequences (CUDA, fp16/bf16)
-    from torch.nn.attention.varlen import varlen_attn
-except ImportError:
-    varlen_attn = None
+varlen_attn = None  # torch >= 2.10's FlashAttention over packed sequences: `load_varlen`
+
+
+@lru_cache(maxsize=None)
+def load_varlen():
+    """`torch.nn.attention.varlen.varlen_attn` (torch >= 2.10), or None. Imported on first use,
+    not at start: importing it loads torch's compiler, about 0.8 s of every process start."""
+    global varlen_attn
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
 
 
 @lru_cache(maxsize=None)
@@ -50,8 +59,8 @@ def _flash_capable(device_index: int) -> bool:
 def use_varlen(t):
     """True where `varlen_attn` can run on t: fp16 / bf16 on an Ampere or newer CUDA GPU,
     torch >= 2.10."""
-    return varlen_attn is not None and t.is_cuda and t.dtype in (torch.float16, torch.bfloat16) \
-        and _flash_capable(t.device.index)
+    return t.is_cuda and t.dtype in (torch.float16, torch.bfloat16) \
+        and _flash_capable(t.device.index) and load_varlen() is not None
 
 
 class Packed(NamedTuple):

@@ -89,7 +89,7 @@ def test_figures_match_numpy_on_real_bigearthnet_patches(ben_v1, tmp_path):
         assert np.quantile(scores, a["quantile"]) == pytest.approx(a["threshold"], abs=0.01)
     assert "| threshold: quantile of all pixel-space scores | score |" in (
         tmp_path / "report.md").read_text()
-    check_figures(tmp_path, {"score_histogram.png": (460, 320), "fill_error.png": (640, 340),
+    check_figures(tmp_path, {"score_histogram.png": (460, 320), "fill_error.png": (620, 340),
                              "band_correlation.png": (500, 440),
                              "examples_mask0.65.png": (1055, 605)})  # 4 columns, 2 rows
     assert sp["dynamic_kept_share"]["0.5"]["mean"] == pytest.approx(0.5, abs=0.02)

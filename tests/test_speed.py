@@ -91,7 +91,7 @@ def test_varlen_layout_gives_the_padded_outputs_and_gradients(monkeypatch):
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available() or vit_module.varlen_attn is None,
+@pytest.mark.skipif(not torch.cuda.is_available() or vit_module.load_varlen() is None,
                     reason="needs a CUDA GPU and torch.nn.attention.varlen")
 def test_cuda_varlen_attention_matches_padded_attention():
     if not vit_module.use_varlen(torch.zeros(1, device="cuda", dtype=torch.bfloat16)):
@@ -137,6 +137,7 @@ def test_compiled_and_eager_outputs_agree(device, dtype, tol):
     masker = TokenMasker("similarity", 0.5, 8).to(device).eval()
     x = torch.randn(4, 3, 32, 32, device=device)
     compiled = torch.compile(model)
+    masker.eager()
     with torch.no_grad(), torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
         for m in (0.5, 0.3, 0.7):  # a ratio per step, as --mask-range sets it
             masker.mask_ratio = m

@@ -170,6 +170,21 @@ def test_speed_up_is_against_the_same_model_and_strategy_at_mask_0():
     assert "on cpu: 2 cores" in text and "timed from the end of its first batch" in text
 
 
+def test_a_mixed_ratio_model_is_its_own_row_and_never_the_full_token_baseline():
+    from rvit.report import baseline, model_label
+    def rec(ckpt, m, score, mask_range=None):
+        return {"dataset": "d", "split": "test", "strategy": "random", "mask_ratio": m,
+                "kept_share": 1 - m, "checkpoint": ckpt, "train_strategy": "random",
+                "train_mask_ratio": 0, "train_mask_range": mask_range, "gflops": 2 - m,
+                "images_per_s": None, "mAP_micro": score}
+    records = [rec("range.pt", 0, 0.6, [0, 0.9]), rec("range.pt", 0.5, 0.59, [0, 0.9]),
+               rec("plain.pt", 0, 0.5), rec("plain.pt", 0.5, 0.3)]
+    assert baseline(records, records[1])["checkpoint"] == "plain.pt"
+    assert model_label(records[0]) == "model trained with random at masks 0-0.9"
+    rows = {(c[2], c[3]): c[5] for c in table_rows(table(records, "d", ["mAP_micro"]))}
+    assert rows[("0-0.9", "0.5")] == "59.00 (118.0%)" and rows[("0", "0.5")] == "30.00 (60.0%)"
+
+
 def test_report_command_writes_markdown(trained, tmp_path):
     run("evaluate.py", "--checkpoint", trained / "run" / "best.pt", "--data-dir",
         trained / "data", "--mask", "0,0.6", "--out", tmp_path / "runs" / "eval-x.json", *CPU)
