@@ -383,14 +383,17 @@ def fill_error_plot(plt, result, out):
                                                 "similarity_share"] for m in masks]
             for rule, style in ((st, "-"), (st + "+merge", ":")):
                 ax.plot(kept, [sp["fill_error"][rule][m] for m in masks], style, marker="o",
-                        markersize=3, color=f"C{i}", label=rule if ax is axes[0][0] else None)
-        ax.set_title(f"{space} space", fontsize=9)
+                        markersize=3, color=f"C{i}")
+        ax.set_title(f"information lost: {result['dataset']} {result['split']}, {space} space",
+                     fontsize=9)
         ax.set_xlabel("kept share of patch tokens (1 = all)")
     axes[0][0].set_ylabel("fill error (0: nothing lost;\n1: as much as all zeros)")
-    fig.suptitle(f"{result['dataset']} {result['split']}: information each rule loses (a dropped "
-                 "patch takes its most similar kept one;\n+merge: every patch its group's mean)",
-                 fontsize=9)
-    fig.legend(loc="outside right upper", fontsize=8, frameon=False)
+    line = plt.matplotlib.lines.Line2D
+    handles = [line([], [], color=f"C{i}", marker="o", markersize=3, label=st)
+               for i, st in enumerate(STRATEGIES)]
+    handles += [line([], [], color="k", linestyle="-", label="dropped: most similar kept one"),
+                line([], [], color="k", linestyle=":", label="+merge: its group's mean")]
+    fig.legend(handles=handles, loc="outside right upper", fontsize=8, frameon=False)
     return save(fig, plt, os.path.join(out, "fill_error.png"))
 
 
