@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from rvit.cli import parser
-from rvit.masking import TokenMasker
+from rvit.masking import TokenMasker, mask_ratio_at
 from rvit.models import build_model, encoder
 from rvit.upernet import segmentation_loss
 from rvit.vit import MODELS
@@ -44,7 +44,9 @@ def parse_args(argv=None):
     p.add_argument("--encoder-only", action="store_true",
                    help="segmentation: time RUPerNet's encoder alone (tapped blocks, grid "
                         "restored), to see the decoder's share of a step")
-    p.add_argument("--masks", default="0,0.25,0.5,0.6,0.75,0.85", help="comma-separated ratios")
+    p.add_argument("--masks", default="0,0.25,0.5,0.6,0.75,0.85",
+                   help="comma-separated ratios; LO-HI draws each step's ratio from U[LO, HI) "
+                        "as train.py's --mask-range (its mean step time is reported)")
     p.add_argument("--strategies", default="similarity,dynamic,random,coverage,kmedoids,"
                                             "similarity+merge,kmedoids+merge",
                    help="comma-separated rules: strategies, '+merge' to merge dropped tokens")
@@ -184,7 +186,9 @@ def measure(model, select, args, device, train, steps=None, deadline=None):
     warmup, times = time_steps(train_step if train else infer_step,
                                args.steps if steps is None else steps, device, args.warmup,
                                deadline)
-    step_s = statistics.median(times) if times else float("nan")
+    # a mask range varies the step from call to call: its mean is what an epoch costs
+    centre = statistics.mean if getattr(select, "mask_range", None) else statistics.median
+    step_s = centre(times) if times else float("nan")
     return {"img_per_s": args.batch_size / step_s, "step_s": step_s, "steps": len(times),
             "warmup_s": warmup, "peak_mib": peak_mib(device)}
 
@@ -206,7 +210,9 @@ def rvit_setting(args, strategy, m, train, steps=None, deadline=None):
     model = build_model(cfg, meta).to(device)
     vit = encoder(model)
     strategy, _, merge = strategy.partition("+")
-    masker = TokenMasker(strategy, m, args.patch_size, merge=merge == "merge").to(device)
+    masker = TokenMasker(strategy, m if isinstance(m, float) else 0.0, args.patch_size,
+                         merge=merge == "merge").to(device)
+    select = masker if isinstance(m, float) else DrawnRatio(masker, m)
     if strategy == "dynamic" and m > 0:  # calibrate tau before any timing
         with torch.no_grad():
             for _ in range(20):
@@ -220,8 +226,37 @@ def rvit_setting(args, strategy, m, train, steps=None, deadline=None):
         masker.eager()
     if args.compile and args.encoder_only:
         run.encode = torch.compile(model.encode)
-    return {**measure(run, masker, args, device, train, steps, deadline),
-            "kept": mean_kept(masker)}
+    timed = measure(run, select, args, device, train, steps, deadline)
+    return {**timed, "kept": select.mean_kept if select is not masker else mean_kept(masker)}
+
+
+class DrawnRatio:
+    """The masker with train.py's --mask-range draw: a ratio from U[LO, HI) at every call;
+    `mean_kept` averages the kept patch tokens over the calls."""
+
+    def __init__(self, masker, mask_range):
+        self.masker, self.mask_range, self.calls, self.kept = masker, mask_range, 0, 0.0
+
+    def __call__(self, z, x, index=None):
+        self.masker.mask_ratio = mask_ratio_at(self.calls, self.mask_range, 0)
+        keep = self.masker(z, x, index)
+        self.calls, self.kept = self.calls + 1, self.kept + mean_kept(self.masker)
+        return keep
+
+    @property
+    def mean_kept(self):
+        return self.kept / max(self.calls, 1)
+
+
+def mask_values(text):
+    """'0,0.75,0-0.9' -> [0.0, 0.75, (0.0, 0.9)]: ratios, and ranges drawn per step."""
+    return [tuple(float(b) for b in v.split("-")) if "-" in v.lstrip("-") else float(v)
+            for v in text.split(",")]
+
+
+def mask_label(m):
+    """0.75 -> '0.75'; (0.0, 0.9) -> '0-0.9'."""
+    return "-".join(f"{v:g}" for v in m) if isinstance(m, tuple) else f"{m:g}"
 
 
 def isolated(fn, *args):
@@ -237,13 +272,13 @@ def rvit_runs(args, train):
     rows = []
     n = (args.img_size // args.patch_size) ** 2
     for strategy in args.strategies.split(","):
-        for m in (float(v) for v in args.masks.split(",")):
+        for m in mask_values(args.masks):
             r = isolated(rvit_setting, args, strategy, m, train)
             rows.append({"impl": "rvit", "strategy": strategy, "mask": m, "ips": r["img_per_s"],
                          "peak": r["peak_mib"], "warmup": r["warmup_s"],
                          "ideal": (1 + n) / (1 + r["kept"])})
-            print(f"  rvit {strategy:<10} mask {m:<5} {r['img_per_s']:10.0f} img/s  kept "
-                  f"{r['kept']:6.1f}/{n}  peak {r['peak_mib']:8.0f} MiB  warm-up "
+            print(f"  rvit {strategy:<10} mask {mask_label(m):<6} {r['img_per_s']:10.0f} img/s  "
+                  f"kept {r['kept']:6.1f}/{n}  peak {r['peak_mib']:8.0f} MiB  warm-up "
                   f"{r['warmup_s']:6.1f} s", flush=True)
     return rows
 
@@ -263,7 +298,7 @@ def timm_setting(args, m, train, steps=None, deadline=None):
 
 def timm_runs(args, train):
     rows = []
-    for m in (float(v) for v in args.masks.split(",")):
+    for m in (v for v in mask_values(args.masks) if isinstance(v, float)):  # no ranges
         r = isolated(timm_setting, args, m, train)
         rows.append({"impl": f"timm {r['version']}", "strategy": "patch_drop", "mask": m,
                      "ips": r["img_per_s"], "peak": r["peak_mib"], "warmup": r["warmup_s"],
@@ -282,8 +317,8 @@ def table(rows, mode):
         up = f"{r['ips'] / b:.2f}x" if b else "n/a"
         ideal = "" if r["ideal"] != r["ideal"] else f"{r['ideal']:.2f}x"
         ips = f"{r['ips']:,.{0 if r['ips'] >= 100 else 1}f}"
-        print(f"| {mode} | {r['impl']} | {r['strategy']} | {r['mask']:g} | {ips} | {up} | "
-              f"{ideal} | {r['peak']:,.0f} | {r['warmup']:.1f} |")
+        print(f"| {mode} | {r['impl']} | {r['strategy']} | {mask_label(r['mask'])} | {ips} | "
+              f"{up} | {ideal} | {r['peak']:,.0f} | {r['warmup']:.1f} |")
 
 
 def main():
