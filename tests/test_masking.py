@@ -62,7 +62,7 @@ def test_identical_patches_are_dropped_first(space):
     x = torch.stack([redundant_image(d, seed=i) for i, d in enumerate(distinct)])
     masker = TokenMasker("similarity", 0.75, 16, score_space=space).eval()  # K = 4 of 16
     _, keep, _ = model.embed(x, masker)
-    assert keep.ids_keep.tolist() == distinct  # per sample: each image keeps its own distinct patches
+    assert keep.ids_keep.tolist() == distinct  # per sample: each keeps its own distinct patches
 
 
 def test_class_token_kept_and_kept_tokens_keep_their_positions():
