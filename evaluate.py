@@ -15,7 +15,7 @@ from rvit import distributed
 from rvit.checkpoint import provenance, write_json
 from rvit.config import (add_examples_args, add_masking_args, add_runtime_args, check,
                          device_and_amp, mask_list, masker_from_args, masking_from_run, parser,
-                         run_cli)
+                         run_cli, trained_mask)
 from rvit.data import DeviceTransform, H5Dataset, eval_loader
 from rvit.evaluation import calibrate_dynamic, evaluate, rate_text
 from rvit.models import load_run
@@ -109,8 +109,11 @@ def print_table(record, metrics, classes):
     them, and for multiclass data the confusion matrix."""
     tau = f", tau {record['tau']:.4f} from the {record['tau_source']}" if record["tau_source"] \
         else ""
+    trained = trained_mask(record["train_mask_ratio"], record.get("train_mask_range"))
+    merge = "+merge" if record.get("merge") else ""
     print(f"{record['dataset']} {record['split']}: {record['num_samples']} samples, "
-          f"mask {record['mask_ratio']:g} ({record['strategy']}{tau}), "
+          f"mask {record['mask_ratio']:g} ({record['strategy']}{merge}{tau}; model trained at "
+          f"mask {trained}), "
           f"kept share {record['kept_share']:.3f}, {record['gflops']:.3f} GFLOPs/image, "
           f"{rate_text(record['images_per_s'])}")
     for key in list(metrics) + [k for k in record if k.startswith(("mAP", "F1", "mIoU", "OA",

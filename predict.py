@@ -46,7 +46,8 @@ from tqdm import tqdm
 
 from rvit.atomic import AtomicFiles
 from rvit.config import (add_examples_args, add_masking_args, add_runtime_args, check,
-                         device_and_amp, masker_from_args, masking_from_run, parser, run_cli)
+                         device_and_amp, masker_from_args, masking_from_run, parser, run_cli,
+                         trained_mask)
 from rvit.data import DeviceTransform
 from rvit.evaluation import autocast
 from rvit.figures import save_examples
@@ -105,6 +106,7 @@ class Predictor:
             raise ValueError(f"{args.checkpoint}: stores no training tile size (trained before "
                              "predict.py existed); give --tile-size")
         self.device, self.amp, self.patch = device, amp, cfg["patch_size"]
+        self.trained_at = trained_mask(cfg["mask"], cfg.get("mask_range"))
         self.num_patches = encoder(self.model).patch_embed.num_patches
         self.examples_left = args.num_examples if args.save_examples else 0
         self.examples_dir = args.save_examples
@@ -263,7 +265,8 @@ def main(args):
     h5 = len(args.input) == 1 and os.path.isfile(args.input[0]) and h5py.is_hdf5(args.input[0])
     with AtomicFiles() as files:  # every output appears at once, or none does
         (predict_h5 if h5 else predict_scene)(args, pred, files)
-    print(f"mask {args.mask:g} ({args.strategy}); wrote " + ", ".join(files.files))
+    print(f"mask {args.mask:g} ({args.strategy}{'+merge' if args.merge else ''}; model "
+          f"trained at mask {pred.trained_at}); wrote " + ", ".join(files.files))
 
 
 if __name__ == "__main__":

@@ -191,11 +191,14 @@ def resolve(args, cfg_path) -> argparse.Namespace:
     return args
 
 
+def trained_mask(mask, mask_range=None):
+    """A model's training mask ratio as text: '0.6', or '0-0.9' for a --mask-range."""
+    return f"{mask_range[0]:g}-{mask_range[1]:g}" if mask_range else f"{mask:g}"
+
+
 def run_tag(args):
     """'m0.6', 'm0-0.9' for a mask range, with '-merge' when merging: a run folder's suffix."""
-    tag = f"m{args.mask_range[0]:g}-{args.mask_range[1]:g}" if args.mask_range else \
-        f"m{args.mask:g}"
-    return tag + ("-merge" if args.merge else "")
+    return f"m{trained_mask(args.mask, args.mask_range)}" + ("-merge" if args.merge else "")
 
 
 MASK_KEYS = ("mask", "strategy", "score_space", "score_reduce", "merge", "prop_attn")

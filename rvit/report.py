@@ -17,7 +17,7 @@ import json
 import os
 
 from rvit.cli import parser, run_cli
-from rvit.config import DEFAULT_CONFIG, dataset_config, load_config
+from rvit.config import DEFAULT_CONFIG, dataset_config, load_config, trained_mask
 from rvit.evaluation import MIN_TIMED_BATCHES, MIN_TIMED_S
 from rvit.figures import pyplot
 from rvit.tasks import TASKS
@@ -61,8 +61,7 @@ def baseline(records, rec):
 
 def trained_at(r):
     """The training mask ratio of a record's model: '0.6', or '0-0.9' for --mask-range."""
-    lo_hi = r.get("train_mask_range")
-    return f"{lo_hi[0]:g}-{lo_hi[1]:g}" if lo_hi else f"{r.get('train_mask_ratio', 0):g}"
+    return trained_mask(r.get("train_mask_ratio", 0), r.get("train_mask_range"))
 
 
 def metrics_of(dataset, records, config=DEFAULT_CONFIG):
