@@ -239,14 +239,6 @@ class Selection(NamedTuple):
     src: Optional[torch.Tensor] = None
     prop_attn: bool = False
 
-    def eager(self):
-        """Run this masker eagerly inside a torch.compile'd model (call it when compiling):
-        the loops of coverage and k-medoids would unroll into the graph, and a ratio that
-        changes per step (--mask-range) would recompile it. Not done at import: importing
-        torch's compiler costs every process start about 0.8 s. Returns the masker."""
-        self.forward = torch.compiler.disable(self.forward)
-        return self
-
     @property
     def num_kept(self):
         """(B,) int64 patch tokens kept per image."""
