@@ -10,12 +10,12 @@ commit, as one JSON object. Under torchrun every sample is counted exactly once.
 import os
 import re
 
-
 from rvit import distributed
 from rvit.checkpoint import provenance, write_json
+from rvit.cli import parser, run_cli
 from rvit.config import (add_examples_args, add_masking_args, add_runtime_args, check,
-                         device_and_amp, mask_list, masker_from_args, masking_from_run, parser,
-                         run_cli, trained_mask)
+                         device_and_amp, mask_list, masker_from_args, masking_from_run,
+                         trained_mask)
 from rvit.data import DeviceTransform, H5Dataset, eval_loader
 from rvit.evaluation import calibrate_dynamic, evaluate, rate_text
 from rvit.models import load_run

@@ -45,14 +45,15 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from rvit.atomic import AtomicFiles
+from rvit.cli import parser, run_cli
 from rvit.config import (add_examples_args, add_masking_args, add_runtime_args, check,
-                         device_and_amp, masker_from_args, masking_from_run, parser, run_cli,
-                         trained_mask)
+                         device_and_amp, masker_from_args, masking_from_run, trained_mask)
 from rvit.data import DeviceTransform
 from rvit.evaluation import autocast
 from rvit.figures import save_examples
 from rvit.models import encoder, load_run
 from rvit.tasks import label_columns, task_of
+
 
 def parse_args(argv=None):
     p = parser(__doc__.split("\n\n")[0])
@@ -127,13 +128,14 @@ class Predictor:
         if self.seg and out.shape[-1] != images.shape[-1]:
             out = F.interpolate(out, size=images.shape[-2:], mode="bilinear",
                                 align_corners=False)
+        probs = self.activation(out)  # sigmoid, softmax, or the logits (segmentation)
         n = min(self.examples_left, len(images))
         if n:  # PNGs of the first tiles (rvit/figures.py)
             save_examples(self.examples_dir, x[:n], keep, self.meta, self.patch, names[:n],
-                          out[:n].argmax(1) if self.seg else torch.sigmoid(out[:n]),
+                          out[:n].argmax(1) if self.seg else probs[:n],
                           caption=f"{self.masker.strategy} at mask {self.masker.mask_ratio:g}")
             self.examples_left -= n
-        return self.activation(out).cpu(), kept
+        return probs.cpu(), kept
 
 
 def batched(items, size):

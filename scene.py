@@ -9,7 +9,7 @@ prediction, valid, kept share)`, `close()`:
 classification writes probabilities.tif (a pixel per tile) and predictions.csv, segmentation
 blends overlapping tiles' logits with a linear ramp and writes classes.tif at full resolution.
 Every file is written under a temporary name of `rvit.atomic.AtomicFiles`. rasterio
-(requirements-data.txt) is needed here, and only predict.py imports this module.
+(requirements-data.txt) is needed here; predict.py (and benchmarks.mapping) import this module.
 """
 import csv
 import math

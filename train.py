@@ -25,8 +25,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from rvit import distributed, run_folder
+from rvit.atomic import atomic_write
 from rvit.checkpoint import atomic_save, load_checkpoint, load_pretrained, provenance
-from rvit.config import device_and_amp, masker_from_args, resolve, run_cli, run_tag, train_parser
+from rvit.cli import run_cli
+from rvit.config import device_and_amp, masker_from_args, resolve, run_tag, train_parser
 from rvit.data import DeviceTransform, H5Dataset, eval_loader, train_loader
 from rvit.evaluation import autocast, evaluate, peak_memory_mb, rate_text
 from rvit.flops import vit_flops
@@ -120,9 +122,9 @@ def main(args):
     meta = {k: train_ds.meta[k] for k in ("dataset", "task", "bands", "classes", "mean", "std")}
     meta["ignore_index"] = train_ds.meta.get("ignore_index")
     meta["tile_size"] = train_ds.meta["image_shape"][-1]  # predict.py tiles scenes by it
-    if ckpt is not None:
-        check_resume(ckpt, args, meta, last_path)
     agree_on_start(-1 if ckpt is None else ckpt["global_step"], last_path)
+    if ckpt is not None:  # after agreeing: every rank holds the same checkpoint, so all fail
+        check_resume(ckpt, args, meta, last_path)
     if ckpt is not None and ckpt["epoch"] >= args.epochs:  # a requeue after the run ended
         distributed.print0(f"{args.out}: the run is complete (epoch {ckpt['epoch']}/"
                            f"{args.epochs}); nothing to train")
@@ -132,6 +134,9 @@ def main(args):
     args.main_metric, args.metrics = report_metrics(meta["task"], getattr(args, "metrics", None),
                                                     getattr(args, "main_metric", None))
     loss_fn = criterion(meta, args.label_smoothing)
+    if len(val_ds) == 0:  # best.pt is chosen on it; a few own images can leave it empty
+        raise ValueError(f"{val_ds.path}: no samples; validation needs at least one (more "
+                         "images, a larger --val-fraction, or val rows in the manifest)")
     if len(train_ds) < args.batch_size * world:
         raise ValueError(f"{train_ds.path}: {len(train_ds)} samples, fewer than one batch of "
                          f"{args.batch_size} x {world} processes (lower --batch-size)")
@@ -175,9 +180,11 @@ def main(args):
         model = torch.compile(model_without_ddp)
         masker.eager()
     if world > 1:
-        # blocks after the last tapped one get no gradient in segmentation
-        unused = meta["task"] == "segmentation" and max(args.out_indices) < len(
-            encoder(model_without_ddp).blocks) - 1
+        # in segmentation, blocks after the last tapped one get no gradient, nor does the mask
+        # token at a --mask-range step that keeps every token
+        seg = meta["task"] == "segmentation"
+        unused = seg and (max(args.out_indices) < len(encoder(model_without_ddp).blocks) - 1
+                          or (args.fill == "mask_token" and args.mask_range is not None))
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                   find_unused_parameters=unused)
     info = provenance(device)
@@ -187,7 +194,7 @@ def main(args):
         if action == "replace" and (removed := run_folder.clear(args.out)):
             print(f"--overwrite: removed {', '.join(removed)} of the run in {args.out}",
                   flush=True)
-        with open(os.path.join(args.out, "config.yaml"), "w") as f:
+        with atomic_write(os.path.join(args.out, "config.yaml")) as tmp, open(tmp, "w") as f:
             yaml.safe_dump({**config, "amp": amp, "world_size": world, **info}, f, sort_keys=False)
         print(f"RViT {args.model} on {args.dataset}: {len(train_ds)} train / {len(val_ds)} val, "
               f"mask {run_tag(args)[1:]} ({args.strategy}), {info['device']}, "

@@ -14,20 +14,24 @@ with "+merge" for ToMe-style merging (e.g. "kmedoids+merge"). Every model is eva
 over --seeds, and the mIoU mean) per trained model and rule; results.json holds every seed's
 values. It asserts nothing: read differences against the spread.
 """
-import argparse
 import json
 import os
 import subprocess
 import sys
 
+if not __package__:  # run as `python benchmarks/x.py`: make the repository root importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 import numpy as np
+
+from rvit.checkpoint import write_json
+from rvit.cli import parser
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = parser(__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", required=True, help="a prepared segmentation dataset folder")
     p.add_argument("--dataset", default="flair", help="its config.yaml section")
     p.add_argument("--out", required=True, help="folder for the runs and results.json")
@@ -64,13 +68,13 @@ def rule_flags(rule):
 
 
 def train(args, folder, rule, seed, mask_flags):
-    """Fit one model (skipped when its last.pt exists); returns its checkpoint."""
-    if not os.path.exists(os.path.join(folder, "last.pt")):
-        call("train.py", "--dataset", args.dataset, "--data-dir", args.data_dir, "--out", folder,
-             *rule_flags(rule), *mask_flags, "--seed", seed, "--img-size", args.img_size,
-             "--epochs", args.epochs, "--batch-size", args.batch_size, "--lr", args.lr,
-             "--workers", 0, "--device", args.device)
-        print(f"trained {folder}", flush=True)
+    """Fit one model, or finish an interrupted fit (--resume auto: a complete one returns at
+    once); returns its checkpoint."""
+    call("train.py", "--dataset", args.dataset, "--data-dir", args.data_dir, "--out", folder,
+         *rule_flags(rule), *mask_flags, "--seed", seed, "--img-size", args.img_size,
+         "--epochs", args.epochs, "--batch-size", args.batch_size, "--lr", args.lr,
+         "--workers", 0, "--device", args.device, "--resume", "auto")
+    print(f"trained {folder}", flush=True)
     return os.path.join(folder, "last.pt")
 
 
@@ -111,9 +115,9 @@ def main(argv=None):
                 got = evaluate(args, ckpt, rule, masks, f"{folder}-eval-{rule}.json")
                 for m, v in got.items():
                     cells.setdefault((label, rule), {}).setdefault(m, []).append(v)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump([{"trained": t, "rule": r, "eval_mask": m, "OA_mIoU_per_seed": v}
-                   for (t, r), c in cells.items() for m, v in c.items()], f, indent=1)
+    write_json([{"trained": t, "rule": r, "eval_mask": m, "OA_mIoU_per_seed": v}
+                for (t, r), c in cells.items() for m, v in c.items()],
+               os.path.join(args.out, "results.json"))
     print(table(args, cells, masks))
 
 

@@ -10,7 +10,7 @@ import os
 import torch
 import yaml
 
-from rvit.cli import parser, run_cli  # noqa: F401 (run_cli: the entry points import it here)
+from rvit.cli import parser
 from rvit.masking import FILLS, SCORE_REDUCES, SCORE_SPACES, STRATEGIES, TokenMasker, num_keep
 from rvit.preemption import DEFAULT_SIGNALS, EXIT_PREEMPTED, signal_names
 from rvit.vit import MODELS
@@ -236,9 +236,13 @@ def check(args):
             raise ValueError(f"--mask {m}: {e}") from e
     if args.prop_attn and not args.merge:
         raise ValueError("--prop-attn weighs merged tokens: it needs --merge")
-    lo, hi = getattr(args, "mask_range", None) or (0, 0.5)
-    if not 0 <= lo < hi < 1:
-        raise ValueError(f"--mask-range {lo:g} {hi:g}: need 0 <= LO < HI < 1")
+    if args.merge and getattr(args, "fill", None) == "mask_token":
+        raise ValueError("--merge puts every grid position back from the token it was merged "
+                         "into: --fill mask_token would never be used (use nearest)")
+    if getattr(args, "mask_range", None):
+        lo, hi = args.mask_range
+        if not 0 <= lo < hi < 1:
+            raise ValueError(f"--mask-range {lo:g} {hi:g}: need 0 <= LO < HI < 1")
     if getattr(args, "mask_range", None) and args.strategy == "dynamic":
         raise ValueError("--mask-range with --strategy dynamic: the dynamic threshold is "
                          "learned for one ratio; use similarity, random, coverage or kmedoids")

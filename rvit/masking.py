@@ -415,8 +415,8 @@ class TokenMasker(nn.Module):
                                  None if self.training else index)
             return select("random", z, self.mask_ratio, noise=noise)
         feats = self.features(z, x)
-        score = None if self.strategy == "coverage" else redundancy_score(feats,
-                                                                          self.score_reduce)
+        score = redundancy_score(feats, self.score_reduce) if self.strategy in (
+            "similarity", "dynamic") else None  # coverage and kmedoids compare patches directly
         if self.strategy == "dynamic":
             if self.training:
                 self.update_tau(score)

@@ -61,7 +61,8 @@ class Preemption:
     def __init__(self, signals):
         self.received = 0  # the last signal number this process got; 0: none
         self.signum = 0  # the one the ranks agreed on
-        for name in filter(None, signals.split(",")):
+        self.handled = list(filter(None, signals.split(",")))
+        for name in self.handled:
             signal.signal(signal.Signals[name], self._record)
         # the flag is a CPU tensor reduced over gloo even beside NCCL: a CUDA flag read each
         # step would make the host wait for the GPU
@@ -80,6 +81,8 @@ class Preemption:
         Returns:
             bool; `name` then names the signal (the highest number, if ranks got different ones).
         """
+        if not self.handled:  # --preempt-signals none, on every rank alike: nothing to ask
+            return False
         self.flag[0] = self.received
         if distributed.is_initialized():
             dist.all_reduce(self.flag, dist.ReduceOp.MAX, group=self.group)

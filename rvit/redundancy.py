@@ -247,11 +247,13 @@ def strategy_error(feats, r, strategy, m, tau, seed, draws=5):
 
 
 def both_fill_errors(feats, keep):
-    """(2, B): `fill_error` of a selection without and with merging."""
-    return torch.stack([fill_error(feats, keep), fill_error(feats, keep, merge=True)])
+    """(2, B): `fill_error` of a selection without and with merging (one assignment)."""
+    src = restore_index(keep, feats.shape[1], feats)
+    return torch.stack([fill_error(feats, keep, src=src),
+                        fill_error(feats, keep, merge=True, src=src)])
 
 
-def fill_error(feats, keep, merge=False):
+def fill_error(feats, keep, merge=False, src=None):
     """How much of an image a selection loses: replace each dropped patch by its most
     cosine-similar kept patch (RUPerNet's `nearest` fill) - with `merge`, replace every patch by
     the mean of the patches merged with it, as ToMe-style merging keeps them - and take the
@@ -262,11 +264,12 @@ def fill_error(feats, keep, merge=False):
         feats: (B, N, F) float patches (standardised pixels, or patch embeddings).
         keep: `rvit.masking.Selection`, as from the masker.
         merge: the dropped patches were merged into the kept ones (rvit.masking.merge_tokens).
+        src: (B, N) the assignment `restore_index(keep, N, feats)`, when already computed.
 
     Returns:
         (B,) float32.
     """
-    src = restore_index(keep, feats.shape[1], feats)
+    src = restore_index(keep, feats.shape[1], feats) if src is None else src
     if merge:
         kept = merge_tokens(feats, keep._replace(src=src))  # (B, K, F) means of each group
     else:

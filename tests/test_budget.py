@@ -58,14 +58,20 @@ def test_merge_averages_each_kept_token_with_the_tokens_merged_into_it():
         assert keep.sizes()[b].tolist() == [len(group[j]) for j in ids]
 
 
-def test_merge_and_proportional_attention_change_nothing_at_mask_zero():
+def test_merging_nothing_with_proportional_attention_is_the_plain_vit():
+    """Every patch kept, each its own group (size 1, log-size bias 0): the merge and the float
+    attention mask run and must leave the plain ViT's output; at mask 0 (no selection at all)
+    the masker with merging is the plain ViT bit for bit."""
     torch.manual_seed(0)
     m = vit_tiny(num_classes=3, img_size=64).eval()
     x = torch.randn(2, 3, 64, 64)
+    ids = torch.arange(16).expand(2, 16)
+    every = Selection(ids, src=ids, prop_attn=True)
     with torch.no_grad():
         plain = m(x)
-        merged = m(x, select=TokenMasker("kmedoids", 0.0, merge=True, prop_attn=True))
-    assert torch.equal(plain, merged)
+        assert_close(m(x, select=lambda z, x_: every), plain, rtol=1e-5, atol=1e-5)
+        merging = TokenMasker("kmedoids", 0.0, merge=True, prop_attn=True)
+        assert torch.equal(m(x, select=merging), plain)
 
 
 def duplicated_image(kinds=(0, 1, 2), p=16, grid=4, seed=0):
