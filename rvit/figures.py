@@ -11,6 +11,8 @@ import textwrap
 import numpy as np
 from tqdm import tqdm
 
+from rvit.atomic import atomic_write
+
 RGB_NAMES = (("R", "G", "B"), ("B04", "B03", "B02"))
 
 
@@ -128,9 +130,17 @@ def panel_grid(path, rows, titles, title, row_labels=None, footer=None, legend=N
         handles = [Patch(color=np.asarray(c) / 255, label=n) for n, c in legend]
         fig.legend(handles=handles, loc="outside lower center", fontsize=8, frameon=False,
                    ncol=min(len(handles), 6))
-    fig.savefig(path, dpi=DPI, pil_kwargs={"optimize": True})
-    plt.close(fig)
+    save_figure(fig, plt, path, dpi=DPI, pil_kwargs={"optimize": True})
     return True
+
+
+def save_figure(fig, plt, path, dpi=100, **kwargs):
+    """Write a matplotlib figure as a PNG through a temporary file (rvit/atomic.py), close it;
+    returns `path`."""
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi, **kwargs)
+    plt.close(fig)
+    return path
 
 
 def _pil_grid(path, rows, titles, title, row_labels, footer, legend):
@@ -168,7 +178,8 @@ def _pil_grid(path, rows, titles, title, row_labels, footer, legend):
         draw.rectangle((x, y, x + 10, y + 10), fill=tuple(int(v) for v in colour))
         draw.text((x + 14, y), name, fill="black")
         x += 24 + int(draw.textlength(name))
-    canvas.save(path)
+    with atomic_write(path) as tmp:
+        canvas.save(tmp, format="PNG")
     return True
 
 

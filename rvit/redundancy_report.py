@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 
-from rvit.figures import grey_dropped, panel_grid, pyplot, to_rgb
+from rvit.figures import grey_dropped, panel_grid, pyplot, save_figure, to_rgb
 from rvit.masking import STRATEGIES, keep_lowest, num_keep, pixel_patches, redundancy_score
 
 
@@ -64,12 +64,6 @@ def figures(result, ds, tf, args):
     return written
 
 
-def save(fig, plt, path):
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
 def score_histogram(plt, result, out):
     """A histogram per score space, each over the range its scores span (the bins hold
     [-1, 1]; the scores of one space fill a small part of it)."""
@@ -91,7 +85,7 @@ def score_histogram(plt, result, out):
                       "(-1 to 1)", fontsize=9)
         ax.set_ylabel(f"share of patches per {edges[1] - edges[0]:.2g} bin", fontsize=9)
         ax.legend(fontsize=8, frameon=False)
-    return save(fig, plt, os.path.join(out, "score_histogram.png"))
+    return save_figure(fig, plt, os.path.join(out, "score_histogram.png"))
 
 
 def correlation_plot(plt, spectral, out):
@@ -104,7 +98,7 @@ def correlation_plot(plt, spectral, out):
     fig.colorbar(im, label="Pearson correlation of standardised bands")
     ax.set_title(f"{spectral['components_95']} principal components explain 95 % of the "
                  f"variance,\n{spectral['components_99']} explain 99 %", fontsize=9)
-    return save(fig, plt, os.path.join(out, "band_correlation.png"))
+    return save_figure(fig, plt, os.path.join(out, "band_correlation.png"))
 
 
 def fill_error_plot(plt, result, out):
@@ -131,7 +125,7 @@ def fill_error_plot(plt, result, out):
     handles += [line([], [], color="k", linestyle="-", label="dropped: most similar kept one"),
                 line([], [], color="k", linestyle=":", label="+merge: its group's mean")]
     fig.legend(handles=handles, loc="outside right upper", fontsize=8, frameon=False)
-    return save(fig, plt, os.path.join(out, "fill_error.png"))
+    return save_figure(fig, plt, os.path.join(out, "fill_error.png"))
 
 
 def example_grid(result, ds, tf, args):

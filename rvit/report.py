@@ -16,10 +16,11 @@ import glob
 import json
 import os
 
+from rvit.atomic import atomic_write
 from rvit.cli import parser, run_cli
 from rvit.config import DEFAULT_CONFIG, dataset_config, load_config, trained_mask
 from rvit.evaluation import MIN_TIMED_BATCHES, MIN_TIMED_S
-from rvit.figures import pyplot
+from rvit.figures import pyplot, save_figure
 from rvit.tasks import TASKS
 
 RECORD_KEYS = ("dataset", "split", "strategy", "mask_ratio", "kept_share")
@@ -173,8 +174,7 @@ def plot(records, dataset, metric, path):
     ax.set_ylabel(f"{metric} (%)")
     ax.set_title(f"{dataset}, {splits[0]} split:\n{metric} against kept share", fontsize=9)
     fig.legend(loc="outside right upper", fontsize=8, frameon=False)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, plt, path)
     return True
 
 
@@ -210,7 +210,7 @@ def run(args):
     text = "\n".join(parts)
     print(text)
     if args.out:
-        with open(os.path.join(args.out, "report.md"), "w") as f:
+        with atomic_write(os.path.join(args.out, "report.md")) as tmp, open(tmp, "w") as f:
             f.write(text)
 
 
