@@ -137,7 +137,8 @@ def train_parser():
     seg = p.add_argument_group("segmentation (RUPerNet)")
     seg.add_argument("--fill", choices=FILLS, default=None,
                      help="dropped grid positions take the feature of the most similar kept "
-                          "patch (nearest), a learned mask token, or zeros")
+                          "patch (nearest), a learned mask token, or zeros; with --merge every "
+                          "position takes the token it was merged into")
     seg.add_argument("--decoder-channels", type=int, default=None, help="UPerHead width")
     seg.add_argument("--aux", action=argparse.BooleanOptionalAction, default=None,
                      help="auxiliary FCN head on the stride-16 map (loss weight 0.4)")
