@@ -17,7 +17,7 @@ from rvit.config import (add_examples_args, add_masking_args, add_runtime_args, 
                          device_and_amp, mask_list, masker_from_args, masking_from_run,
                          trained_mask)
 from rvit.data import DeviceTransform, H5Dataset, eval_loader
-from rvit.evaluation import calibrate_dynamic, evaluate, rate_text
+from rvit.engine import calibrate_dynamic, evaluate, rate_text
 from rvit.models import load_run
 from rvit.tasks import report_metrics
 

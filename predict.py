@@ -49,8 +49,9 @@ from rvit.cli import parser, run_cli
 from rvit.config import (add_examples_args, add_masking_args, add_runtime_args, check,
                          device_and_amp, masker_from_args, masking_from_run, trained_mask)
 from rvit.data import DeviceTransform
-from rvit.evaluation import autocast
+from rvit.engine import autocast
 from rvit.figures import save_examples
+from rvit.masking import Selection
 from rvit.models import encoder, load_run
 from rvit.tasks import label_columns, task_of
 
@@ -121,8 +122,9 @@ class Predictor:
         float32 on the CPU."""
         x, _ = self.transform(images, torch.zeros(len(images), 1))
         with autocast(self.device, self.amp):
-            out = self.model(x, select=partial(self.masker, index=index))
-        keep = self.masker.last  # what this forward pass kept
+            out, keep = self.model(x, select=partial(self.masker, index=index))
+        if keep is None:  # every token kept
+            keep = Selection.full(len(x), self.num_patches, x.device)
         kept = (keep.num_kept.float() / self.num_patches).cpu().numpy()
         out = out.float()
         if self.seg and out.shape[-1] != images.shape[-1]:

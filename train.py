@@ -15,14 +15,12 @@ import math
 import os
 import random
 import sys
-import time
 
 import numpy as np
 import torch
 import torch.nn as nn
 import yaml
 from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
 
 from rvit import distributed, run_folder
 from rvit.atomic import atomic_write
@@ -30,10 +28,9 @@ from rvit.checkpoint import atomic_save, load_checkpoint, load_pretrained, prove
 from rvit.cli import run_cli
 from rvit.config import device_and_amp, masker_from_args, resolve, run_tag, train_parser
 from rvit.data import DeviceTransform, H5Dataset, eval_loader, train_loader
-from rvit.evaluation import autocast, evaluate, peak_memory_mb, rate_text
-from rvit.flops import vit_flops
-from rvit.masking import mask_ratio_at
-from rvit.models import build_model, encoder, encoder_depth
+from rvit.engine import (NonFiniteLoss, evaluate, mask_ratio_at, peak_memory_mb, rate_text,
+                         train_one_epoch)
+from rvit.models import build_model, encoder
 from rvit.preemption import EXIT_PREEMPTED, Preempted, Preemption
 from rvit.tasks import criterion, report_metrics
 
@@ -148,7 +145,8 @@ def main(args):
         for note in load_pretrained(encoder(model_without_ddp), args.pretrained):
             distributed.print0(f"pretrained: {note}")
     model_without_ddp.to(device)
-    masker = masker_from_args(args, args.mask, args.patch_size).to(device)
+    masker = masker_from_args(args, args.mask, args.patch_size, distributed.mean)
+    masker.to(device)
     loader = train_loader(train_ds, args.batch_size, args.workers, args.seed, device)
     val = eval_loader(val_ds, args.batch_size, args.workers, device)
     transform = DeviceTransform(meta["mean"], meta["std"], args.img_size, device)
@@ -175,10 +173,12 @@ def main(args):
         model_without_ddp = nn.SyncBatchNorm.convert_sync_batchnorm(model_without_ddp)
     # MAE's pair: `model` is what training calls (compiled and / or DDP-wrapped),
     # `model_without_ddp` the plain module that checkpoints save and validation runs
-    model = model_without_ddp
+    model, select = model_without_ddp, masker
     if args.compile:
         model = torch.compile(model_without_ddp)
-        masker.eager()
+        # selection runs eagerly: the loops of coverage and k-medoids would unroll into the
+        # graph, and a ratio that changes per step (--mask-range) would recompile it
+        select = torch.compiler.disable(masker)
     if world > 1:
         # in segmentation, blocks after the last tapped one get no gradient, nor does the mask
         # token at a --mask-range step that keeps every token
@@ -228,8 +228,8 @@ def main(args):
         ratio_at = None if args.mask_range is None else (  # --mask-range: m per step
             lambda step: mask_ratio_at(epoch * steps + step, args.mask_range, args.seed))
         try:
-            stats = train_one_epoch(model, model_without_ddp, masker, loader, transform, opt,
-                                    sched, scaler, amp, epoch, loss_fn, first,
+            stats = train_one_epoch(model, model_without_ddp, masker, select, loader, transform,
+                                    opt, sched, scaler, amp, epoch, loss_fn, first,
                                     args.checkpoint_every, lambda step: save(epoch, step),
                                     preemption.requested, ratio_at)
         except NonFiniteLoss as e:
@@ -277,92 +277,6 @@ def main(args):
     distributed.cleanup()
     if stop_at is not None:
         sys.exit(EXIT_PREEMPTED)
-
-
-class NonFiniteLoss(FloatingPointError):
-    pass
-
-
-def check_finite(first_bad, model, epoch, done):
-    """Raise NonFiniteLoss if a loss so far, or a weight now, is not finite (a device sync:
-    call it sparingly). A finite loss can still give NaN gradients, e.g. from inf pixels in
-    dropped patches, so the weights are checked too before anything is checkpointed."""
-    bad = int(first_bad)
-    if bad >= 0:
-        raise NonFiniteLoss(f"loss is not finite at epoch {epoch + 1}, batch {bad + 1}")
-    if not all(torch.isfinite(p).all() for p in model.parameters()):
-        raise NonFiniteLoss(f"weights are not finite at epoch {epoch + 1}, batch {done}")
-
-
-def train_one_epoch(model, model_without_ddp, masker, loader, transform, opt, sched, scaler, amp,
-                    epoch, loss_fn, first=0, every=0, save=None, stop=None, ratio_at=None):
-    """One pass over this rank's shard, from batch `first` (after a mid-epoch resume), with
-    `loss_fn(output, targets)` the task's loss (rvit/tasks.py), calling `save(batches done)`
-    every `every` batches, and after any batch but the last at which `stop()` (collective,
-    called after each such batch) says to stop; with `ratio_at`, the masker's ratio is
-    `ratio_at(batch)` at each step. Returns mean loss, lr, kept share (mean, min, max over
-    images), encoder GFLOPs per image and images/s, pooled over ranks.
-
-    Raises:
-        NonFiniteLoss: a loss was NaN or infinite; no checkpoint is written after it.
-        Preempted: `stop()` said to stop; `save` has written that batch.
-    """
-    model.train()
-    masker.train()
-    dev = transform.device
-    loss_sum, kept_sum = torch.zeros((), device=dev), torch.zeros((), device=dev)
-    kept_min, kept_max = kept_sum + math.inf, kept_sum - math.inf
-    flops_sum = torch.zeros((), device=dev, dtype=torch.float64)
-    vit, depth = encoder(model_without_ddp), encoder_depth(model_without_ddp)
-    first_bad = torch.full((), -1, device=dev)
-    n, start = 0, time.perf_counter()
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}", disable=distributed.rank() != 0, leave=False,
-               initial=first, total=first + len(loader))
-    for step, (images, targets, _) in enumerate(bar, start=first):
-        x, y = transform(images, targets, train=True)
-        if ratio_at is not None:
-            masker.mask_ratio = ratio_at(step)
-        with autocast(dev, amp):
-            out = model(x, select=masker)
-            loss = loss_fn(out, y)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        sched.step()
-        loss_sum += loss.detach()
-        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), step, first_bad)
-        num_kept = masker.num_kept  # (B,) what this step's forward pass kept
-        share = num_kept.float() / vit.patch_embed.num_patches
-        flops_sum += vit_flops(vit, num_kept.double(), depth).mean()
-        kept_sum += share.mean()
-        kept_min, kept_max = kept_min.minimum(share.min()), kept_max.maximum(share.max())
-        n += 1
-        if step % 20 == 0:  # .item() syncs the device: not every step
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-            if int(first_bad) >= 0:  # the weights are checked only before checkpoints
-                check_finite(first_bad, model_without_ddp, epoch, step + 1)
-        done = step + 1
-        if done < first + len(loader):  # the last batch is saved with the epoch, after validation
-            stopping = stop is not None and stop()
-            if save is not None and (stopping or every and done % every == 0):
-                check_finite(first_bad, model_without_ddp, epoch, done)  # never save a broken one
-                save(done)
-            if stopping:
-                raise Preempted(done)
-    check_finite(first_bad, model_without_ddp, epoch, first + n)
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-    elapsed = time.perf_counter() - start
-    world = distributed.world_size()
-    return {"loss": float(distributed.all_reduce(loss_sum)) / (n * world),
-            "lr": sched.get_last_lr()[0],
-            "kept_share": float(distributed.all_reduce(kept_sum)) / (n * world),
-            "kept_share_min": float(distributed.all_reduce(kept_min, "min")),
-            "kept_share_max": float(distributed.all_reduce(kept_max, "max")),
-            "gflops": float(distributed.all_reduce(flops_sum)) / (n * world) / 1e9,
-            "images_per_s": n * loader.batch_size * world / elapsed,
-            "seconds": elapsed}
 
 
 if __name__ == "__main__":

@@ -266,7 +266,7 @@ def train_step(meta, img_size, mask, device, amp):
     def step(batch):
         x, y = tf(batch[0], batch[1], train=True) if len(batch) == 3 else batch
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            out = model(x, select=masker)
+            out, _ = model(x, select=masker)
             loss = F.cross_entropy(out.float(), y) if y.dim() == 3 else \
                 F.binary_cross_entropy_with_logits(out.float(), y)
         opt.zero_grad(set_to_none=True)

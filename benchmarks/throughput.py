@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from rvit.cli import parser
-from rvit.masking import TokenMasker, mask_ratio_at
+from rvit.engine import mask_ratio_at
+from rvit.masking import TokenMasker
 from rvit.models import build_model, encoder
 from rvit.upernet import segmentation_loss
 from rvit.vit import MODELS
@@ -145,9 +146,10 @@ def peak_mib(device):
         return float("nan")
 
 
-def measure(model, select, args, device, train, steps=None, deadline=None):
+def measure(model, select, args, device, train, steps=None, deadline=None, varying=False):
     """Training steps or inference forwards on a fixed random batch, timed by `time_steps`
-    (`steps` defaults to args.steps; see there for a function and the deadline).
+    (`steps` defaults to args.steps; see there for a function and the deadline); `varying`:
+    the step changes from call to call (a mask range), so its mean is reported, not its median.
 
     Returns:
         dict of img_per_s (NaN when no step was timed), step_s (median seconds per step),
@@ -167,9 +169,10 @@ def measure(model, select, args, device, train, steps=None, deadline=None):
     def train_step():
         with amp:
             if args.encoder_only:  # RUPerNet's ViT alone: the rest of a full step is decoder
-                loss = sum(f.float().mean() for f in model.encode(x, **kwargs))
+                loss = sum(f.float().mean() for f in model.encode(x, **kwargs)[0])
             else:
                 out = model(x, **kwargs)
+                out = out if select is None else out[0]  # (output, selection) with a hook
                 loss = segmentation_loss(out, y) if seg else \
                     F.binary_cross_entropy_with_logits(out.float(), y)
         opt.zero_grad(set_to_none=True)
@@ -187,15 +190,10 @@ def measure(model, select, args, device, train, steps=None, deadline=None):
                                args.steps if steps is None else steps, device, args.warmup,
                                deadline)
     # a mask range varies the step from call to call: its mean is what an epoch costs
-    centre = statistics.mean if getattr(select, "mask_range", None) else statistics.median
+    centre = statistics.mean if varying else statistics.median
     step_s = centre(times) if times else float("nan")
     return {"img_per_s": args.batch_size / step_s, "step_s": step_s, "steps": len(times),
             "warmup_s": warmup, "peak_mib": peak_mib(device)}
-
-
-def mean_kept(masker):
-    """Mean kept patch tokens of the masker's last batch."""
-    return float(masker.num_kept.float().mean())
 
 
 def rvit_setting(args, strategy, m, train, steps=None, deadline=None):
@@ -212,7 +210,7 @@ def rvit_setting(args, strategy, m, train, steps=None, deadline=None):
     strategy, _, merge = strategy.partition("+")
     masker = TokenMasker(strategy, m if isinstance(m, float) else 0.0, args.patch_size,
                          merge=merge == "merge").to(device)
-    select = masker if isinstance(m, float) else DrawnRatio(masker, m)
+    select = CountedSelect(masker, None if isinstance(m, float) else m)
     if strategy == "dynamic" and m > 0:  # calibrate tau before any timing
         with torch.no_grad():
             for _ in range(20):
@@ -222,25 +220,28 @@ def rvit_setting(args, strategy, m, train, steps=None, deadline=None):
     if args.encoder_only and args.task != "segmentation":
         raise SystemExit("--encoder-only needs --task segmentation")
     run = torch.compile(model) if args.compile else model
-    if args.compile:
-        masker.eager()
     if args.compile and args.encoder_only:
         run.encode = torch.compile(model.encode)
-    timed = measure(run, select, args, device, train, steps, deadline)
-    return {**timed, "kept": select.mean_kept if select is not masker else mean_kept(masker)}
+    # selection runs eagerly under torch.compile, as in train.py
+    timed = measure(run, torch.compiler.disable(select) if args.compile else select, args,
+                    device, train, steps, deadline, varying=select.mask_range is not None)
+    return {**timed, "kept": select.mean_kept}
 
 
-class DrawnRatio:
-    """The masker with train.py's --mask-range draw: a ratio from U[LO, HI) at every call;
-    `mean_kept` averages the kept patch tokens over the calls."""
+class CountedSelect:
+    """The masker as a `select` hook that counts what it keeps; with `mask_range`, train.py's
+    --mask-range draw (a ratio from U[LO, HI) at every call). `mean_kept` averages the kept
+    patch tokens per image over the calls."""
 
-    def __init__(self, masker, mask_range):
+    def __init__(self, masker, mask_range=None):
         self.masker, self.mask_range, self.calls, self.kept = masker, mask_range, 0, 0.0
 
     def __call__(self, z, x, index=None):
-        self.masker.mask_ratio = mask_ratio_at(self.calls, self.mask_range, 0)
+        if self.mask_range is not None:
+            self.masker.mask_ratio = mask_ratio_at(self.calls, self.mask_range, 0)
         keep = self.masker(z, x, index)
-        self.calls, self.kept = self.calls + 1, self.kept + mean_kept(self.masker)
+        kept = z.shape[1] if keep is None else float(keep.num_kept.float().mean())
+        self.calls, self.kept = self.calls + 1, self.kept + kept
         return keep
 
     @property

@@ -11,7 +11,8 @@ import torch
 import yaml
 
 from rvit.cli import parser
-from rvit.masking import FILLS, SCORE_REDUCES, SCORE_SPACES, STRATEGIES, TokenMasker, num_keep
+from rvit.masking import SCORE_REDUCES, SCORE_SPACES, STRATEGIES, TokenMasker, num_keep
+from rvit.upernet import FILLS
 from rvit.preemption import DEFAULT_SIGNALS, EXIT_PREEMPTED, signal_names
 from rvit.vit import MODELS
 
@@ -215,10 +216,12 @@ def masking_from_run(args, cfg, as_list=False):
             setattr(args, key, [value] if key == "mask" and as_list else value)
 
 
-def masker_from_args(args, mask_ratio, patch_size):
-    """The `TokenMasker` the resolved masking flags describe, at `mask_ratio`."""
+def masker_from_args(args, mask_ratio, patch_size, reduce=None):
+    """The `TokenMasker` the resolved masking flags describe, at `mask_ratio`; `reduce`
+    averages its dynamic threshold over processes (see `TokenMasker`)."""
     return TokenMasker(args.strategy, mask_ratio, patch_size, args.score_space,
-                       args.score_reduce, merge=args.merge, prop_attn=args.prop_attn)
+                       args.score_reduce, merge=args.merge, prop_attn=args.prop_attn,
+                       reduce=reduce)
 
 
 def device_and_amp(args):

@@ -95,6 +95,11 @@ def all_reduce(t, op="sum"):
     return out.to(t.device)
 
 
+def mean(t):
+    """Mean of a float tensor over ranks (the tensor itself without a process group)."""
+    return all_reduce(t) / world_size()
+
+
 def gather_cat(t):
     """Concatenate along dim 0 every rank's tensor (rows in rank order), on CPU."""
     if not is_initialized():

@@ -1,5 +1,5 @@
-"""Redundancy-aware token selection: which patch tokens of each image a ViT keeps, and how a
-dense model puts the kept tokens back on the full patch grid.
+"""Redundancy-aware token selection: which patch tokens of each image a ViT keeps, and where
+each dropped one goes when it is merged (or, in RUPerNet, filled back onto the grid).
 
 After "Hide and Seek: Investigating Redundancy in Earth Observation Imagery" (Papazafeiropoulos
 et al., arXiv 2603.13524). The paper's exact selection rules are not public; the rules below are
@@ -19,9 +19,7 @@ Strategies:
     dynamic: keep patch i iff r_i < tau, and at least max(1, ceil(0.02 N)) patches. tau tracks the
         (1 - m)-quantile of r over training batches as an EMA (momentum 0.99) and is frozen at
         evaluation, so the mean kept share is about 1 - m while uniform scenes keep fewer tokens.
-        (Issue 2 calls tau "the m-quantile", which would keep a share m; the (1 - m)-quantile is
-        what gives the kept share 1 - m it asks for.) Variable K is padded to the batch's largest
-        K, with `valid` marking real tokens.
+        Variable K is padded to the batch's largest K, with `valid` marking real tokens.
     random: uniform per sample; at evaluation the noise of sample i comes from a generator seeded
         with i, so scores are repeatable.
     coverage: greedy k-center (farthest-point) selection on the cosine distance 1 - u_i . u_j:
@@ -44,12 +42,9 @@ proportional attention), so a token that stands for many patches weighs as much 
 import math
 from typing import NamedTuple, Optional
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-from rvit import distributed
 
 STRATEGIES = ("similarity", "dynamic", "random", "coverage", "kmedoids")
 SCORE_SPACES = ("embedding", "pixel")
@@ -211,14 +206,6 @@ def keep_below(score, tau: float, min_keep: int):
     return ids_keep, torch.gather(keep, 1, ids_keep)
 
 
-def mask_ratio_at(step: int, mask_range, seed: int) -> float:
-    """The mask ratio of training step `step` under --mask-range: m ~ U[LO, HI) drawn from a
-    generator seeded by (seed, step) alone, so every DDP rank draws the same m (equal work per
-    step) and a resumed run the same sequence, without any state to save."""
-    lo, hi = mask_range
-    return float(np.random.default_rng([seed, step]).uniform(lo, hi))
-
-
 def dynamic_floor(num_patches: int) -> int:
     """The fewest patches the dynamic strategy keeps of an image: max(1, ceil(0.02 N))."""
     return max(1, math.ceil(0.02 * num_patches))
@@ -238,6 +225,12 @@ class Selection(NamedTuple):
     valid: Optional[torch.Tensor] = None
     src: Optional[torch.Tensor] = None
     prop_attn: bool = False
+
+    @classmethod
+    def full(cls, batch: int, num_patches: int, device=None):
+        """Every patch of every image kept: what a pass whose hook kept all tokens (returned
+        None) kept."""
+        return cls(torch.arange(num_patches, device=device).expand(batch, num_patches))
 
     @property
     def num_kept(self):
@@ -266,6 +259,40 @@ def merge_tokens(tokens, keep):
     sums = tokens.new_zeros(B, keep.ids_keep.shape[1], D).scatter_add(
         1, keep.src[..., None].expand(-1, -1, D), tokens)  # (B, K, D)
     return sums / keep.sizes().clamp_min(1)[..., None].to(sums.dtype)
+
+
+@torch.no_grad()
+def restore_index(keep, num_patches: int, z=None):
+    """For each of the N grid positions, the kept-token slot whose feature goes there.
+
+    Kept positions take their own slot. A dropped position takes, with `z` given ("nearest"
+    fill), the slot of the kept patch whose embedding is most cosine-similar to its own; without
+    `z`, slot K, i.e. a fill vector appended after the K kept tokens ("mask_token", "zeros").
+    Computed once per batch and reused at every tapped block.
+
+    Args:
+        keep: `Selection` (ids_keep (B, K) int64, valid (B, K) bool or None).
+        num_patches: N. z: (B, N, D) patch embeddings, or None.
+
+    Returns:
+        (B, N) int64 slots in [0, K].
+    """
+    ids_keep, valid = keep.ids_keep, keep.valid
+    B, K = ids_keep.shape
+    if valid is None:
+        valid = torch.ones_like(ids_keep, dtype=torch.bool)
+    if z is None:
+        src = ids_keep.new_full((B, num_patches), K)
+    else:
+        u = F.normalize(z.float(), dim=-1)
+        u_kept = torch.gather(u, 1, ids_keep[..., None].expand(-1, -1, u.shape[-1]))  # (B, K, D)
+        sim = (u @ u_kept.transpose(1, 2)).masked_fill(~valid[:, None, :], -float("inf"))
+        src = sim.argmax(dim=-1)  # (B, N)
+    # kept positions point at their own slot; padding scatters into a spare column N
+    target = torch.where(valid, ids_keep, torch.full_like(ids_keep, num_patches))
+    slots = torch.arange(K, device=ids_keep.device).expand(B, K)
+    src = torch.cat([src, src.new_zeros(B, 1)], dim=1).scatter(1, target, slots)
+    return src[:, :num_patches]
 
 
 @torch.no_grad()
@@ -318,22 +345,18 @@ class TokenMasker(nn.Module):
     Args:
         strategy: one of STRATEGIES.
         mask_ratio: m in [0, 1); K = N (m = 0, or m below 1 / (2N) for a fixed-count strategy)
-            keeps every token and runs the plain ViT. train.py sets it per step for
-            --mask-range.
+            keeps every token and runs the plain ViT. The training loop may set it per step.
         patch_size: p in pixels, for pixel-space scores.
         score_space: "embedding" (patch embeddings) or "pixel" (standardised pixels).
         score_reduce: "mean" or "max", see `redundancy_score`.
         momentum: EMA momentum of the dynamic threshold.
         merge: average the dropped tokens into the kept ones (see the module docstring).
         prop_attn: with merge, proportional attention.
+        reduce: averages a 0-d tensor over data-parallel processes (the dynamic threshold's
+            batch quantile), so every process keeps the same tau; None: this process alone.
 
     Buffers:
         tau: () float32, the dynamic threshold (NaN until the first training batch).
-
-    Attributes:
-        last: the `Selection` of the last call (every patch after a mask-0 call): the one
-            record of what a forward pass kept, from which the loops derive kept shares and
-            FLOPs (`num_kept`) and the example figures their greyed patches.
 
     Raises:
         ValueError: on an unknown strategy, score space or reduce, or m outside [0, 1).
@@ -341,7 +364,7 @@ class TokenMasker(nn.Module):
 
     def __init__(self, strategy="similarity", mask_ratio=0.0, patch_size=16,
                  score_space="embedding", score_reduce="mean", momentum=0.99, merge=False,
-                 prop_attn=False):
+                 prop_attn=False, reduce=None):
         super().__init__()
         for name, value, choices in (("strategy", strategy, STRATEGIES),
                                      ("score space", score_space, SCORE_SPACES),
@@ -354,8 +377,8 @@ class TokenMasker(nn.Module):
         if prop_attn and not merge:
             raise ValueError("proportional attention needs merging (prop_attn with merge)")
         self.merge, self.prop_attn = merge, prop_attn
+        self.reduce = reduce if reduce is not None else (lambda t: t)
         self.register_buffer("tau", torch.tensor(float("nan")))
-        self.last = None
 
     def features(self, z, x):
         """(B, N, F) what selection compares: patch embeddings, or standardised pixels."""
@@ -366,9 +389,8 @@ class TokenMasker(nn.Module):
 
     @torch.no_grad()
     def update_tau(self, score):
-        """EMA of the (1 - m)-quantile of this batch's scores (averaged over DDP ranks)."""
-        q = torch.quantile(score.flatten(), 1.0 - self.mask_ratio)
-        q = distributed.all_reduce(q) / distributed.world_size()
+        """EMA of the (1 - m)-quantile of this batch's scores (averaged by `reduce`)."""
+        q = self.reduce(torch.quantile(score.flatten(), 1.0 - self.mask_ratio))
         tau = q if torch.isnan(self.tau) else self.momentum * self.tau + (1 - self.momentum) * q
         self.tau.copy_(tau)
 
@@ -378,35 +400,19 @@ class TokenMasker(nn.Module):
         (random strategy at evaluation: seeds each sample's noise), or None.
 
         Returns:
-            None when m == 0 (plain ViT), else a `Selection`.
+            None when every token is kept (plain ViT), else a `Selection`.
 
         Raises:
             RuntimeError: dynamic strategy at evaluation with a threshold never calibrated.
         """
-        B, N, _ = z.shape
-        keeps_all = self.mask_ratio == 0 or (self.strategy != "dynamic"
-                                             and num_keep(N, self.mask_ratio) == N)
-        if keeps_all:
-            self.last = Selection(torch.arange(N, device=z.device).expand(B, N))
+        N = z.shape[1]
+        if self.mask_ratio == 0 or (self.strategy != "dynamic"
+                                    and num_keep(N, self.mask_ratio) == N):
             return None
         keep = self.choose(z, x, index)
         if self.merge:  # each patch's slot: the same assignment as RUPerNet's nearest fill
             keep = keep._replace(src=restore_index(keep, N, z), prop_attn=self.prop_attn)
-        self.last = keep
         return keep
-
-    def eager(self):
-        """Run this masker eagerly inside a torch.compile'd model (call it when compiling):
-        the loops of coverage and k-medoids would unroll into the graph, and a ratio that
-        changes per step (--mask-range) would recompile it. Not done at import: importing
-        torch's compiler costs every process start about 0.8 s. Returns the masker."""
-        self.forward = torch.compiler.disable(self.forward)
-        return self
-
-    @property
-    def num_kept(self):
-        """(B,) int64 patch tokens kept per image by the last call."""
-        return self.last.num_kept
 
     def choose(self, z, x, index):
         """The `Selection` at m > 0 (see `forward`)."""
@@ -424,51 +430,3 @@ class TokenMasker(nn.Module):
                 raise RuntimeError("dynamic strategy: the threshold tau was never calibrated "
                                    "(train with --strategy dynamic first)")
         return select(self.strategy, feats, self.mask_ratio, score, self.tau)
-
-
-FILLS = ("nearest", "mask_token", "zeros")
-
-
-@torch.no_grad()
-def restore_index(keep, num_patches: int, z=None):
-    """For each of the N grid positions, the kept-token slot whose feature goes there.
-
-    Kept positions take their own slot. A dropped position takes, with `z` given ("nearest"
-    fill), the slot of the kept patch whose embedding is most cosine-similar to its own; without
-    `z`, slot K, i.e. a fill vector appended after the K kept tokens ("mask_token", "zeros").
-    Computed once per batch and reused at every tapped block.
-
-    Args:
-        keep: `Selection` (ids_keep (B, K) int64, valid (B, K) bool or None).
-        num_patches: N. z: (B, N, D) patch embeddings, or None.
-
-    Returns:
-        (B, N) int64 slots in [0, K].
-    """
-    ids_keep, valid = keep.ids_keep, keep.valid
-    B, K = ids_keep.shape
-    if valid is None:
-        valid = torch.ones_like(ids_keep, dtype=torch.bool)
-    if z is None:
-        src = ids_keep.new_full((B, num_patches), K)
-    else:
-        u = F.normalize(z.float(), dim=-1)
-        u_kept = torch.gather(u, 1, ids_keep[..., None].expand(-1, -1, u.shape[-1]))  # (B, K, D)
-        sim = (u @ u_kept.transpose(1, 2)).masked_fill(~valid[:, None, :], -float("inf"))
-        src = sim.argmax(dim=-1)  # (B, N)
-    # kept positions point at their own slot; padding scatters into a spare column N
-    target = torch.where(valid, ids_keep, torch.full_like(ids_keep, num_patches))
-    slots = torch.arange(K, device=ids_keep.device).expand(B, K)
-    src = torch.cat([src, src.new_zeros(B, 1)], dim=1).scatter(1, target, slots)
-    return src[:, :num_patches]
-
-
-def restore_grid(kept, src, fill=None):
-    """Put kept tokens back on the grid: (B, K, D) tokens and (B, N) slots -> (B, N, D).
-
-    fill: (D,) vector for slot K (a learned mask token, or zeros), or None when every slot
-    is below K ("nearest").
-    """
-    if fill is not None:
-        kept = torch.cat([kept, fill.to(kept.dtype).expand(kept.shape[0], 1, -1)], dim=1)
-    return torch.gather(kept, 1, src[..., None].expand(-1, -1, kept.shape[-1]))

@@ -31,9 +31,10 @@ from rvit.checkpoint import write_json
 from rvit.cli import parser, run_cli
 from rvit.data import DeviceTransform, H5Dataset
 from rvit.masking import (STRATEGIES, dynamic_floor, merge_tokens, num_keep, pixel_patches,
-                          redundancy_score, restore_grid, restore_index, select)
+                          redundancy_score, restore_index, select)
 from rvit.models import encoder, load_run
 from rvit.redundancy_report import figures, markdown
+from rvit.upernet import restore_grid
 
 BINS = np.linspace(-1.0, 1.0, 201)  # score histogram edges: cosine similarity in [-1, 1]
 

@@ -19,7 +19,7 @@ import os
 from rvit.atomic import atomic_write
 from rvit.cli import parser, run_cli
 from rvit.config import DEFAULT_CONFIG, dataset_config, load_config, trained_mask
-from rvit.evaluation import MIN_TIMED_BATCHES, MIN_TIMED_S
+from rvit.engine import MIN_TIMED_BATCHES, MIN_TIMED_S
 from rvit.figures import pyplot, save_figure
 from rvit.tasks import TASKS
 

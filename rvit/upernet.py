@@ -5,7 +5,7 @@ mmsegmentation implements it (`decode_heads/uper_head.py`, `psp_head.py`), with 
 so its state-dict keys read the same; the ViT-to-pyramid neck follows mmsegmentation's
 `Feature2Pyramid` (BEiT / MAE segmentation): 4x and 2x transposed-conv upsampling, identity and
 2x max-pooling, for strides 4, 8, 16 and 32. Dropped tokens are put back on the full h x w grid
-before reshaping (rvit/masking.py: `restore_index`, `restore_grid`).
+before reshaping (`restore_grid`, with rvit/masking.py's `restore_index`).
 
 Tensor letters: B batch, C bands, H, W pixels, h, w patch grid, N = h w, K kept, D width.
 """
@@ -13,7 +13,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from rvit.masking import FILLS, restore_grid, restore_index
+from rvit.masking import restore_index
+
+FILLS = ("nearest", "mask_token", "zeros")
 
 
 class ConvModule(nn.Sequential):
@@ -103,6 +105,17 @@ class Feature2Pyramid(nn.Module):
         return [op(f) for op, f in zip(ops, feats)]
 
 
+def restore_grid(kept, src, fill=None):
+    """Put kept tokens back on the grid: (B, K, D) tokens and (B, N) slots -> (B, N, D).
+
+    fill: (D,) vector for slot K (a learned mask token, or zeros), or None when every slot
+    is below K ("nearest").
+    """
+    if fill is not None:
+        kept = torch.cat([kept, fill.to(kept.dtype).expand(kept.shape[0], 1, -1)], dim=1)
+    return torch.gather(kept, 1, src[..., None].expand(-1, -1, kept.shape[-1]))
+
+
 class RUPerNet(nn.Module):
     """Redundancy-aware UPerNet: ViT encoder on the kept tokens, UPerHead on the restored grid.
 
@@ -143,7 +156,8 @@ class RUPerNet(nn.Module):
         return {f"backbone.{n}" for n in self.backbone.no_weight_decay()}
 
     def encode(self, x, select=None):
-        """(B, C, H, W) -> four (B, D, h, w) maps from the tapped blocks, full grid restored."""
+        """(B, C, H, W) -> (four (B, D, h, w) maps from the tapped blocks with the full grid
+        restored, the selection or None)."""
         bb = self.backbone
         h, w = x.shape[2] // bb.patch_embed.patch_size, x.shape[3] // bb.patch_embed.patch_size
         out = bb.forward_intermediates(x, select, self.out_indices, stop_early=True)
@@ -158,16 +172,18 @@ class RUPerNet(nn.Module):
         for t in out.intermediates:  # (B, 1 + K, D)
             t = t[:, 1:] if src is None else restore_grid(t[:, 1:], src, fill)  # (B, N, D)
             feats.append(t.transpose(1, 2).reshape(t.shape[0], -1, h, w))  # (B, D, h, w)
-        return feats
+        return feats, out.keep
 
     def forward(self, x, select=None):
         """(B, C, H, W) float -> logits (B, num_classes, H, W); in training with the auxiliary
-        head, (logits, aux_logits)."""
-        pyramid = self.neck(self.encode(x, select))
-        logits = resize(self.decode_head(pyramid), x.shape[2:])
+        head, (logits, aux_logits). With a `select` hook, (that output, the selection), as
+        `VisionTransformer.forward`."""
+        feats, keep = self.encode(x, select)
+        pyramid = self.neck(feats)
+        out = resize(self.decode_head(pyramid), x.shape[2:])
         if self.training and self.auxiliary_head is not None:
-            return logits, resize(self.auxiliary_head(pyramid[2]), x.shape[2:])
-        return logits
+            out = out, resize(self.auxiliary_head(pyramid[2]), x.shape[2:])
+        return out if select is None else (out, keep)
 
 
 def segmentation_loss(out, target, ignore_index=None, aux_weight=0.4):

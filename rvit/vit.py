@@ -9,7 +9,7 @@ their positional embedding *before* they are gathered (MAE order), so they keep 
 Tensor letters: B batch, C bands, H, W pixels, h, w patch grid, N = h * w patch tokens,
 K kept tokens, D width.
 """
-from functools import lru_cache, partial
+from functools import partial
 from typing import NamedTuple, Optional
 
 import torch
@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from rvit.masking import merge_tokens
+from rvit.packing import Packed
 
 
 class PatchEmbed(nn.Module):
@@ -36,62 +37,6 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, N, D)
 
 
-varlen_attn = None  # torch >= 2.10's FlashAttention over packed sequences: `load_varlen`
-
-
-@lru_cache(maxsize=None)
-def load_varlen():
-    """`torch.nn.attention.varlen.varlen_attn` (torch >= 2.10), or None. Imported on first use,
-    not at start: importing it loads torch's compiler, about 0.8 s of every process start."""
-    global varlen_attn
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError:
-        return None
-    return varlen_attn
-
-
-@lru_cache(maxsize=None)
-def _flash_capable(device_index: int) -> bool:
-    return torch.cuda.get_device_capability(device_index) >= (8, 0)  # FlashAttention: Ampere+
-
-
-def use_varlen(t):
-    """True where `varlen_attn` can run on t: fp16 / bf16 on an Ampere or newer CUDA GPU,
-    torch >= 2.10."""
-    return t.is_cuda and t.dtype in (torch.float16, torch.bfloat16) \
-        and _flash_capable(t.device.index) and load_varlen() is not None
-
-
-class Packed(NamedTuple):
-    """The real tokens of a padded batch laid end to end, sample after sample: (T, D).
-
-    key_mask: (B, L) bool, True at the T real tokens. index: (T,) int64 positions of the real
-    tokens in the flattened (B * L) batch. cu_seqlens: (B + 1,) int32 offsets of each sample's
-    tokens in the packed layout (the `cu_seq_q` / `cu_seq_k` of `varlen_attn`). bias: (B, L)
-    float added to the attention logits of each key (-inf at padding), or None.
-    """
-    key_mask: torch.Tensor
-    index: torch.Tensor
-    cu_seqlens: torch.Tensor
-    bias: Optional[torch.Tensor] = None
-
-    @classmethod
-    def of(cls, key_mask, bias=None):
-        lengths = key_mask.sum(1, dtype=torch.int32)
-        cu_seqlens = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
-        return cls(key_mask, key_mask.flatten().nonzero().squeeze(1), cu_seqlens, bias)
-
-    def pack(self, x):
-        """(B, L, F) -> (T, F), real tokens only."""
-        return x.flatten(0, 1).index_select(0, self.index)
-
-    def unpack(self, t):
-        """(T, F) -> (B, L, F), zeros at padding."""
-        B, L = self.key_mask.shape
-        return t.new_zeros(B * L, t.shape[-1]).index_copy(0, self.index, t).view(B, L, -1)
-
-
 class Encoded(NamedTuple):
     """What `VisionTransformer.forward_intermediates` computed: tokens (B, 1 + K, D),
     intermediates (list of (B, 1 + K, D)), keep (the selection, or None), z (B, N, D)."""
@@ -102,7 +47,7 @@ class Encoded(NamedTuple):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention through `F.scaled_dot_product_attention`, or `varlen_attn`."""
+    """Multi-head self-attention through `F.scaled_dot_product_attention`."""
 
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
@@ -110,26 +55,10 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, mask=None):
-        """x (B, L, D) with mask None, a (B, L) bool key mask (True at real tokens) or a (B, L)
-        float key bias (added to the logits); or packed x (T, D) with mask a `Packed`. Returns
-        x's shape.
-
-        Packed input keeps the linear layers at the true token count. Its attention runs packed
-        too on CUDA in half precision (`varlen_attn`, which takes no bias); elsewhere it is
-        padded back to (B, L) with padding masked out as keys - the same outputs
-        (tests/test_speed.py).
-        """
-        qkv = self.qkv(x)
-        if not isinstance(mask, Packed):
-            return self.proj(self.attend(qkv, mask))
-        if use_varlen(qkv) and mask.bias is None:
-            T, L = qkv.shape[0], mask.key_mask.shape[1]
-            q, k, v = qkv.view(T, 3, self.num_heads, -1).unbind(1)  # 3 x (T, heads, D / heads)
-            out = varlen_attn(q, k, v, mask.cu_seqlens, mask.cu_seqlens, L, L)
-            return self.proj(out.reshape(T, -1))
-        keys = mask.key_mask if mask.bias is None else mask.bias
-        return self.proj(mask.pack(self.attend(mask.unpack(qkv), keys)))
+    def forward(self, x, bias=None):
+        """x (B, L, D) -> (B, L, D); bias: None, a (B, L) float added to the attention logits of
+        each key (ToMe's proportional attention), or a (B, L) bool key mask (True at real keys)."""
+        return self.proj(self.attend(self.qkv(x), bias))
 
     def attend(self, qkv, key_mask=None):
         """(B, L, 3D) projections -> (B, L, D) attention outputs; key_mask (B, L) bool (True at
@@ -166,9 +95,9 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-    def forward(self, x, mask=None):
-        """x (B, L, D) or packed (T, D); mask: see `Attention.forward`."""
-        x = x + self.attn(self.norm1(x), mask)
+    def forward(self, x, bias=None):
+        """x (B, L, D) -> (B, L, D); bias: see `Attention.forward`."""
+        x = x + self.attn(self.norm1(x), bias)
         return x + self.mlp(self.norm2(x))
 
 
@@ -241,8 +170,8 @@ class VisionTransformer(nn.Module):
     def forward_intermediates(self, x, select=None, indices=(), stop_early=False):
         """Run the blocks on the kept tokens; the outputs of blocks `indices` too (timm's name).
 
-        A padded batch (variable K, dynamic strategy) runs packed: the blocks see only its real
-        tokens (T, D), so they cost the true token count; padding comes back as zeros.
+        A padded batch (variable K, dynamic strategy) runs packed (rvit/packing.py): the blocks
+        see only its real tokens, so they cost the true token count; padding comes back as zeros.
 
         Args:
             x: (B, C, H, W) float image. select: see `embed`.
@@ -255,19 +184,19 @@ class VisionTransformer(nn.Module):
             (the last block's normed, as mmsegmentation's `final_norm`); the selection; z.
         """
         x, keep, z = self.embed(x, select)
-        mask = packed = None
+        bias = packed = None
         if keep is not None and keep.prop_attn:
             # log(size) per key: 0 for the class token and unmerged tokens, -inf at padding
-            mask = torch.log(F.pad(keep.sizes(), (1, 0), value=1.0))  # (B, 1 + K)
+            bias = torch.log(F.pad(keep.sizes(), (1, 0), value=1.0))  # (B, 1 + K)
         if keep is not None and keep.valid is not None:
-            mask = packed = Packed.of(F.pad(keep.valid, (1, 0), value=True), mask)  # cls real
+            packed = Packed.of(F.pad(keep.valid, (1, 0), value=True), bias)  # cls token real
             x = packed.pack(x)  # (B, L, D) -> (T, D)
         unpack = (lambda t: t) if packed is None else packed.unpack
         depth = len(self.blocks)
         stop = max(indices) + 1 if stop_early and len(indices) else depth
         intermediates = []
         for i, blk in enumerate(self.blocks[:stop]):
-            x = blk(x, mask)
+            x = blk(x, bias) if packed is None else packed.block(blk, x)
             if i == depth - 1:
                 x = self.norm(x)
             if i in indices:
@@ -279,8 +208,14 @@ class VisionTransformer(nn.Module):
         return self.forward_intermediates(x, select).tokens
 
     def forward(self, x, select=None):
-        """(B, C, H, W) float -> logits (B, num_classes), pooled from the class token."""
-        return self.head(self.forward_features(x, select)[:, 0])
+        """(B, C, H, W) float -> logits (B, num_classes), pooled from the class token.
+
+        With a `select` hook, returns (logits, selection): what the hook kept (None when it
+        kept every token), so the caller counts kept tokens of exactly this pass.
+        """
+        out = self.forward_intermediates(x, select)
+        logits = self.head(out.tokens[:, 0])
+        return logits if select is None else (logits, out.keep)
 
 
 def _vit(embed_dim, depth, num_heads, **kwargs):

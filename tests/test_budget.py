@@ -69,9 +69,10 @@ def test_merging_nothing_with_proportional_attention_is_the_plain_vit():
     every = Selection(ids, src=ids, prop_attn=True)
     with torch.no_grad():
         plain = m(x)
-        assert_close(m(x, select=lambda z, x_: every), plain, rtol=1e-5, atol=1e-5)
+        assert_close(m(x, select=lambda z, x_: every)[0], plain, rtol=1e-5, atol=1e-5)
         merging = TokenMasker("kmedoids", 0.0, merge=True, prop_attn=True)
-        assert torch.equal(m(x, select=merging), plain)
+        out, keep = m(x, select=merging)
+        assert keep is None and torch.equal(out, plain)
 
 
 def duplicated_image(kinds=(0, 1, 2), p=16, grid=4, seed=0):
@@ -99,9 +100,10 @@ def test_proportional_attention_on_merged_copies_equals_attention_over_all_copie
         x = duplicated_image()
         full = m(x)
         masker = TokenMasker(strategy, 0.75, merge=True, prop_attn=True)  # K = 4 kinds of 4
-        assert_close(m(x, select=masker), full, rtol=1e-4, atol=1e-5)
-        assert sorted(masker.last.sizes()[0].tolist()) == [4, 4, 4, 4]
-        no_prop = m(x, select=TokenMasker(strategy, 0.75, merge=True))
+        out, keep = m(x, select=masker)
+        assert_close(out, full, rtol=1e-4, atol=1e-5)
+        assert sorted(keep.sizes()[0].tolist()) == [4, 4, 4, 4]
+        no_prop, _ = m(x, select=TokenMasker(strategy, 0.75, merge=True))
         assert not torch.allclose(no_prop, full, rtol=1e-4, atol=1e-5)
 
 
@@ -114,9 +116,9 @@ def test_merged_ragged_batch_runs_packed_like_each_image_alone():
             m.embed(torch.randn(8, 3, 64, 64), masker.train())
         masker.eval()
         x = torch.cat([torch.randn(3, 3, 64, 64), duplicated_image()])
-        batch = m(x, select=masker)
-        assert masker.last.valid is not None and not masker.last.valid.all()  # really ragged
-        alone = torch.cat([m(x[i:i + 1], select=masker) for i in range(4)])
+        batch, keep = m(x, select=masker)
+        assert keep.valid is not None and not keep.valid.all()  # really ragged
+        alone = torch.cat([m(x[i:i + 1], select=masker)[0] for i in range(4)])
     assert_close(batch, alone, rtol=1e-5, atol=1e-5)
 
 
@@ -129,8 +131,9 @@ def test_rupernet_restores_merged_tokens_through_the_merge_assignment(fill):
     x = torch.randn(2, 3, 64, 64)
     masker = TokenMasker("random", 0.5, merge=True)
     with torch.no_grad():
-        maps = [f.flatten(2) for f in model.encode(x, masker)]  # (B, D, N)
-    src, ids = masker.last.src, masker.last.ids_keep
+        feats, keep = model.encode(x, masker)
+        maps = [f.flatten(2) for f in feats]  # (B, D, N)
+    src, ids = keep.src, keep.ids_keep
     for f in maps:
         for b in range(2):
             for n in range(16):  # every position holds the token it was merged into
@@ -159,7 +162,7 @@ def test_merged_fill_error_is_each_patch_against_its_group_mean_and_never_above_
 
 
 def test_mask_ratio_per_step_depends_on_seed_and_step_only():
-    from rvit.masking import mask_ratio_at
+    from rvit.engine import mask_ratio_at
     draws = [mask_ratio_at(step, (0.0, 0.9), 3) for step in range(200)]
     assert draws == [mask_ratio_at(step, (0.0, 0.9), 3) for step in range(200)]
     assert 0.0 <= min(draws) < 0.1 and 0.8 < max(draws) < 0.9

@@ -112,10 +112,10 @@ def test_dynamic_threshold_gives_about_the_asked_share_and_is_stored():
     model = vit_tiny(img_size=64, num_classes=2)
     masker = calibrated_dynamic(model)
     assert "tau" in masker.state_dict() and torch.isfinite(masker.tau)
-    model.embed(torch.randn(64, 3, 64, 64), masker)
-    share = masker.num_kept.float().mean() / 16
+    num_kept = model.embed(torch.randn(64, 3, 64, 64), masker)[1].num_kept
+    share = num_kept.float().mean() / 16
     assert abs(share - 0.4) < 0.1
-    assert masker.num_kept.min() >= 1 and masker.num_kept.max() > masker.num_kept.min()
+    assert num_kept.min() >= 1 and num_kept.max() > num_kept.min()
 
 
 def test_dynamic_keeps_fewer_tokens_of_a_uniform_scene():
@@ -123,8 +123,8 @@ def test_dynamic_keeps_fewer_tokens_of_a_uniform_scene():
     model = vit_tiny(img_size=64, num_classes=2)
     masker = calibrated_dynamic(model)
     uniform = redundant_image(distinct=(3,))[None]
-    model.embed(uniform, masker)
-    assert masker.num_kept.item() == 1  # the one distinct patch; the floor is ceil(0.02 * 16) = 1
+    keep = model.embed(uniform, masker)[1]
+    assert keep.num_kept.item() == 1  # the one distinct patch; the floor is ceil(0.02 * 16) = 1
 
 
 def test_dynamic_eval_does_not_depend_on_batch_composition():
@@ -133,9 +133,9 @@ def test_dynamic_eval_does_not_depend_on_batch_composition():
     masker = calibrated_dynamic(model)
     x = torch.cat([torch.randn(3, 3, 64, 64), redundant_image()[None]])
     with torch.no_grad():
-        batch = model(x, select=masker)
-        assert masker.num_kept.unique().numel() > 1  # really padded
-        alone = torch.cat([model(x[i:i + 1], select=masker) for i in range(4)])
+        batch, keep = model(x, select=masker)
+        assert keep.num_kept.unique().numel() > 1  # really padded
+        alone = torch.cat([model(x[i:i + 1], select=masker)[0] for i in range(4)])
     assert_close(batch, alone, rtol=1e-5, atol=1e-5)
 
 
@@ -224,5 +224,5 @@ def test_coverage_with_each_fill_of_rupernet():
     for fill in ("nearest", "mask_token", "zeros"):
         model = RUPerNet(vit_tiny(img_size=64, num_classes=0), 4, out_indices=(1, 3, 5, 7),
                          decoder_channels=16, fill=fill).eval()
-        out = model(x, select=TokenMasker("coverage", 0.75, 16).eval())
+        out, _ = model(x, select=TokenMasker("coverage", 0.75, 16).eval())
         assert out.shape == (2, 4, 64, 64) and torch.isfinite(out).all()

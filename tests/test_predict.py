@@ -32,7 +32,7 @@ def reference(ckpt_path, images, index, mask=None):
     x, _ = DeviceTransform(meta["mean"], meta["std"], cfg["img_size"], torch.device("cpu"))(
         images, torch.zeros(len(images), 1))
     with torch.no_grad():
-        out = model(x, select=lambda z, x_: masker(z, x_, index))
+        out, _ = model(x, select=lambda z, x_: masker(z, x_, index))
     return out if meta["task"] == "segmentation" else torch.sigmoid(out)
 
 

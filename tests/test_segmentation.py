@@ -106,13 +106,13 @@ def test_tiny_rupernet_overfits_real_flair_samples(flair_h5):
     model.train()
     first = None
     for _ in range(100):
-        loss = segmentation_loss(model(x, select=masker), y)
+        loss = segmentation_loss(model(x, select=masker)[0], y)
         first = loss.item() if first is None else first
         opt.zero_grad()
         loss.backward()
         opt.step()
     model.eval()
     with torch.no_grad():
-        acc = (model(x, select=masker.eval()).argmax(1) == y).float().mean().item()
+        acc = (model(x, select=masker.eval())[0].argmax(1) == y).float().mean().item()
     assert loss.item() < first / 3
     assert acc > 0.85 and majority < 0.35  # far above predicting the commonest class

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 from conftest import run
-from rvit import vit as vit_module
+from rvit import packing
 from rvit import vit_tiny
 from rvit.checkpoint import load_checkpoint
 from rvit.data import H5Dataset
@@ -80,8 +80,8 @@ def test_varlen_layout_gives_the_padded_outputs_and_gradients(monkeypatch):
     results = []
     for varlen in (False, True):
         if varlen:
-            monkeypatch.setattr(vit_module, "varlen_attn", reference_varlen_attn)
-            monkeypatch.setattr(vit_module, "use_varlen", lambda t: True)
+            monkeypatch.setattr(packing, "load_varlen", lambda: reference_varlen_attn)
+            monkeypatch.setattr(packing, "use_varlen", lambda t: True)
         model.zero_grad()
         out = model.forward_features(x, masker)
         out[:, 0].square().sum().backward()
@@ -91,10 +91,10 @@ def test_varlen_layout_gives_the_padded_outputs_and_gradients(monkeypatch):
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available() or vit_module.load_varlen() is None,
+@pytest.mark.skipif(not torch.cuda.is_available() or packing.load_varlen() is None,
                     reason="needs a CUDA GPU and torch.nn.attention.varlen")
 def test_cuda_varlen_attention_matches_padded_attention():
-    if not vit_module.use_varlen(torch.zeros(1, device="cuda", dtype=torch.bfloat16)):
+    if not packing.use_varlen(torch.zeros(1, device="cuda", dtype=torch.bfloat16)):
         pytest.skip("varlen_attn (FlashAttention) needs an Ampere or newer GPU")
     torch.manual_seed(0)
     model = vit_tiny(img_size=64, num_classes=3).eval()
@@ -116,7 +116,7 @@ def test_segmentation_encoder_runs_packed_like_the_classifier():
     masker = calibrated(model.backbone)
     x = torch.cat([torch.randn(3, 3, 64, 64), torch.ones(1, 3, 64, 64)])
     with torch.no_grad():
-        grid = model.encode(x, masker)[-1].flatten(2).transpose(1, 2)  # (B, N, D)
+        grid = model.encode(x, masker)[0][-1].flatten(2).transpose(1, 2)  # (B, N, D)
         tokens = model.backbone.forward_features(x, masker)
         keep = masker(model.backbone.patch_embed(x), x)
         ids, valid = keep.ids_keep, keep.valid
@@ -136,13 +136,14 @@ def test_compiled_and_eager_outputs_agree(device, dtype, tol):
     model = vit_tiny(img_size=32, patch_size=8, num_classes=5).to(device).eval()
     masker = TokenMasker("similarity", 0.5, 8).to(device).eval()
     x = torch.randn(4, 3, 32, 32, device=device)
-    compiled = torch.compile(model)
-    masker.eager()
+    compiled, select = torch.compile(model), torch.compiler.disable(masker)  # as train.py
     with torch.no_grad(), torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
         for m in (0.5, 0.3, 0.7):  # a ratio per step, as --mask-range sets it
             masker.mask_ratio = m
-            eager = model(x, select=masker).float()
-            assert_close(compiled(x, select=masker).float(), eager, rtol=tol, atol=tol)
+            eager, keep = model(x, select=masker)
+            out, compiled_keep = compiled(x, select=select)
+            assert_close(out.float(), eager.float(), rtol=tol, atol=tol)
+            assert torch.equal(compiled_keep.ids_keep, keep.ids_keep)
 
 
 def test_train_compile_saves_plain_weights(ben_v1, tmp_path):

@@ -203,7 +203,7 @@ def test_save_examples_leaves_the_evaluation_record_unchanged(which, request, tm
     """The example PNGs grey the patches the evaluation's own forward pass kept: nothing runs
     the masker again, so kept share and GFLOPs describe every sample, with or without them."""
     from rvit.data import DeviceTransform, H5Dataset, eval_loader
-    from rvit.evaluation import evaluate
+    from rvit.engine import evaluate
     from rvit.masking import TokenMasker
     from rvit.models import load_run
     data = request.getfixturevalue("ben_v1" if which == "bigearthnet" else "flair_h5")
@@ -244,7 +244,7 @@ def test_a_split_too_small_to_time_has_no_rate(ben_v1, ben_run):
     """One batch (the first pays one-time costs and is not timed) gives no images/s, so no
     report divides by a warm-up's time."""
     from rvit.data import DeviceTransform, H5Dataset, eval_loader
-    from rvit.evaluation import evaluate, rate_text
+    from rvit.engine import evaluate, rate_text
     from rvit.masking import TokenMasker
     from rvit.models import load_run
     ckpt, model = load_run(str(ben_run / "last.pt"))

@@ -7,8 +7,9 @@ import torch
 from torch.testing import assert_close
 
 from rvit import vit_tiny
-from rvit.masking import Selection, TokenMasker, restore_grid, restore_index
-from rvit.upernet import FCNHead, Feature2Pyramid, RUPerNet, UPerHead, segmentation_loss
+from rvit.masking import Selection, TokenMasker, restore_index
+from rvit.upernet import (FCNHead, Feature2Pyramid, RUPerNet, UPerHead, restore_grid,
+                          segmentation_loss)
 
 
 def model(img_size=64, patch_size=16, fill="nearest", classes=4, aux=False):
@@ -22,7 +23,7 @@ def model(img_size=64, patch_size=16, fill="nearest", classes=4, aux=False):
 def test_output_has_the_input_size(img_size, patch_size, strategy):
     m = model(img_size, patch_size).train()
     masker = TokenMasker(strategy, 0.6, patch_size).train()
-    out = m(torch.randn(2, 3, img_size, img_size), select=masker)
+    out, _ = m(torch.randn(2, 3, img_size, img_size), select=masker)
     assert out.shape == (2, 4, img_size, img_size)
 
 
@@ -38,9 +39,10 @@ def test_each_fill_puts_its_feature_at_the_dropped_positions():
             mask_token = m.mask_token.detach()
         masker = TokenMasker("similarity", 0.5)
         with torch.no_grad():
-            maps[fill] = [f.flatten(2) for f in m.encode(x, masker)]  # (B, D, N) per block
+            feats, keep = m.encode(x, masker)
+            maps[fill] = [f.flatten(2) for f in feats]  # (B, D, N) per block
             z = m.backbone.patch_embed(x)
-        ids = masker.last.ids_keep
+        ids = keep.ids_keep
     u = torch.nn.functional.normalize(z, dim=-1)
     for b in range(2):
         kept = ids[b].tolist()
@@ -89,7 +91,7 @@ def test_gradients_reach_the_backbone_and_mask_token():
     m = model(fill="mask_token", aux=True).train()
     x, y = torch.randn(2, 3, 64, 64), torch.randint(0, 4, (2, 64, 64))
     y[0, :8] = 255
-    out = m(x, select=TokenMasker("similarity", 0.5).train())
+    out, _ = m(x, select=TokenMasker("similarity", 0.5).train())
     assert isinstance(out, tuple)
     segmentation_loss(out, y, ignore_index=255).backward()
     assert m.backbone.blocks[0].attn.qkv.weight.grad.abs().sum() > 0

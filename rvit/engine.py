@@ -1,21 +1,26 @@
-"""The evaluation loop shared by train.py (validation) and evaluate.py, and autocast set-up.
+"""The training and evaluation loops (MAE's `engine` split): one epoch of training, one pass of
+evaluation, the --mask-range schedule, and autocast set-up.
 
 Every sample a loader yields is counted once; under torchrun the loaders shard without padding
 (rvit/data.py), and the meters pool counts and scores over ranks (rvit/metrics.py).
 """
+import math
 import re
 import resource
 import time
 from contextlib import nullcontext
 from functools import partial
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from rvit import distributed
 from rvit.figures import save_examples
 from rvit.flops import vit_flops
+from rvit.masking import Selection
 from rvit.models import encoder, encoder_depth
+from rvit.preemption import Preempted
 from rvit.tasks import meter as task_meter
 
 # a rate from less time, or from fewer batches after the first (the last one alone is often a
@@ -45,6 +50,103 @@ def peak_memory_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def mask_ratio_at(step: int, mask_range, seed: int) -> float:
+    """The mask ratio of training step `step` under --mask-range: m ~ U[LO, HI) drawn from a
+    generator seeded by (seed, step) alone, so every DDP rank draws the same m (equal work per
+    step) and a resumed run the same sequence, without any state to save."""
+    lo, hi = mask_range
+    return float(np.random.default_rng([seed, step]).uniform(lo, hi))
+
+
+class NonFiniteLoss(FloatingPointError):
+    pass
+
+
+def check_finite(first_bad, model, epoch, done):
+    """Raise NonFiniteLoss if a loss so far, or a weight now, is not finite (a device sync:
+    call it sparingly). A finite loss can still give NaN gradients, e.g. from inf pixels in
+    dropped patches, so the weights are checked too before anything is checkpointed."""
+    bad = int(first_bad)
+    if bad >= 0:
+        raise NonFiniteLoss(f"loss is not finite at epoch {epoch + 1}, batch {bad + 1}")
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise NonFiniteLoss(f"weights are not finite at epoch {epoch + 1}, batch {done}")
+
+
+def train_one_epoch(model, model_without_ddp, masker, select, loader, transform, opt, sched,
+                    scaler, amp, epoch, loss_fn, first=0, every=0, save=None, stop=None,
+                    ratio_at=None):
+    """One pass over this rank's shard, from batch `first` (after a mid-epoch resume), with
+    `select` the hook `model` calls (`masker`, or it wrapped to run eagerly under torch.compile),
+    `loss_fn(output, targets)` the task's loss (rvit/tasks.py), calling `save(batches done)`
+    every `every` batches, and after any batch but the last at which `stop()` (collective,
+    called after each such batch) says to stop; with `ratio_at`, the masker's ratio is
+    `ratio_at(batch)` at each step. Returns mean loss, lr, kept share (mean, min, max over
+    images), encoder GFLOPs per image and images/s, pooled over ranks.
+
+    Raises:
+        NonFiniteLoss: a loss was NaN or infinite; no checkpoint is written after it.
+        Preempted: `stop()` said to stop; `save` has written that batch.
+    """
+    model.train()
+    masker.train()
+    dev = transform.device
+    loss_sum, kept_sum = torch.zeros((), device=dev), torch.zeros((), device=dev)
+    kept_min, kept_max = kept_sum + math.inf, kept_sum - math.inf
+    flops_sum = torch.zeros((), device=dev, dtype=torch.float64)
+    vit, depth = encoder(model_without_ddp), encoder_depth(model_without_ddp)
+    first_bad = torch.full((), -1, device=dev)
+    n, start = 0, time.perf_counter()
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}", disable=distributed.rank() != 0, leave=False,
+               initial=first, total=first + len(loader))
+    for step, (images, targets, _) in enumerate(bar, start=first):
+        x, y = transform(images, targets, train=True)
+        if ratio_at is not None:
+            masker.mask_ratio = ratio_at(step)
+        with autocast(dev, amp):
+            out, keep = model(x, select=select)
+            loss = loss_fn(out, y)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        sched.step()
+        loss_sum += loss.detach()
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), step, first_bad)
+        N = vit.patch_embed.num_patches
+        num_kept = (Selection.full(len(x), N) if keep is None else keep).num_kept  # (B,)
+        share = num_kept.float() / N
+        flops_sum += vit_flops(vit, num_kept.double(), depth).mean()
+        kept_sum += share.mean()
+        kept_min, kept_max = kept_min.minimum(share.min()), kept_max.maximum(share.max())
+        n += 1
+        if step % 20 == 0:  # .item() syncs the device: not every step
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            if int(first_bad) >= 0:  # the weights are checked only before checkpoints
+                check_finite(first_bad, model_without_ddp, epoch, step + 1)
+        done = step + 1
+        if done < first + len(loader):  # the last batch is saved with the epoch, after validation
+            stopping = stop is not None and stop()
+            if save is not None and (stopping or every and done % every == 0):
+                check_finite(first_bad, model_without_ddp, epoch, done)  # never save a broken one
+                save(done)
+            if stopping:
+                raise Preempted(done)
+    check_finite(first_bad, model_without_ddp, epoch, first + n)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    world = distributed.world_size()
+    return {"loss": float(distributed.all_reduce(loss_sum)) / (n * world),
+            "lr": sched.get_last_lr()[0],
+            "kept_share": float(distributed.all_reduce(kept_sum)) / (n * world),
+            "kept_share_min": float(distributed.all_reduce(kept_min, "min")),
+            "kept_share_max": float(distributed.all_reduce(kept_max, "max")),
+            "gflops": float(distributed.all_reduce(flops_sum)) / (n * world) / 1e9,
+            "images_per_s": n * loader.batch_size * world / elapsed,
+            "seconds": elapsed}
+
+
 @torch.no_grad()
 def calibrate_dynamic(model, masker, loader, transform, max_batches=20):
     """Set a dynamic masker's tau to the (1 - m)-quantile of the redundancy scores of up to
@@ -62,7 +164,7 @@ def calibrate_dynamic(model, masker, loader, transform, max_batches=20):
     if flat.numel() > 2**24:  # torch.quantile's input limit
         flat = flat[torch.randperm(flat.numel(), device=flat.device)[:2**24]]
     q = torch.quantile(flat, 1.0 - masker.mask_ratio)
-    masker.tau.copy_(distributed.all_reduce(q) / distributed.world_size())
+    masker.tau.copy_(distributed.mean(q))
     return len(scores)
 
 
@@ -98,9 +200,10 @@ def evaluate(model, masker, loader, transform, meta, amp, desc="eval", examples_
                                        disable=None if distributed.rank() == 0 else True):
         x, y = transform(images, targets)
         with autocast(dev, amp):
-            out = model(x, select=partial(masker, index=index))
+            out, keep = model(x, select=partial(masker, index=index))
         meter.update(out.float(), y)
-        keep = masker.last  # what this forward pass kept: examples grey exactly these patches
+        if keep is None:  # every token kept
+            keep = Selection.full(len(x), num_patches, x.device)
         if examples_dir and seen < num_examples and distributed.rank() == 0:
             write_examples(examples_dir, keep, x, y, out, index, meta, vit.patch_embed.patch_size,
                            num_examples - seen, f"{masker.strategy} at mask {masker.mask_ratio:g}")
