@@ -295,7 +295,7 @@ def timm_version():
 
 
 def varlen_usable(device):
-    from rvit.vit import load_varlen, use_varlen
+    from rvit.packing import load_varlen, use_varlen
     if load_varlen() is None:
         return "no: torch.nn.attention.varlen is missing (torch < 2.10)"
     if device.type != "cuda":
