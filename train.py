@@ -22,12 +22,11 @@ import torch
 import torch.nn as nn
 import yaml
 from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
 
 from rvit import distributed, run_folder
 from rvit.atomic import atomic_write
 from rvit.checkpoint import atomic_save, load_checkpoint, load_pretrained, provenance
-from rvit.cli import run_cli
+from rvit.cli import progress_bar, run_cli
 from rvit.config import device_and_amp, masker_from_args, resolve, run_tag, train_parser
 from rvit.data import DeviceTransform, H5Dataset, eval_loader, read_meta, train_loader
 from rvit.evaluation import autocast, evaluate, peak_memory_mb, rate_text
@@ -316,8 +315,8 @@ def train_one_epoch(model, model_without_ddp, masker, loader, transform, opt, sc
     vit, depth = encoder(model_without_ddp), encoder_depth(model_without_ddp)
     first_bad = torch.full((), -1, device=dev)
     n, start = 0, time.perf_counter()
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}", disable=distributed.rank() != 0, leave=False,
-               initial=first, total=first + len(loader))
+    bar = progress_bar(loader, distributed.rank() == 0, desc=f"epoch {epoch + 1}", leave=False,
+                       initial=first, total=first + len(loader))
     for step, (images, targets, _) in enumerate(bar, start=first):
         x, y = transform(images, targets, train=True)
         if ratio_at is not None:

@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import ROOT, run
+from conftest import BEN_V1, ROOT, run
 
 # (module, function returning the parsed args, arguments that parse)
 PARSERS = [
@@ -149,3 +149,17 @@ def test_metric_names_are_what_the_meters_compute():
         meter.update(torch.randn(4, 3), torch.eye(3)[[0, 1, 2, 0]])
         scalars = {k for k, v in meter.compute().items() if isinstance(v, float)}
         assert scalars == set(task.names) and set(task.metrics) <= scalars, name
+
+
+def test_progress_bars_stay_out_of_a_captured_stderr(tmp_path):
+    """stderr into a log file (not a terminal): prepare_data.py's and train.py's bars are not
+    drawn there, only their messages."""
+    data = tmp_path / "data"
+    prepared = run("prepare_data.py", "--dataset", "bigearthnet", "--root",
+                   os.path.join(BEN_V1, "BigEarthNet-S2"), "--splits",
+                   os.path.join(BEN_V1, "splits_v1_19class"), "--out", data)
+    trained = run("train.py", "--dataset", "bigearthnet", "--data-dir", data, "--out",
+                  tmp_path / "run", "--img-size", "32", "--patch-size", "8", "--batch-size", "2",
+                  "--epochs", "1", "--workers", "0", "--device", "cpu")
+    for proc in (prepared, trained):
+        assert "\r" not in proc.stderr and "%|" not in proc.stderr, proc.stderr
