@@ -10,9 +10,9 @@ from contextlib import nullcontext
 from functools import partial
 
 import torch
-from tqdm import tqdm
 
 from rvit import distributed
+from rvit.cli import progress_bar
 from rvit.figures import save_examples
 from rvit.flops import vit_flops
 from rvit.models import encoder, encoder_depth
@@ -93,9 +93,8 @@ def evaluate(model, masker, loader, transform, meta, amp, desc="eval", examples_
     num_patches = vit.patch_embed.num_patches
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    # a bar on rank 0 only, and only on a terminal (disable=None): not in a log file
-    for images, targets, index in tqdm(loader, desc=desc, leave=False,
-                                       disable=None if distributed.rank() == 0 else True):
+    for images, targets, index in progress_bar(loader, distributed.rank() == 0, desc=desc,
+                                               leave=False):
         x, y = transform(images, targets)
         with autocast(dev, amp):
             out = model(x, select=partial(masker, index=index))
