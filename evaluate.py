@@ -59,6 +59,10 @@ def make_masker(args, m, ckpt, model, data_dir, transform, device):
 def main(args):
     ckpt, model = load_run(args.checkpoint)
     cfg, meta = ckpt["config"], ckpt["meta"]
+    # the names the table prints, checked before any data is read (runs trained before
+    # train.py checked them can hold any)
+    metrics = report_metrics(meta["task"], cfg.get("metrics"), where=f"{args.checkpoint}: "
+                             f"config (from {cfg.get('config')}) datasets.{cfg.get('dataset')}.")[1]
     masking_from_run(args, cfg, as_list=True)
     check(args)
     device_name, amp = device_and_amp(args)
@@ -93,8 +97,7 @@ def main(args):
                      "tau": float(masker.tau) if tau_source else None, "amp": amp,
                      "world_size": world, **result, **provenance(device)})
         if rank == 0:
-            print_table(rows[-1], report_metrics(meta["task"], cfg.get("metrics"))[1],
-                        meta["classes"])
+            print_table(rows[-1], metrics, meta["classes"])
     if rank == 0:
         tag = f"m{args.mask[0]:g}" if len(args.mask) == 1 else "sweep"
         out = args.out or os.path.join(os.path.dirname(args.checkpoint),

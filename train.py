@@ -27,7 +27,7 @@ from rvit.atomic import atomic_write
 from rvit.checkpoint import atomic_save, load_checkpoint, load_pretrained, provenance
 from rvit.cli import run_cli
 from rvit.config import device_and_amp, masker_from_args, resolve, run_tag, train_parser
-from rvit.data import DeviceTransform, H5Dataset, eval_loader, train_loader
+from rvit.data import DeviceTransform, H5Dataset, eval_loader, read_meta, train_loader
 from rvit.engine import (NonFiniteLoss, evaluate, mask_ratio_at, peak_memory_mb, rate_text,
                          train_one_epoch)
 from rvit.models import build_model, encoder
@@ -106,6 +106,12 @@ def agree_on_start(global_step, path):
 
 def main(args):
     resolve(args, args.config)
+    # config.yaml's metric names against the task in the file's attributes, before any data is
+    # read; a section without metrics (such as `folder`) reports the task's defaults
+    task = read_meta(os.path.join(args.data_dir, "train.h5"), args.dataset)["task"]
+    args.main_metric, args.metrics = report_metrics(
+        task, getattr(args, "metrics", None), getattr(args, "main_metric", None),
+        f"{args.config}: datasets.{args.dataset}.")
     # every rank reads the folder before rank 0 writes to it (agree_on_start orders the two)
     action = run_folder.plan(args.out, args.resume, args.overwrite)
     device_name, amp = device_and_amp(args)
@@ -127,9 +133,6 @@ def main(args):
                            f"{args.epochs}); nothing to train")
         distributed.cleanup()
         return
-    # a config section without metrics (such as `folder`) reports the file's task's defaults
-    args.main_metric, args.metrics = report_metrics(meta["task"], getattr(args, "metrics", None),
-                                                    getattr(args, "main_metric", None))
     loss_fn = criterion(meta, args.label_smoothing)
     if len(val_ds) == 0:  # best.pt is chosen on it; a few own images can leave it empty
         raise ValueError(f"{val_ds.path}: no samples; validation needs at least one (more "
@@ -241,9 +244,6 @@ def main(args):
             break
         masker.mask_ratio = args.mask  # validation at --mask, also under --mask-range
         metrics = evaluate(model_without_ddp, masker, val, transform, meta, amp, desc="val")
-        if args.main_metric not in metrics:
-            raise ValueError(f"{args.config}: main_metric {args.main_metric!r} is not a "
-                             f"{meta['task']} metric; choose one of {sorted(metrics)}")
         score = metrics[args.main_metric]
         is_best = score > best
         best = max(best, score)

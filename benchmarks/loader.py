@@ -31,10 +31,9 @@ import h5py
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from benchmarks.throughput import time_steps
-from rvit.cli import parser
+from rvit.cli import parser, progress_bar
 from rvit.data import DeviceTransform, H5Dataset, train_loader
 from rvit.masking import TokenMasker
 from rvit.models import build_model
@@ -84,7 +83,7 @@ def synthesize(src, n, deadline=None, progress=True):
     with atomic_write(path) as tmp:
         w = SplitWriter(tmp, key)
         try:
-            for start in tqdm(range(0, n, 512), desc=f"synthesize {n}", disable=not progress):
+            for start in progress_bar(range(0, n, 512), progress, desc=f"synthesize {n}"):
                 i = np.arange(start, min(n, start + 512))
                 j = i % len(images)
                 w.extend(images[j], targets[j],
@@ -167,7 +166,7 @@ def lmdb_safetensors(path, batch_size, batches):
         if not os.path.exists(db):
             env = lmdb.open(db + ".tmp", map_size=2 * f["images"].nbytes + (1 << 30),
                             subdir=True, lock=False)
-            for start in tqdm(range(0, n, 512), desc="write LMDB"):
+            for start in progress_bar(range(0, n, 512), desc="write LMDB"):
                 block = f["images"][start:start + 512]
                 with env.begin(write=True) as txn:
                     for j, image in enumerate(block):

@@ -163,6 +163,15 @@ def plan_steps(step_s, rest, left, lo, hi):
             return int(max(1, min(hi, steps)))
 
 
+def allot(weights, part, todo, left):
+    """Seconds for `part`: `left` (seconds, 0 when negative) shared by weight among `todo` (it
+    and the parts after it), so what a part leaves unused goes to the next; None for a part
+    without a weight (it runs unbudgeted, or skips itself)."""
+    if not weights.get(part):
+        return None
+    return max(0.0, left) * weights[part] / sum(weights.get(p, 0.0) for p in todo)
+
+
 def run_settings(settings, cost, measure, deadline, lo, hi):
     """Results of `measure(setting, steps, deadline)` for each setting in order, or a status
     where it did not run.
@@ -236,13 +245,8 @@ class Suite:
         self.end = self.start + args.budget_s
 
     def allot(self, part, todo):
-        """Seconds for `part`: the time left, shared by weight among `todo` (it and the parts
-        after it); None for a part without a weight (it runs unbudgeted, or skips itself)."""
-        weights = WEIGHTS[self.args.device]
-        if not weights.get(part):
-            return None
-        left = max(0.0, self.end - time.perf_counter())
-        return left * weights[part] / sum(weights.get(p, 0.0) for p in todo)
+        """Seconds for `part` of the time left now (the module's `allot`)."""
+        return allot(WEIGHTS[self.args.device], part, todo, self.end - time.perf_counter())
 
     def fixture(self, deadline):
         """Folder of train/val/test.h5 that prepare_data.py converted from the repository's

@@ -17,10 +17,10 @@ from concurrent.futures import ProcessPoolExecutor
 
 import h5py
 import numpy as np
-from tqdm import tqdm
 
 from prepare.splits import SPLITS
 from rvit.atomic import AtomicFiles
+from rvit.cli import progress_bar
 from rvit.schema import SCHEMA_VERSION
 
 
@@ -128,8 +128,9 @@ def write_splits(samples, read, out, attrs, target_key="labels", on_error="stop"
     stats, skipped, first = BandStats(), [], None
     try:
         with _reader(read, workers) as results:
-            for sample, (got, error) in tqdm(zip(ordered, results(ordered)), total=len(ordered),
-                                             desc="convert", unit="sample"):
+            for sample, (got, error) in progress_bar(zip(ordered, results(ordered)),
+                                                     total=len(ordered), desc="convert",
+                                                     unit="sample"):
                 if error is not None:
                     if on_error == "stop":
                         raise error

@@ -1,8 +1,10 @@
-"""What every entry point and `python -m` tool shares on the command line: its parser and the
-one-line error wrapper. Torch-free, so that prepare_data.py can use it too.
+"""What every entry point and `python -m` tool shares on the command line: its parser, the
+one-line error wrapper and its progress bars. Torch-free, so that prepare_data.py can use it too.
 """
 import argparse
 import sys
+
+from tqdm import tqdm
 
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -21,6 +23,13 @@ def parser(description):
     would otherwise read `--epoch 1` as `--epochs 1`, silently)."""
     return argparse.ArgumentParser(description=description, allow_abbrev=False,
                                    formatter_class=DefaultsHelpFormatter)
+
+
+def progress_bar(iterable=None, show=True, **kwargs):
+    """A tqdm bar on stderr when stderr is a terminal, and nowhere else: a stderr captured into
+    a log file gets no bar lines (tqdm's disable=None). `show` False turns it off everywhere
+    (processes other than rank 0). Other keyword arguments go to tqdm."""
+    return tqdm(iterable, disable=None if show else True, **kwargs)
 
 
 def run_cli(name, main, args, errors=(ValueError, OSError, ImportError, RuntimeError)):

@@ -13,9 +13,9 @@ from functools import partial
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from rvit import distributed
+from rvit.cli import progress_bar
 from rvit.figures import save_examples
 from rvit.flops import vit_flops
 from rvit.masking import Selection
@@ -97,8 +97,8 @@ def train_one_epoch(model, model_without_ddp, masker, select, loader, transform,
     vit, depth = encoder(model_without_ddp), encoder_depth(model_without_ddp)
     first_bad = torch.full((), -1, device=dev)
     n, start = 0, time.perf_counter()
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}", disable=distributed.rank() != 0, leave=False,
-               initial=first, total=first + len(loader))
+    bar = progress_bar(loader, distributed.rank() == 0, desc=f"epoch {epoch + 1}", leave=False,
+                       initial=first, total=first + len(loader))
     for step, (images, targets, _) in enumerate(bar, start=first):
         x, y = transform(images, targets, train=True)
         if ratio_at is not None:
@@ -195,9 +195,8 @@ def evaluate(model, masker, loader, transform, meta, amp, desc="eval", examples_
     num_patches = vit.patch_embed.num_patches
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    # a bar on rank 0 only, and only on a terminal (disable=None): not in a log file
-    for images, targets, index in tqdm(loader, desc=desc, leave=False,
-                                       disable=None if distributed.rank() == 0 else True):
+    for images, targets, index in progress_bar(loader, distributed.rank() == 0, desc=desc,
+                                               leave=False):
         x, y = transform(images, targets)
         with autocast(dev, amp):
             out, keep = model(x, select=partial(masker, index=index))

@@ -140,6 +140,9 @@ class MultiLabelMeter:
     Predictions are sigmoid(logit) >= 0.5, i.e. logit >= 0.
     """
 
+    # the scalar metrics `compute` returns (besides num_samples): names config.yaml may use
+    METRICS = ("mAP_macro", "mAP_micro", "F1_micro", "F1_macro", "F1_weighted")
+
     def __init__(self):
         self.scores, self.targets = [], []
 
@@ -169,6 +172,9 @@ class ConfusionMeter:
         num_classes: C.
         ignore_index: target value left out of the counts (unlabelled pixels), or None.
     """
+
+    # the scalar metrics `compute` returns (besides num_samples): names config.yaml may use
+    METRICS = ("OA", "F1_micro", "F1_macro", "F1_weighted", "jaccard_weighted", "mIoU")
 
     def __init__(self, num_classes: int, ignore_index=None):
         self.num_classes, self.ignore_index = num_classes, ignore_index

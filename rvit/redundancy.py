@@ -24,11 +24,10 @@ import os
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from rvit.atomic import atomic_write
 from rvit.checkpoint import write_json
-from rvit.cli import parser, run_cli
+from rvit.cli import parser, progress_bar, run_cli
 from rvit.data import DeviceTransform, H5Dataset
 from rvit.masking import (STRATEGIES, dynamic_floor, merge_tokens, num_keep, pixel_patches,
                           redundancy_score, restore_index, select)
@@ -77,7 +76,7 @@ def scores_of(x, space, vit, patch):
 def batches(ds, args, tf, desc):
     """(native images numpy, model input, targets, index) per batch, with a progress bar."""
     n = min(len(ds), args.max_samples or len(ds))
-    for start in tqdm(range(0, n, args.batch_size), desc=desc, disable=None):  # None: TTY only
+    for start in progress_bar(range(0, n, args.batch_size), desc=desc):
         idx = list(range(start, min(n, start + args.batch_size)))
         images, targets, _ = ds.__getitems__(idx)
         x, y = tf(images, targets)

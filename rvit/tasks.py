@@ -22,6 +22,7 @@ class Task(NamedTuple):
     meter: Callable  # (num_classes, ignore_index) -> meter with update / compute
     activation: Callable  # logits -> predict.py's output (segmentation: logits, tiles blend)
     metrics: tuple  # reported unless config.yaml lists others; the first picks best.pt
+    names: tuple  # every scalar metric the meter computes: what config.yaml may name
 
 
 def _multilabel_loss(out, y, ignore_index=None, label_smoothing=0.0):
@@ -40,11 +41,12 @@ def _segmentation_loss(out, y, ignore_index=None, label_smoothing=0.0):
 
 TASKS = {
     "multilabel": Task(_multilabel_loss, lambda num_classes, ignore_index: MultiLabelMeter(),
-                       torch.sigmoid, ("mAP_macro", "F1_macro", "F1_weighted")),
+                       torch.sigmoid, ("mAP_macro", "F1_macro", "F1_weighted"),
+                       MultiLabelMeter.METRICS),
     "multiclass": Task(_multiclass_loss, ConfusionMeter, partial(torch.softmax, dim=1),
-                       ("OA", "F1_macro", "F1_weighted")),
+                       ("OA", "F1_macro", "F1_weighted"), ConfusionMeter.METRICS),
     "segmentation": Task(_segmentation_loss, ConfusionMeter, lambda logits: logits,
-                         ("mIoU", "F1_macro", "jaccard_weighted")),
+                         ("mIoU", "F1_macro", "jaccard_weighted"), ConfusionMeter.METRICS),
 }
 
 
@@ -77,9 +79,32 @@ def meter(meta):
     return task_of(meta).meter(len(meta["classes"]), meta.get("ignore_index"))
 
 
-def report_metrics(task, metrics=None, main_metric=None):
+def report_metrics(task, metrics=None, main_metric=None, where="config.yaml: "):
     """(main metric, metrics) a run reports: config.yaml's when its section lists them, else
-    the task's defaults; the main metric defaults to the first."""
+    the task's defaults; the main metric defaults to the first. Cheap: call it before reading
+    any data, so that a misspelt name stops a run before its first epoch.
+
+    Args:
+        task: a key of TASKS (the split file's `task` attribute).
+        metrics: list of names from config.yaml, or None.
+        main_metric: the name best.pt is chosen by, or None.
+        where: prefix of the error's key: the file and the section the names come from, as
+            'config.yaml: datasets.bigearthnet.'.
+
+    Raises:
+        ValueError: in one line naming `where`, the key and the task's names, when a name is
+            not one the task's meter computes (bookkeeping such as gflops or num_samples is
+            not a metric), or `metrics` is not a list.
+    """
+    names = TASKS[task].names
+    if metrics is not None and not isinstance(metrics, list):
+        raise ValueError(f"{where}metrics: expected a list of names, got {metrics!r}")
+    for key, listed in (("main_metric", [main_metric] if main_metric else []),
+                        ("metrics", metrics or [])):
+        bad = [m for m in listed if m not in names]
+        if bad:
+            raise ValueError(f"{where}{key}: unknown {task} metric {', '.join(map(repr, bad))}; "
+                             f"valid: {', '.join(names)}")
     metrics = list(metrics or TASKS[task].metrics)
     return main_metric or metrics[0], metrics
 

@@ -5,10 +5,12 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
+from benchmarks.suite import WEIGHTS, Costs, allot, plan_steps, run_settings
 from conftest import ROOT, run
 
 PARTS = ("environment", "cuda_tests", "throughput", "loader", "mapping", "convert")
@@ -51,6 +53,7 @@ def test_every_part_is_reported_or_skipped_with_its_reason(suite_run):
 
 def test_ratios_are_the_figures_divided(suite_run):
     _, report, _ = suite_run
+    checked = 0
     for p in report["parts"]:
         rows = [r for r in p.get("rows", []) if r.get("status") == "ok"]
         for ratio, value, same, key, base in RATIOS.get(p["name"], []):
@@ -58,13 +61,16 @@ def test_ratios_are_the_figures_divided(suite_run):
             for r in rows:
                 want = r[value] / bases[tuple(r[f] for f in same)]
                 assert r[ratio] == pytest.approx(want, rel=2e-3), (p["name"], ratio, r)
+                checked += r[key] != base  # the base row's own ratio is 1 by construction
         if p["name"] in SHARES:
             share, num, den = SHARES[p["name"]]
             for r in rows:
                 assert r[share] == pytest.approx(r[num] / r[den], rel=2e-3), (p["name"], r)
+                checked += 1
         for r in p.get("rows", []):
             assert r.get("status", "ok") == "ok" or r["status"].split(":")[0] in (
                 "skipped", "stopped", "failed"), r
+    assert checked, "no row measured: not one ratio checked (a machine too busy for the budget)"
 
 
 def test_report_names_the_device_above_every_table_and_is_printed_last(suite_run):
@@ -91,3 +97,67 @@ def test_help_gives_every_flag_its_default():
     for flag in ("--device", "--budget-s", "--work", "--parts"):
         assert flag in out
     assert out.count("(default:") >= 4
+
+
+# The budget planner alone, on figures worked by hand (no suite run).
+@pytest.mark.parametrize("step_s,rest,left,lo,hi,want", [
+    (1.0, [(0.0, 1.0)] * 3, 100.0, 3, 10, 10),  # all four fit at the most steps
+    (1.0, [(0.0, 1.0)] * 3, 40.0, 3, 100, 10),  # 40 s over four settings of 1 s a step
+    (1.0, [(0.0, 1.0)] * 3, 10.0, 3, 100, 3),  # four at 2.5 < lo: the last dropped, 3 at 3.3
+    (1.0, [(5.0, 1.0)], 11.0, 3, 100, 3),  # the next one's 5 s fixed cost counts: (11-5)/2
+    (1.0, [(5.0, 1.0)], 10.0, 3, 100, 10),  # (10-5)/2 < lo: the next dropped, all 10 s here
+    (2.0, [], 1.0, 3, 100, 1),  # not one step fits: never fewer than one
+    (2.0, [(0.0, 1.0)], -5.0, 3, 100, 1),  # the deadline has passed
+])
+def test_plan_steps_fits_a_setting_and_as_many_after_it_as_it_can(step_s, rest, left, lo, hi,
+                                                                  want):
+    got = plan_steps(step_s, rest, left, lo, hi)
+    assert got == want and isinstance(got, int)
+
+
+def test_allot_shares_the_time_left_by_weight_and_passes_on_what_a_part_leaves():
+    w = {"a": 0.5, "b": 0.3, "c": 0.2}
+    assert allot(w, "a", ["a", "b", "c"], 100.0) == pytest.approx(50.0)
+    assert allot(w, "b", ["b", "c"], 70.0) == pytest.approx(42.0)  # a used 30 of its 50 s
+    assert allot(w, "b", ["b"], 70.0) == pytest.approx(70.0)  # the last part takes what is left
+    assert allot(w, "c", ["c"], -3.0) == 0.0  # past the end of the budget
+    assert allot(w, "environment", ["environment", "a"], 100.0) is None  # unbudgeted
+    assert allot(WEIGHTS["cpu"], "cuda_tests", list(WEIGHTS["cpu"]), 100.0) is None
+    left = 100.0  # parts that each spend their whole allotment spend exactly the budget
+    for i, part in enumerate("abc"):
+        left -= allot(w, part, list("abc"[i:]), left)
+    assert left == pytest.approx(0.0, abs=1e-9)
+
+
+def test_costs_guess_from_the_most_specific_key_measured():
+    costs = Costs({("fixed", "compiled"): 60.0})
+    assert costs.guess([("step", "eager", 0.75), ("step", "eager")]) == 0.0  # nothing measured
+    costs.record([("step", "eager", 0.0), ("step", "eager")], 2.0)
+    costs.record([("step", "eager", 0.75), ("step", "eager")], 1.0)
+    assert costs.guess([("step", "eager", 0.75), ("step", "eager")]) == 1.0
+    assert costs.guess([("step", "eager", 0.6), ("step", "eager")]) == 2.0  # the slower kept
+    assert costs.guess([("fixed", "compiled")]) == 60.0
+
+
+def test_run_settings_sizes_each_setting_and_reports_those_that_did_not_run(capsys):
+    """A setting's steps leave room for the settings after it that can fit; one that cannot
+    fit is skipped, one that fails ends only itself."""
+    costs = {"a": (0.0, 1.0), "bad": (0.0, 1.0), "warm": (0.0, 1.0), "b": (0.0, 1.0),
+             "huge": (1e4, 1.0)}
+    asked = {}
+
+    def measure(setting, steps, deadline):
+        if setting == "bad":
+            raise RuntimeError("out of memory\nand more lines")
+        asked[setting] = steps(2.0)  # its warm-up step took 2 s
+        return {"steps": 0 if setting == "warm" else asked[setting]}
+
+    # 60.5 s: the settings take microseconds, so each sees 60 s and a bit left
+    results = run_settings(list(costs), costs.get, measure, time.perf_counter() + 60.5, 3, 100)
+    assert [r["status"] for r in results] == [
+        "ok", "failed: RuntimeError: out of memory", "stopped: budget spent in the warm-up",
+        "ok", "skipped: budget spent"]
+    # 60 s over a step of 2 s and one of 1 s for each setting after it that fits (huge never
+    # does): a with bad, warm and b 60 / 5; warm with b 60 / 3; b alone 60 / 2
+    assert asked == {"a": 12, "warm": 20, "b": 30}
+    assert "out of memory" in capsys.readouterr().err  # the traceback, for the log

@@ -1,10 +1,13 @@
 """Every entry point and `python -m` tool: no abbreviated flags, defaults in --help, and errors
 as one line naming the file (the traceback only with --debug)."""
 import importlib
+import os
 
 import pytest
+import torch
+import yaml
 
-from conftest import run
+from conftest import BEN_V1, ROOT, run
 
 # (module, function returning the parsed args, arguments that parse)
 PARSERS = [
@@ -98,3 +101,65 @@ def test_truncated_hdf5_and_a_geotiff_as_checkpoint_are_one_line_errors(ben_v1, 
     line = cli_error(capsys, "predict.py", predict.main, predict.parse_args(
         ["--checkpoint", str(tif), *args]), f"{tif}: not a readable checkpoint")
     assert "weights_only" not in line
+
+
+MULTILABEL = "valid: mAP_macro, mAP_micro, F1_micro, F1_macro, F1_weighted"  # and nothing else
+
+
+@pytest.mark.parametrize("key,value", [("main_metric", "mAP_marco"), ("main_metric", "gflops"),
+                                       ("metrics", ["mAP_macro", "F1-macro"])])
+def test_metric_names_in_config_are_checked_before_training(ben_v1, tmp_path, key, value):
+    """A misspelt name, or a record's field that is no metric (gflops), stops train.py before
+    its first epoch: no run folder, one line naming file, key and the task's metrics."""
+    with open(os.path.join(ROOT, "config.yaml")) as f:
+        cfg = yaml.safe_load(f)
+    cfg["datasets"]["bigearthnet"][key] = value
+    path, out = tmp_path / "config.yaml", tmp_path / "run"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = run("train.py", "--dataset", "bigearthnet", "--data-dir", ben_v1, "--out", out,
+               "--config", path, "--img-size", "32", "--patch-size", "8", "--batch-size", "2",
+               "--epochs", "1", "--workers", "0", "--device", "cpu", check=False)
+    bad = value if key == "main_metric" else "F1-macro"
+    line = one_line_error(proc, f"{path}: datasets.bigearthnet.{key}: ", repr(bad))
+    assert line.endswith(MULTILABEL)
+    assert not out.exists()  # no config.yaml, log.jsonl nor checkpoint: nothing ran
+
+
+def test_evaluate_checks_a_checkpoints_metric_names_before_reading_data(ben_run, tmp_path,
+                                                                        capsys):
+    """A run trained before train.py checked the names: evaluate.py names the bad one before it
+    reads any data (here there is none), instead of a KeyError after the evaluation."""
+    import evaluate
+    ckpt = torch.load(ben_run / "last.pt", weights_only=False)
+    ckpt["config"]["metrics"] = ["mAP_macro", "F1-macro"]
+    torch.save(ckpt, tmp_path / "old.pt")
+    line = cli_error(capsys, "evaluate.py", evaluate.main, evaluate.parse_args(
+        ["--checkpoint", str(tmp_path / "old.pt"), "--data-dir", str(tmp_path / "no-data"),
+         "--device", "cpu"]), f"{tmp_path / 'old.pt'}: ", "datasets.bigearthnet.metrics: ",
+        "'F1-macro'")
+    assert line.endswith(MULTILABEL) and os.listdir(tmp_path) == ["old.pt"]
+
+
+def test_metric_names_are_what_the_meters_compute():
+    """Each task's names (what config.yaml may choose) are the scalars its meter returns, and
+    its defaults are among them."""
+    from rvit.tasks import TASKS
+    for name, task in TASKS.items():
+        meter = task.meter(3, None)
+        meter.update(torch.randn(4, 3), torch.eye(3)[[0, 1, 2, 0]])
+        scalars = {k for k, v in meter.compute().items() if isinstance(v, float)}
+        assert scalars == set(task.names) and set(task.metrics) <= scalars, name
+
+
+def test_progress_bars_stay_out_of_a_captured_stderr(tmp_path):
+    """stderr into a log file (not a terminal): prepare_data.py's and train.py's bars are not
+    drawn there, only their messages."""
+    data = tmp_path / "data"
+    prepared = run("prepare_data.py", "--dataset", "bigearthnet", "--root",
+                   os.path.join(BEN_V1, "BigEarthNet-S2"), "--splits",
+                   os.path.join(BEN_V1, "splits_v1_19class"), "--out", data)
+    trained = run("train.py", "--dataset", "bigearthnet", "--data-dir", data, "--out",
+                  tmp_path / "run", "--img-size", "32", "--patch-size", "8", "--batch-size", "2",
+                  "--epochs", "1", "--workers", "0", "--device", "cpu")
+    for proc in (prepared, trained):
+        assert "\r" not in proc.stderr and "%|" not in proc.stderr, proc.stderr
