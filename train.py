@@ -180,11 +180,14 @@ def main(args):
         model = torch.compile(model_without_ddp)
         masker.eager()
     if world > 1:
-        # in segmentation, blocks after the last tapped one get no gradient, nor does the mask
-        # token at a --mask-range step that keeps every token
+        # in segmentation, blocks after the last tapped one get no gradient, nor does a mask
+        # token at a step that drops no token (mask 0, a ratio below 1 / 2N, a --mask-range
+        # draw, a batch the dynamic strategy keeps whole). Which steps those are depends on the
+        # data, so DDP looks for unused parameters at every step (one walk of the autograd
+        # graph) rather than the model adding a zero term for DDP's sake
         seg = meta["task"] == "segmentation"
         unused = seg and (max(args.out_indices) < len(encoder(model_without_ddp).blocks) - 1
-                          or (args.fill == "mask_token" and args.mask_range is not None))
+                          or getattr(model_without_ddp, "mask_token", None) is not None)
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                   find_unused_parameters=unused)
     info = provenance(device)
