@@ -192,6 +192,8 @@ def test_mixed_ratio_training_resumes_exactly_and_evaluates_at_any_ratio(ben_v1,
     (["--strategy", "dynamic", "--mask-range", "0", "0.9"], "--mask-range with --strategy"),
     (["--mask-range", "0.5", "0.5"], "need 0 <= LO < HI < 1"),
     (["--prop-attn"], "needs --merge"),
+    (["--seed", "-1", "--mask-range", "0", "0.9", "--img-size", "32", "--patch-size", "8",
+      "--batch-size", "2", "--epochs", "1"], "--seed must be non-negative, got -1"),
 ])
 def test_budget_flag_errors_are_one_line(ben_v1, tmp_path, flags, message):
     from conftest import CPU, run
