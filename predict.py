@@ -13,8 +13,8 @@ resampled bilinearly as prepare_data.py resamples BigEarthNet; nothing is writte
 scene is read one strip of tiles at a time, never whole, and cut into tiles of the size the
 model was trained on (the training samples' side: BigEarthNet 120 px, FLAIR 512 px, Woody its
 --tile-size); tiles are normalised with the checkpoint's train-split statistics, batched and run
-with the kept tokens only. Partial edge tiles are padded with the band means (zero after
-normalisation) and cropped back; tiles whose pixels are all nodata (the dataset mask: nodata
+with the kept tokens only. Partial edge tiles are padded with 0 in the scene's units, as
+prepare_data.py pads the training tiles, and cropped back; tiles whose pixels are all nodata (the dataset mask: nodata
 value, alpha or internal mask) are skipped and written as nodata.
 
 Writes to OUT, each file under a temporary name renamed when complete:
@@ -238,7 +238,7 @@ def map_scene(args, pred, src, grid, files):
         files, src, grid, pred.meta, args)
     kept_map = np.full((grid.rows, grid.cols), np.nan, np.float32)
     with tqdm(total=len(grid), desc="predict", unit="tile", disable=None) as bar:
-        for batch in batched(scene.read_tiles(src, grid, pred.meta["mean"]), args.batch_size):
+        for batch in batched(scene.read_tiles(src, grid), args.batch_size):
             real = [(r, c, t) for r, c, t, _ in batch if t is not None]
             results = {}
             if real:

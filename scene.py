@@ -165,9 +165,16 @@ def _vrt_band(index, name, f, fine):
             "</SimpleSource></VRTRasterBand>")
 
 
-def read_tiles(src, grid, mean):
+def read_tiles(src, grid, fill=0):
     """Yield (row, col, tile (C, S, S) float32 or None when all nodata, valid (S, S) bool) in
-    raster order, reading one strip of tile rows at a time."""
+    raster order, reading one strip of tile rows at a time.
+
+    Args:
+        fill: value of the pixels past the scene's edge, in the scene's units, a scalar or
+            one per band. 0, the default, is how prepare_data.py pads the training tiles
+            (prepare/tiles.py), so an edge tile reaches the model as edge tiles reached it in
+            training; the pad is outside the loss there and cropped from the maps here.
+    """
     S = grid.tile
     for r in range(grid.rows):
         y0 = r * grid.step
@@ -183,8 +190,8 @@ def read_tiles(src, grid, mean):
             if not ok.any():
                 yield r, c, None, ok
                 continue
-            tile = np.empty((len(mean), S, S), np.float32)
-            tile[:] = np.asarray(mean, np.float32)[:, None, None]  # 0 after normalisation
+            tile = np.empty((src.count, S, S), np.float32)
+            tile[:] = np.asarray(fill, np.float32).reshape(-1, 1, 1)  # (C or 1, 1, 1)
             tile[:, :h, :w] = strip[:, :, x0:x0 + w]
             yield r, c, tile, ok
 

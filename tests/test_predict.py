@@ -10,7 +10,6 @@ import torch
 from rasterio.transform import Affine
 
 from conftest import BEN_V1, FLAIR, kill_when_exists, png_size, run
-from rvit.checkpoint import load_checkpoint
 from rvit.data import DeviceTransform, H5Dataset
 from rvit.masking import TokenMasker
 from rvit.models import load_run
@@ -113,15 +112,31 @@ def test_mosaic_tiles_skips_nodata_pads_edges_and_keeps_georeferencing(
         transform @ (3 * 120 + 25, 2 * 120 + 15))
     inner = next(r for r in rows if (r["row"], r["col"]) == ("0", "1"))
     assert (float(inner["x"]), float(inner["y"])) == pytest.approx(transform @ (180, 60))
-    # the bottom-right tile: 30 x 50 real pixels, padded with the band means
-    meta = load_checkpoint(str(ben_model))["meta"]
-    tile = np.tile(np.float32(meta["mean"])[:, None, None], (1, 120, 120))
+    # the bottom-right tile: 30 x 50 real pixels, padded with 0 as training tiles are
+    tile = np.zeros((12, 120, 120), np.float32)
     tile[:, :30, :50] = scene[:, 240:, 360:]
     want = reference(ben_model, torch.from_numpy(tile[None]), torch.tensor([2 * 4 + 3]))[0]
     assert np.allclose(probs[:, 2, 3], want.numpy(), atol=1e-5)
     with rasterio.open(tmp_path / "map" / "kept_share.tif") as src:
         kept = src.read(1)
     assert np.isnan(kept[1, 1]) and np.allclose(np.delete(kept.ravel(), 5), 0.5)
+
+
+def test_edge_tiles_hold_what_the_training_tiles_of_their_window_hold(ben_train, tmp_path):
+    """predict.py pads a tile past the scene's edge as prepare_data.py pads a training tile
+    (prepare/tiles.py): the model sees an edge tile at prediction as it saw them in training."""
+    from prepare.folder import read_part
+    from scene import Grid, read_tiles
+    images, names, _ = ben_train
+    crs, transform = patch_profile(names[0])
+    scene = np.concatenate([images[0], images[1]], 2)[:, :100, :170]  # (12, 100, 170)
+    write_tif(tmp_path / "scene.tif", scene, crs, transform)
+    with rasterio.open(tmp_path / "scene.tif") as src:
+        tiles = [(r, c, t) for r, c, t, _ in read_tiles(src, Grid(100, 170, 120, 120))]
+    assert [(r, c) for r, c, _ in tiles] == [(0, 0), (0, 1)]  # both cross an edge
+    for r, c, tile in tiles:
+        trained, outside = read_part(str(tmp_path / "scene.tif"), (120 * r, 120 * c, 120, 120))
+        assert outside.any() and np.array_equal(tile, trained.astype(np.float32))
 
 
 @pytest.fixture(scope="module")
