@@ -65,7 +65,7 @@ def parse_args(argv=None):
     p.add_argument("--input", required=True, nargs="+",
                    help="a GeoTIFF / VRT scene, a prepared HDF5 split (.h5), or single-band "
                         "files (a folder of them, or several files) named by band, e.g. "
-                        "*_B02.tif, *_B8A_20m.jp2")
+                        "*_B02.tif, *_B8A_20m.jp2, or a Sentinel-2 L2A product's .SAFE folder")
     p.add_argument("--boa-offset", type=float, default=None,
                    help="Sentinel-2 L2A band files whose product's MTD_MSIL2A.xml is not at "
                         "hand: their BOA_ADD_OFFSET (-1000 since processing baseline 04.00, 0 "
