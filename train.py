@@ -154,12 +154,6 @@ def agree_on_start(global_step, path):
 
 def main(args):
     resolve(args, args.config)
-    # config.yaml's metric names against the task in the file's attributes, before any data is
-    # read; a section without metrics (such as `folder`) reports the task's defaults
-    task = read_meta(os.path.join(args.data_dir, "train.h5"), args.dataset)["task"]
-    args.main_metric, args.metrics = report_metrics(
-        task, getattr(args, "metrics", None), getattr(args, "main_metric", None),
-        f"{args.config}: datasets.{args.dataset}.")
     # every rank reads the folder before rank 0 writes to it (agree_on_start orders the two)
     action = run_folder.plan(args.out, args.resume, args.overwrite)
     device_name, amp = device_and_amp(args)
@@ -172,6 +166,12 @@ def main(args):
     agree_on_start(-1 if ckpt is None else ckpt["global_step"], last_path)
     if ckpt is not None:  # after agreeing: every rank holds the same checkpoint, so all fail
         check_resume_flags(ckpt, args, last_path)
+    # config.yaml's metric names against the task in the file's attributes, before any data is
+    # read; a section without metrics (such as `folder`) reports the task's defaults
+    task = read_meta(os.path.join(args.data_dir, "train.h5"), args.dataset)["task"]
+    args.main_metric, args.metrics = report_metrics(
+        task, getattr(args, "metrics", None), getattr(args, "main_metric", None),
+        f"{args.config}: datasets.{args.dataset}.")
     torch.manual_seed(args.seed)  # same initial weights on every rank
     train_ds = H5Dataset(os.path.join(args.data_dir, "train.h5"), args.dataset, args.preload)
     val_ds = H5Dataset(os.path.join(args.data_dir, "val.h5"), args.dataset, args.preload)
