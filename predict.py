@@ -9,10 +9,10 @@ A GeoTIFF (or a GDAL VRT stacking band files) must hold the checkpoint's bands i
 the units it was trained on (BigEarthNet: reflectance x 10000). A folder or several single-band
 files (Sentinel-2 as delivered: `*_B02.tif`, `*_B8A_20m.jp2`, ..., or an L2A product's `.SAFE`
 folder) are matched to the checkpoint's band names and stacked in a virtual raster on the
-finest band's grid (scene.py), resampled bilinearly as prepare_data.py resamples BigEarthNet;
+finest band's grid (rvit/scene.py), resampled bilinearly as prepare_data.py resamples BigEarthNet;
 nothing is written for it. Their DN are brought to BigEarthNet's convention with the
 BOA_ADD_OFFSET and BOA_QUANTIFICATION_VALUE of the product's MTD_MSIL2A.xml, or --boa-offset
-(sentinel2.py: one line says which, the maps' tags record it). The scene is read one strip of
+(rvit/sentinel2.py: one line says which, the maps' tags record it). The scene is read one strip of
 tiles at a time, never whole, and cut into tiles of the size the model was trained on (the
 training samples' side: BigEarthNet 120 px, FLAIR 512 px, Woody its --tile-size); tiles are
 normalised with the checkpoint's train-split statistics, batched and run with the kept tokens
@@ -220,8 +220,8 @@ def predict_scene(args, pred, files):
     try:
         import rasterio
 
-        import scene
-        import sentinel2
+        from rvit import scene
+        from rvit import sentinel2
     except ImportError as e:
         raise ImportError("GeoTIFF input needs rasterio: pip install -r requirements-data.txt") \
             from e
@@ -245,11 +245,11 @@ def predict_scene(args, pred, files):
 
 def map_scene(args, pred, src, grid, files, radiometry=None):
     """Run every tile of the scene through `pred` and hand each result to the task's sink
-    (scene.py); kept_share.tif records the share of tokens each tile kept. Band files'
-    `radiometry` (sentinel2.py) converts their pixels and is recorded in every map's tags."""
+    (rvit/scene.py); kept_share.tif records the share of tokens each tile kept. Band files'
+    `radiometry` (rvit/sentinel2.py) converts their pixels and is recorded in every map's tags."""
     import rasterio
 
-    import scene
+    from rvit import scene
     sink = (scene.SegmentationSink if pred.seg else scene.ClassificationSink).open(
         files, src, grid, pred.meta, args)
     kept_map = np.full((grid.rows, grid.cols), np.nan, np.float32)

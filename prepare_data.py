@@ -9,7 +9,7 @@
     python prepare_data.py --dataset folder --root my_images/ --manifest labels.csv \\
         --out data/mine
 
-Writes OUT/train.h5, OUT/val.h5, OUT/test.h5 (schema in prepare/h5.py). Each file is written
+Writes OUT/train.h5, OUT/val.h5, OUT/test.h5 (schema in rvit/h5_writer.py). Each file is written
 under a temporary name and renamed only when complete, so an interrupted run leaves no partial
 file. Raw-format readers need requirements-data.txt (rasterio, pyarrow).
 """
@@ -19,9 +19,9 @@ import sys
 import tarfile
 import zipfile
 
-from prepare import bigearthnet, flair, folder, mlrsnet, woody
-from prepare.h5 import write_splits
-from prepare.splits import official_splits, read_list, seeded_split, write_split_csv
+from rvit import bigearthnet, flair, folder, mlrsnet, woody
+from rvit.h5_writer import write_splits
+from rvit.splits import official_splits, read_list, seeded_split, write_split_csv
 from rvit.cli import parser, run_cli
 
 EXAMPLE_WHEEL = "bigearthnet-common==2.8.0"
@@ -263,7 +263,7 @@ def folder_splits(rows, args, strata=None):
 
 
 def folder_main(args):
-    """Your own imagery (prepare/folder.py): a manifest's header picks multi-label or
+    """Your own imagery (rvit/folder.py): a manifest's header picks multi-label or
     segmentation; without one, --root is a class-per-folder tree (single-label)."""
     classes = folder.read_classes(args.classes) if args.classes else None
     if args.manifest:

@@ -69,7 +69,7 @@ def synthesize(src, n, deadline=None, progress=True):
     With a `deadline` (a `time.perf_counter()` time) the writing stops at the first block that
     ends past it, and the file is named by the samples it then holds (`-synthetic-<count>`).
     """
-    from prepare.h5 import SplitWriter
+    from rvit.h5_writer import SplitWriter
     from rvit.atomic import atomic_write
     root, _ = os.path.splitext(src)
     path = f"{root}-synthetic-{n}.h5"
@@ -140,7 +140,7 @@ def raw_chunks(path, batch_size, batches):
 def native_sides(bands, size):
     """Side in pixels at which rico-hdl stores each band: BigEarthNet's 20 m and 60 m bands at
     their native 60 and 20 px; other datasets' bands (and BigEarthNet's 10 m ones) at `size`."""
-    from prepare.bigearthnet import NATIVE
+    from rvit.bigearthnet import NATIVE
     return [NATIVE.get(b, size) for b in bands]
 
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 import predict
-import scene as scene_io
+from rvit import scene as scene_io
 from rvit.config import device_and_amp
 from benchmarks.throughput import time_steps
 from rvit.atomic import atomic_write

@@ -170,7 +170,7 @@ def test_mask_ratio_per_step_depends_on_seed_and_step_only():
 
 
 class StopAfterCall:
-    """Stands in for rvit.preemption.Preemption in train.py: `requested()` reports a SIGTERM
+    """Stands in for rvit.preemption.Preemption in rvit.lifecycle: `requested()` reports a SIGTERM
     from its `calls`-th call on (in one process, one call after each batch but an epoch's last,
     and one after each epoch but the last), and installs no signal handler."""
     calls = 0
@@ -190,10 +190,11 @@ def test_mixed_ratio_training_resumes_exactly_and_evaluates_at_any_ratio(ben_v1,
     carries over. train.main runs in this process, so the stop falls at a known batch."""
     import train
     from conftest import CPU, run
+    from rvit import lifecycle
     from rvit.checkpoint import load_checkpoint
     from rvit.config import train_parser
     from rvit.preemption import EXIT_PREEMPTED
-    monkeypatch.setattr(train, "Preemption", StopAfterCall)
+    monkeypatch.setattr(lifecycle, "Preemption", StopAfterCall)
     flags = ["--dataset", "bigearthnet", "--data-dir", ben_v1, "--img-size", "32",
              "--patch-size", "8", "--batch-size", "2", "--strategy", "kmedoids", "--merge",
              "--mask-range", "0", "0.9", "--seed", "2", "--epochs", "2", *CPU]

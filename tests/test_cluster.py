@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import CPU, ROOT, run
-from rvit import run_folder
+from rvit import lifecycle
 from rvit.checkpoint import load_checkpoint
 from rvit.preemption import Preemption, signal_names
 
@@ -142,19 +142,19 @@ def test_failed_checkpoint_write_keeps_the_previous_last_pt(ben_v1, ben_run, tmp
 
 def test_folder_plans(tmp_path, monkeypatch):
     monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT", raising=False)
-    assert run_folder.plan(tmp_path, "auto", False) == "start"
+    assert lifecycle.plan(tmp_path, "auto", False) == "start"
     (tmp_path / "config.yaml").write_text("")  # a start that saved nothing
-    assert run_folder.plan(tmp_path, False, False) == "start"
+    assert lifecycle.plan(tmp_path, False, False) == "start"
     (tmp_path / "best.pt").write_text("")
     with pytest.raises(ValueError, match="no last.pt to continue from; --overwrite replaces"):
-        run_folder.plan(tmp_path, "auto", False)
+        lifecycle.plan(tmp_path, "auto", False)
     (tmp_path / "last.pt").write_text("")
-    assert run_folder.plan(tmp_path, "auto", False) == "continue"
-    assert run_folder.plan(tmp_path, False, True) == "replace"
+    assert lifecycle.plan(tmp_path, "auto", False) == "continue"
+    assert lifecycle.plan(tmp_path, False, True) == "replace"
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")  # torchrun reruns --overwrite
-    assert run_folder.plan(tmp_path, False, True) == "restart"  # train.py asks whose last.pt
+    assert lifecycle.plan(tmp_path, False, True) == "restart"  # train.py asks whose last.pt
     (tmp_path / "last.pt").unlink()
-    assert run_folder.plan(tmp_path, False, True) == "replace"
+    assert lifecycle.plan(tmp_path, False, True) == "replace"
 
 
 def test_overwrite_under_a_torchrun_restart_replaces_the_old_run(ben_v1, ben_run, tmp_path):

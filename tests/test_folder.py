@@ -1,4 +1,4 @@
-"""Your own imagery (prepare/folder.py): class folders, multi-label and mask manifests, tiling,
+"""Your own imagery (rvit/folder.py): class folders, multi-label and mask manifests, tiling,
 and bad input, on real BigEarthNet v1 and FLAIR pixels from tests/data."""
 import csv
 import glob
@@ -14,8 +14,8 @@ from PIL import Image
 
 import prepare_data
 from conftest import BEN_V1, FLAIR, run
-from prepare import bigearthnet, folder
-from prepare.splits import seeded_split
+from rvit import bigearthnet, folder
+from rvit.splits import seeded_split
 
 S2 = os.path.join(BEN_V1, "BigEarthNet-S2")
 PATCHES = sorted(os.listdir(S2))  # 10 real Sentinel-2 patches

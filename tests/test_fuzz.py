@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import BEN_V1
-from prepare import bigearthnet, mlrsnet
+from rvit import bigearthnet, mlrsnet
 from rvit.data import SCHEMA_VERSION, H5Dataset
 
 FUZZ = settings(max_examples=40, deadline=None,

@@ -18,10 +18,10 @@ from rasterio.windows import Window
 
 import evaluate
 import predict
-import scene
+from rvit import scene
 import train
 from conftest import run
-from prepare.bigearthnet import S2_BANDS
+from rvit.bigearthnet import S2_BANDS
 from rvit.config import train_parser
 from rvit.report import main as report
 from test_folder import (FLAIR_ROOT, PATCHES, RGB, S2, ben, class_tree, convert,  # noqa: F401

@@ -11,7 +11,7 @@ import rasterio
 import torch
 
 from conftest import BEN_V1, BEN_V2, ROOT, run
-from prepare.bigearthnet import CLASSES, S2_BANDS, multi_hot
+from rvit.bigearthnet import CLASSES, S2_BANDS, multi_hot
 from rvit.checkpoint import load_checkpoint
 
 SMALL = ["--img-size", "64", "--patch-size", "16", "--batch-size", "2", "--workers", "0",

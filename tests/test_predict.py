@@ -125,9 +125,9 @@ def test_mosaic_tiles_skips_nodata_pads_edges_and_keeps_georeferencing(
 
 def test_edge_tiles_hold_what_the_training_tiles_of_their_window_hold(ben_train, tmp_path):
     """predict.py pads a tile past the scene's edge as prepare_data.py pads a training tile
-    (prepare/tiles.py): the model sees an edge tile at prediction as it saw them in training."""
-    from prepare.folder import read_part
-    from scene import Grid, read_tiles
+    (rvit/tiles.py): the model sees an edge tile at prediction as it saw them in training."""
+    from rvit.folder import read_part
+    from rvit.scene import Grid, read_tiles
     images, names, _ = ben_train
     crs, transform = patch_profile(names[0])
     scene = np.concatenate([images[0], images[1]], 2)[:, :100, :170]  # (12, 100, 170)
@@ -181,7 +181,7 @@ class Recorder:
 
 @pytest.mark.parametrize("overlap", [0, 3, 5])
 def test_overlapping_tiles_blend_like_one_scene_wide_weighted_average(overlap):
-    from scene import Grid, SegmentationSink, ramp
+    from rvit.scene import Grid, SegmentationSink, ramp
     H, W, S, K = 23, 30, 8, 4
     grid = Grid(H, W, S, S - overlap)
     rng = np.random.default_rng(overlap)
@@ -274,7 +274,7 @@ def test_memory_stays_flat_for_a_scene_twice_as_tall(ben_model, ben_train, tmp_p
     assert peaks[1] == pytest.approx(peaks[0], rel=0.10), peaks
 
 
-# Sentinel-2 L2A products as delivered since processing baseline 04.00 (sentinel2.py)
+# Sentinel-2 L2A products as delivered since processing baseline 04.00 (rvit/sentinel2.py)
 
 PRODUCT = "S2A_MSIL2A_20170613T101031_N0500_R022_T32TNS_20230415T101500.SAFE"  # Collection-1
 GRANULE = "L2A_T32TNS_A010285_20170613T101555"
@@ -348,7 +348,7 @@ def predict_here(ckpt, inputs, out, *flags):
 
 def original_probabilities(ckpt, patch):
     """What the model gives the patch's own band files (pre-04.00 DN)."""
-    import scene
+    from rvit import scene
     with scene.open_scene([patch], list(load_run(str(ckpt))[0]["meta"]["bands"])) as src:
         image = src.read()
     return reference(ckpt, torch.from_numpy(image[None]), torch.tensor([0]))[0].numpy()
@@ -415,7 +415,7 @@ def test_l2a_nodata_tiles_are_skipped_and_written_as_nodata(ben_model, ben_train
 
 
 def test_l2a_dn_conversion_keeps_nodata_apart_from_dark_pixels():
-    import sentinel2
+    from rvit import sentinel2
     rad = sentinel2.Radiometry(np.array([-1000.0, -1000.0]), 10000.0, "")
     strip = np.array([[[0, 0, 1500]], [[0, 900, 2000]]], np.uint16)  # (2 bands, 1, 3 px)
     pixels, nodata = rad.apply(strip)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import png_size
-from prepare.h5 import SplitWriter
+from rvit.h5_writer import SplitWriter
 from rvit.redundancy import main
 
 

@@ -9,7 +9,7 @@ import rasterio
 import torch
 
 from conftest import FLAIR, png_size, run
-from prepare import woody
+from rvit import woody
 from rvit.data import DeviceTransform, H5Dataset
 from rvit.masking import TokenMasker
 from rvit.upernet import RUPerNet, segmentation_loss

@@ -169,7 +169,7 @@ def test_batched_and_preloaded_reads_equal_single_reads(ben_v1):
 
 def test_batch_reads_of_other_layouts_fall_back_to_read_direct(tmp_path):
     """Compressed, differently chunked or big-endian files read the same through read_direct."""
-    from prepare.h5 import SplitWriter
+    from rvit.h5_writer import SplitWriter
     rng = np.random.default_rng(0)
     images = rng.integers(0, 2**16, (5, 2, 6, 6), dtype=np.uint16)
     labels = rng.integers(0, 2, (5, 3), dtype=np.uint8)

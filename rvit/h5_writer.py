@@ -18,7 +18,7 @@ from concurrent.futures import ProcessPoolExecutor
 import h5py
 import numpy as np
 
-from prepare.splits import SPLITS
+from rvit.splits import SPLITS
 from rvit.atomic import AtomicFiles
 from rvit.cli import progress_bar
 from rvit.schema import SCHEMA_VERSION

@@ -6,7 +6,7 @@ Layouts (a manifest's header picks one; without a manifest, ROOT is a class-per-
   class, classes in sorted folder order, images found recursively below it.
 - manifest `image,labels[,split]`: multi-label classification, labels separated by `;`.
 - manifest `image,mask[,split]`: segmentation, masks of class indices (one band, 0..255), cut
-  into tiles (prepare/tiles.py) when `tile` is given.
+  into tiles (rvit/tiles.py) when `tile` is given.
 Manifest paths are relative to ROOT.
 
 Formats: GeoTIFF (.tif, .tiff; rasterio, any band count, native dtype), PNG and JPEG (Pillow;
@@ -19,8 +19,8 @@ import os
 
 import numpy as np
 
-from prepare.splits import SPLITS
-from prepare.tiles import pad_window, read_window, tile_origins
+from rvit.splits import SPLITS
+from rvit.tiles import pad_window, read_window, tile_origins
 
 SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 HEADERS = (("image", "labels"), ("image", "mask"))

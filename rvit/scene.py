@@ -22,7 +22,7 @@ import rasterio
 from rasterio.transform import Affine
 from rasterio.windows import Window
 
-import sentinel2
+from rvit import sentinel2
 from rvit.tasks import label_columns
 
 NODATA_CLASS = 255  # classes.tif value of skipped or nodata pixels
@@ -180,7 +180,7 @@ def read_tiles(src, grid, fill=0, radiometry=None):
     Args:
         fill: value of the pixels past the scene's edge, in the model's input units, a scalar
             or one per band. 0, the default, is how prepare_data.py pads the training tiles
-            (prepare/tiles.py), so an edge tile reaches the model as edge tiles reached it in
+            (rvit/tiles.py), so an edge tile reaches the model as edge tiles reached it in
             training; the pad is outside the loss there and cropped from the maps here.
         radiometry: `sentinel2.Radiometry` of band files: converts their DN, and marks pixels
             0 in every band as nodata; None: pixels as stored, nodata from the dataset mask.

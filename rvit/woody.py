@@ -13,7 +13,7 @@ import os
 
 import numpy as np
 
-from prepare.tiles import read_window, tile_grid
+from rvit.tiles import read_window, tile_grid
 
 CLASSES = ("background", "Acacia dealbata", "Pinus radiata", "Ulex europaeus")
 SPECIES = {"acacia": 1, "pinus": 2, "ulex": 3}
