@@ -37,7 +37,7 @@ def setup(device: str):
         # torchrun keeps its store across restarts, so a restarted group can read the addresses
         # of the dead one and fail to connect (pytorch/pytorch#135712, #167288)
         print0("warning: torchrun --max-restarts: a restart may fail to connect unless torchrun "
-               "runs with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (README, 'Running on a cluster')")
+               "runs with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (docs/cluster.md)")
     return dist.get_rank(), dist.get_world_size(), dev
 
 

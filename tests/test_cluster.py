@@ -291,8 +291,8 @@ def test_worker_killed_under_torchrun_is_restarted_and_ends_exactly(ben_v1, stra
     assert same_weights(out, straight)
 
 
-def test_readme_sbatch_script_is_valid_bash(tmp_path):
-    text = open(os.path.join(ROOT, "README.md")).read()
+def test_cluster_page_sbatch_script_is_valid_bash(tmp_path):
+    text = open(os.path.join(ROOT, "docs", "cluster.md")).read()
     script = text[text.index("#!/bin/bash\n#SBATCH"):]
     script = script[:script.index("```")]
     assert "--resume auto" in script and "--signal=USR1@120" in script and "--requeue" in script
