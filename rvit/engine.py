@@ -58,6 +58,41 @@ def mask_ratio_at(step: int, mask_range, seed: int) -> float:
     return float(np.random.default_rng([seed, step]).uniform(lo, hi))
 
 
+class KeptTokens:
+    """A loop's running record of what the selection kept, pooled over ranks by `compute`: the
+    share of patch tokens each image kept (mean, min, max) and the mean encoder GFLOPs per image
+    at those counts (rvit/flops.py)."""
+
+    def __init__(self, model, device):
+        self.vit, self.depth = encoder(model), encoder_depth(model)
+        self.num_patches = self.vit.patch_embed.num_patches
+        self.share = torch.zeros((), device=device, dtype=torch.float64)  # summed over images
+        self.flops = torch.zeros((), device=device, dtype=torch.float64)
+        self.images = torch.zeros((), device=device, dtype=torch.int64)
+        self.min, self.max = self.share + math.inf, self.share - math.inf
+
+    def update(self, keep, batch):
+        """`keep`: a pass's selection (None: every token kept) of `batch` images. Returns it as
+        a `Selection`."""
+        if keep is None:
+            keep = Selection.full(batch, self.num_patches, self.share.device)
+        num_kept = keep.num_kept.double()  # (B,)
+        share = num_kept / self.num_patches
+        self.share += share.sum()
+        self.flops += vit_flops(self.vit, num_kept, self.depth).sum()
+        self.images += batch
+        self.min, self.max = self.min.minimum(share.min()), self.max.maximum(share.max())
+        return keep
+
+    def compute(self):
+        """kept_share, kept_share_min, kept_share_max, gflops over every rank's images."""
+        n = max(int(distributed.all_reduce(self.images)), 1)
+        return {"kept_share": float(distributed.all_reduce(self.share)) / n,
+                "kept_share_min": float(distributed.all_reduce(self.min, "min")),
+                "kept_share_max": float(distributed.all_reduce(self.max, "max")),
+                "gflops": float(distributed.all_reduce(self.flops)) / n / 1e9}
+
+
 class NonFiniteLoss(FloatingPointError):
     pass
 
@@ -91,10 +126,7 @@ def train_one_epoch(model, model_without_ddp, masker, select, loader, transform,
     model.train()
     masker.train()
     dev = transform.device
-    loss_sum, kept_sum = torch.zeros((), device=dev), torch.zeros((), device=dev)
-    kept_min, kept_max = kept_sum + math.inf, kept_sum - math.inf
-    flops_sum = torch.zeros((), device=dev, dtype=torch.float64)
-    vit, depth = encoder(model_without_ddp), encoder_depth(model_without_ddp)
+    loss_sum, kept = torch.zeros((), device=dev), KeptTokens(model_without_ddp, dev)
     first_bad = torch.full((), -1, device=dev)
     n, start = 0, time.perf_counter()
     bar = progress_bar(loader, distributed.rank() == 0, desc=f"epoch {epoch + 1}", leave=False,
@@ -113,12 +145,7 @@ def train_one_epoch(model, model_without_ddp, masker, select, loader, transform,
         sched.step()
         loss_sum += loss.detach()
         first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), step, first_bad)
-        N = vit.patch_embed.num_patches
-        num_kept = (Selection.full(len(x), N) if keep is None else keep).num_kept  # (B,)
-        share = num_kept.float() / N
-        flops_sum += vit_flops(vit, num_kept.double(), depth).mean()
-        kept_sum += share.mean()
-        kept_min, kept_max = kept_min.minimum(share.min()), kept_max.maximum(share.max())
+        kept.update(keep, len(x))
         n += 1
         if step % 20 == 0:  # .item() syncs the device: not every step
             bar.set_postfix(loss=f"{loss.item():.4f}")
@@ -138,13 +165,8 @@ def train_one_epoch(model, model_without_ddp, masker, select, loader, transform,
     elapsed = time.perf_counter() - start
     world = distributed.world_size()
     return {"loss": float(distributed.all_reduce(loss_sum)) / (n * world),
-            "lr": sched.get_last_lr()[0],
-            "kept_share": float(distributed.all_reduce(kept_sum)) / (n * world),
-            "kept_share_min": float(distributed.all_reduce(kept_min, "min")),
-            "kept_share_max": float(distributed.all_reduce(kept_max, "max")),
-            "gflops": float(distributed.all_reduce(flops_sum)) / (n * world) / 1e9,
-            "images_per_s": n * loader.batch_size * world / elapsed,
-            "seconds": elapsed}
+            "lr": sched.get_last_lr()[0], **kept.compute(),
+            "images_per_s": n * loader.batch_size * world / elapsed, "seconds": elapsed}
 
 
 @torch.no_grad()
@@ -187,12 +209,8 @@ def evaluate(model, masker, loader, transform, meta, amp, desc="eval", examples_
     masker.eval()
     meter = task_meter(meta)
     dev = transform.device
-    kept_sum = torch.zeros(1, device=dev)
-    flops_sum = torch.zeros(1, device=dev, dtype=torch.float64)
-    kept_min, kept_max = kept_sum + float("inf"), kept_sum - float("inf")
+    kept = KeptTokens(model, dev)
     start, seen, timed, timed_batches = None, 0, 0, 0
-    vit, depth = encoder(model), encoder_depth(model)
-    num_patches = vit.patch_embed.num_patches
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     for images, targets, index in progress_bar(loader, distributed.rank() == 0, desc=desc,
@@ -201,15 +219,11 @@ def evaluate(model, masker, loader, transform, meta, amp, desc="eval", examples_
         with autocast(dev, amp):
             out, keep = model(x, select=partial(masker, index=index))
         meter.update(out.float(), y)
-        if keep is None:  # every token kept
-            keep = Selection.full(len(x), num_patches, x.device)
+        keep = kept.update(keep, len(x))
         if examples_dir and seen < num_examples and distributed.rank() == 0:
-            write_examples(examples_dir, keep, x, y, out, index, meta, vit.patch_embed.patch_size,
-                           num_examples - seen, f"{masker.strategy} at mask {masker.mask_ratio:g}")
-        share = keep.num_kept.float() / num_patches  # (B,) share of patch tokens kept
-        kept_sum += share.sum()
-        flops_sum += vit_flops(vit, keep.num_kept.double(), depth).sum()
-        kept_min, kept_max = kept_min.minimum(share.min()), kept_max.maximum(share.max())
+            write_examples(examples_dir, keep, x, y, out, index, meta,
+                           kept.vit.patch_embed.patch_size, num_examples - seen,
+                           f"{masker.strategy} at mask {masker.mask_ratio:g}")
         seen += len(images)
         if start is None:  # the clock starts once the first batch is done
             if dev.type == "cuda":
@@ -221,13 +235,7 @@ def evaluate(model, masker, loader, transform, meta, amp, desc="eval", examples_
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start if start is not None else 0.0
     result = meter.compute()
-    kept_total = float(distributed.all_reduce(kept_sum))
-    n = max(result["num_samples"], 1)
-    result.update(kept_share=kept_total / n,
-                  gflops=float(distributed.all_reduce(flops_sum)) / n / 1e9,
-                  peak_memory_mb=peak_memory_mb(dev),
-                  kept_share_min=float(distributed.all_reduce(kept_min, "min")),
-                  kept_share_max=float(distributed.all_reduce(kept_max, "max")),
+    result.update(**kept.compute(), peak_memory_mb=peak_memory_mb(dev),
                   images_per_s=timed / elapsed if elapsed >= MIN_TIMED_S and
                   timed_batches >= MIN_TIMED_BATCHES else None,
                   timed_images=timed)

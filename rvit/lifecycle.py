@@ -27,9 +27,10 @@ from rvit import distributed
 from rvit.atomic import atomic_write
 from rvit.checkpoint import atomic_save, load_checkpoint, provenance
 from rvit.config import device_and_amp
+from rvit.curves import draw_curves
 from rvit.preemption import EXIT_PREEMPTED, Preemption
 
-RUN_FILES = ("config.yaml", "log.jsonl", "last.pt", "best.pt")  # what train.py writes
+RUN_FILES = ("config.yaml", "log.jsonl", "last.pt", "best.pt", "curves.png")  # train.py writes
 PROGRESS = ("last.pt", "best.pt", "log.jsonl")  # config.yaml alone: a start that saved nothing
 
 
@@ -302,9 +303,11 @@ class Run:
             atomic_save(ckpt, self.best_path)
 
     def log_epoch(self, record):
-        """Rank 0 appends an epoch's line, with the provenance, to log.jsonl."""
+        """Rank 0 appends an epoch's line, with the provenance, to log.jsonl and redraws
+        curves.png from the log (when matplotlib is installed)."""
         if self.rank == 0:
             append_log(self.args.out, {**record, **self.info})
+            draw_curves(self.args.out, self.args.main_metric)
 
     def stop_requested(self) -> bool:
         """Collective: whether any rank got a preemption signal (see rvit/preemption.py)."""

@@ -86,14 +86,8 @@ def redundancy_score(z, reduce: str = "mean"):
 
 @torch.no_grad()
 def pixel_patches(x, patch_size: int):
-    """Flattened patches of a per-image, per-band standardised image, for pixel-space scores.
-
-    Args:
-        x: (B, C, H, W) float image, H and W multiples of `patch_size`.
-
-    Returns:
-        (B, N, C * p * p) float32, patches in the row-major order of `PatchEmbed`.
-    """
+    """Flattened patches of a per-image, per-band standardised image, for pixel-space scores:
+    (B, C, H, W) float, H and W multiples of p -> (B, N, C p p) float32, `PatchEmbed`'s order."""
     x = x.float()
     mean = x.mean(dim=(2, 3), keepdim=True)
     std = x.std(dim=(2, 3), keepdim=True).clamp_min(1e-6)
@@ -119,12 +113,7 @@ def keep_coverage(z, k: int):
     """Greedy k-center (farthest-point) selection on cosine distance, per sample (the module
     docstring's `coverage`; Gonzalez's 1985 greedy 2-approximation), ties by index.
 
-    Args:
-        z: (B, N, F) patch features (embeddings, or flattened standardised pixels), any float.
-        k: patches to keep, 1 <= k <= N.
-
-    Returns:
-        (B, k) int64 kept indices, ascending.
+    z: (B, N, F) patch features, any float; k: 1 <= k <= N. Returns (B, k) int64, ascending.
     """
     B, N, _ = z.shape
     u = F.normalize(z.float(), dim=-1)
@@ -146,14 +135,9 @@ def keep_coverage(z, k: int):
 @torch.no_grad()
 def keep_kmedoids(z, k: int):
     """Greedy k-medoids (the BUILD step of PAM, Kaufman & Rousseeuw 1990) on squared Euclidean
-    distance, per sample (the module docstring's `kmedoids`), ties by index.
+    distance, per sample (the module docstring's `kmedoids`), ties by index. O(N^2 F + k N^2).
 
-    Args:
-        z: (B, N, F) patch features (embeddings, or flattened standardised pixels), any float.
-        k: patches to keep, 1 <= k <= N.
-
-    Returns:
-        (B, k) int64 kept indices, ascending. O(N^2 F) for the distances, then O(k N^2).
+    z: (B, N, F) patch features, any float; k: 1 <= k <= N. Returns (B, k) int64, ascending.
     """
     B, N, _ = z.shape
     z = z.float()

@@ -122,8 +122,8 @@ def test_overwrite_replaces_the_run_and_says_so(ben_v1, ben_run, tmp_path):
     proc = train(ben_v1, out, "--img-size", "32", "--batch-size", "2", "--epochs", "1",
                  "--overwrite", *CPU)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert f"--overwrite: removed config.yaml, log.jsonl, last.pt, best.pt of the run in {out}" \
-        in proc.stdout
+    assert ("--overwrite: removed config.yaml, log.jsonl, last.pt, best.pt, curves.png of the run "
+            f"in {out}") in proc.stdout
     assert [entry["epoch"] for entry in log(out)] == [1] and (out / "notes.txt").exists()
     assert load_checkpoint(str(out / "last.pt"))["config"]["img_size"] == 32
 

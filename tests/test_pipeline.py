@@ -65,7 +65,10 @@ def train(data, out, *extra):
 def test_train_then_evaluate_end_to_end(ben_v1, tmp_path):
     out = tmp_path / "run"
     train(ben_v1, out, "--mask", "0.6", "--epochs", "2")
-    assert {"config.yaml", "log.jsonl", "last.pt", "best.pt"} <= set(os.listdir(out))
+    assert {"config.yaml", "log.jsonl", "last.pt", "best.pt", "curves.png"} <= set(os.listdir(out))
+    from PIL import Image
+    with Image.open(out / "curves.png") as png:  # four panels side by side, one per curve
+        assert png.width > 3 * png.height
     logs = [json.loads(line) for line in open(out / "log.jsonl")]
     assert [entry["epoch"] for entry in logs] == [1, 2]
     assert logs[-1]["kept_share"] == pytest.approx(num_keep_share(16, 0.6))
