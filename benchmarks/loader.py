@@ -32,19 +32,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from benchmarks import throughput
 from benchmarks.environment import device_name
-from benchmarks.timing import (add_speedups, cell, markdown, part_status, run_settings, sig,
-                               time_steps)
-from rvit.cli import parser, progress_bar
+from benchmarks.timing import (add_speedups, cell, device_parser, markdown, part_status,
+                               run_settings, sig, time_steps)
+from rvit.cli import progress_bar
 from rvit.data import DeviceTransform, H5Dataset, train_loader
-from rvit.masking import TokenMasker
-from rvit.models import build_model
 
 
 def parse_args(argv=None):
-    p = parser(__doc__.split("\n\n")[0])
-    p.add_argument("--data-dir", required=True, help="folder with SPLIT.h5")
-    p.add_argument("--split", default="train", help="split file name without .h5")
+    p = device_parser(__doc__, data=True)
     p.add_argument("--synthesize", type=int, metavar="N",
                    help="write (once) and measure DATA_DIR/SPLIT-synthetic-N.h5: N samples "
                         "repeating the split's real ones, in prepare_data.py's layout")
@@ -53,14 +50,11 @@ def parse_args(argv=None):
     p.add_argument("--workers", default="0,2,4", help="comma-separated DataLoader worker counts")
     p.add_argument("--batch-size", type=int, default=256, help="samples per batch")
     p.add_argument("--batches", type=int, default=30, help="timed batches per setting")
-    p.add_argument("--img-size", type=int, default=224, help="model input side (pixels)")
     p.add_argument("--mask", type=float, default=0.75, help="mask ratio of the training step")
     p.add_argument("--no-references", action="store_true",
                    help="skip the read_direct_chunk and LMDB + safetensors references")
     p.add_argument("--amp", choices=("bf16", "none"), default=None,
                    help="default bf16 on CUDA, none on CPU")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="torch device (cuda when available)")
     return p.parse_args(argv)
 
 
@@ -242,22 +236,16 @@ def train_step(meta, img_size, mask, device, amp):
     layout: `step(batch)` takes a loader batch (transformed on the device first) or an (x, y)
     pair already transformed, runs one AdamW step and returns its sample count."""
     tf = DeviceTransform(meta["mean"], meta["std"], img_size, device)
-    cfg = {"model": "vit_tiny", "img_size": img_size, "patch_size": 16,
-           "out_indices": (3, 5, 7, 11), "decoder_channels": 64, "fill": "nearest", "aux": True}
-    model = build_model(cfg, meta).to(device)
-    masker = TokenMasker("similarity", mask, 16).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    dtype = torch.bfloat16 if amp == "bf16" else None
+    args = throughput.parse_args([
+        "--img-size", str(img_size), "--in-chans", str(len(meta["bands"])), "--classes",
+        str(len(meta["classes"])), "--task",
+        "segmentation" if meta["task"] == "segmentation" else "multilabel"])
+    optimizer_step = throughput.training_step(
+        *throughput.rvit_model(args, "similarity", mask, True, device), amp, device)
 
     def step(batch):
         x, y = tf(batch[0], batch[1], train=True) if len(batch) == 3 else batch
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            out, _ = model(x, select=masker)
-            loss = F.cross_entropy(out.float(), y) if y.dim() == 3 else \
-                F.binary_cross_entropy_with_logits(out.float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        optimizer_step(x, y)
         return len(x)
     return step, tf
 

@@ -27,27 +27,21 @@ import predict
 import scene as scene_io
 from benchmarks.environment import device_name
 from benchmarks.throughput import SUITE_MASKS
-from benchmarks.timing import (ROOT, Skip, add_speedups, cell, markdown, part_status, sig,
-                               time_steps)
+from benchmarks.timing import (ROOT, Skip, add_speedups, cell, device_parser, markdown,
+                               part_status, sig, time_steps)
 from rvit.atomic import atomic_write
-from rvit.cli import parser
 from rvit.config import device_and_amp
 
 
 def parse_args(argv=None):
-    p = parser(__doc__.split("\n\n")[0])
-    p.add_argument("--data-dir", required=True, help="a prepared classification dataset")
+    p = device_parser(__doc__, data=True)
     p.add_argument("--dataset", default="bigearthnet", help="its config.yaml section")
-    p.add_argument("--split", default="train", help="split whose samples tile the scene")
     p.add_argument("--grid", type=int, default=20, help="tiles per side of the scene")
     p.add_argument("--masks", default="0,0.6,0.75", help="comma-separated mask ratios")
     p.add_argument("--strategy", default="similarity", help="token selection strategy")
     p.add_argument("--batch-size", type=int, default=32, help="tiles per forward")
-    p.add_argument("--img-size", type=int, default=224, help="model input side (pixels)")
     p.add_argument("--work", default=os.path.join("data", "mapping-bench"),
                    help="folder for the scene, the checkpoint and the maps")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="torch device (cuda when available)")
     return p.parse_args(argv)
 
 

@@ -24,9 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.environment import device_name, timm_version
-from benchmarks.timing import (add_speedups, cell, markdown, part_status, peak_mib, reset_peak,
-                               run_settings, sig, time_steps)
-from rvit.cli import parser
+from benchmarks.timing import (add_speedups, cell, device_parser, markdown, part_status,
+                               peak_mib, reset_peak, run_settings, sig, time_steps)
 from rvit.engine import mask_ratio_at
 from rvit.masking import STRATEGIES, TokenMasker, num_keep
 from rvit.models import build_model, encoder
@@ -35,10 +34,9 @@ from rvit.vit import MODELS
 
 
 def parse_args(argv=None):
-    p = parser(__doc__.split("\n\n")[0])
+    p = device_parser(__doc__)
     p.add_argument("--model", default="vit_tiny", choices=sorted(MODELS), help="ViT size")
     p.add_argument("--batch-size", type=int, default=256, help="images per step")
-    p.add_argument("--img-size", type=int, default=224, help="input side in pixels")
     p.add_argument("--patch-size", type=int, default=16, help="patch side in pixels")
     p.add_argument("--in-chans", type=int, default=3, help="input bands")
     p.add_argument("--classes", type=int, default=19, help="classes")
@@ -63,11 +61,37 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--timm", action="store_true",
                    help="also time timm's VisionTransformer with patch_drop_rate (random)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="torch device (cuda when available)")
     args = p.parse_args(argv)
     args.amp = args.amp or ("bf16" if args.device.startswith("cuda") else "none")
     return args
+
+
+def training_step(model, select, amp, device, encoder_only=False):
+    """step(x, y): one AdamW step (lr 1e-4) of `model` with the `select` hook (None: none)
+    under autocast to `amp` ("bf16", "fp16" or "none"). Loss: pixel cross-entropy (RUPerNet's
+    auxiliary head included) for (B, H, W) targets, binary cross-entropy for (B, K) ones;
+    `encoder_only`: the mean of RUPerNet's encoder features (the decoder left out)."""
+    ctx, kwargs = autocast(amp, device), {} if select is None else {"select": select}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+
+    def step(x, y):
+        with ctx:
+            if encoder_only:
+                loss = sum(f.float().mean() for f in model.encode(x, **kwargs)[0])
+            else:
+                out = model(x, **kwargs)
+                out = out if select is None else out[0]  # (output, selection) with a hook
+                loss = segmentation_loss(out, y) if y.dim() == 3 else \
+                    F.binary_cross_entropy_with_logits(out.float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def autocast(amp, device):
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
 def measure(model, select, args, device, train, steps=None, deadline=None, varying=False):
@@ -82,35 +106,19 @@ def measure(model, select, args, device, train, steps=None, deadline=None, varyi
     """
     B, S = args.batch_size, args.img_size
     x = torch.randn(B, args.in_chans, S, S, device=device)
-    seg = args.task == "segmentation"
-    y = torch.randint(0, args.classes, (B, S, S), device=device) if seg else \
-        (torch.rand(B, args.classes, device=device) < 0.2).float()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[args.amp]
-    amp = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    kwargs = {} if select is None else {"select": select}
-
-    def train_step():
-        with amp:
-            if args.encoder_only:  # RUPerNet's ViT alone: the rest of a full step is decoder
-                loss = sum(f.float().mean() for f in model.encode(x, **kwargs)[0])
-            else:
-                out = model(x, **kwargs)
-                out = out if select is None else out[0]  # (output, selection) with a hook
-                loss = segmentation_loss(out, y) if seg else \
-                    F.binary_cross_entropy_with_logits(out.float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    y = torch.randint(0, args.classes, (B, S, S), device=device) if args.task == \
+        "segmentation" else (torch.rand(B, args.classes, device=device) < 0.2).float()
+    train_step = training_step(model, select, args.amp, device, args.encoder_only)
+    ctx, kwargs = autocast(args.amp, device), {} if select is None else {"select": select}
 
     @torch.no_grad()
     def infer_step():
-        with amp:
+        with ctx:
             model.encode(x, **kwargs) if args.encoder_only else model(x, **kwargs)
 
     model.train(train)
     reset_peak(device)
-    warmup, times = time_steps(train_step if train else infer_step,
+    warmup, times = time_steps(lambda: train_step(x, y) if train else infer_step(),
                                args.steps if steps is None else steps, device, args.warmup,
                                deadline)
     # a mask range varies the step from call to call: its mean is what an epoch costs

@@ -9,6 +9,8 @@ import traceback
 
 import torch
 
+from rvit.cli import parser
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BEN_S2 = os.path.join(ROOT, "tests", "data", "bigearthnet", "v1", "BigEarthNet-S2")
 STOPPED = []  # signals that asked benchmarks.suite to stop
@@ -16,6 +18,19 @@ STOPPED = []  # signals that asked benchmarks.suite to stop
 
 class Skip(Exception):
     """A part of benchmarks.suite that cannot run here; the message says why."""
+
+
+def device_parser(doc, data=False):
+    """rvit.cli's parser, described by `doc`'s first paragraph, for a benchmark of a model at
+    --img-size on --device; with `data`, of a split (--data-dir, --split) too."""
+    p = parser(doc.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device (cuda when available)")
+    p.add_argument("--img-size", type=int, default=224, help="model input side (pixels)")
+    if data:
+        p.add_argument("--data-dir", required=True, help="a prepared dataset (SPLIT.h5 files)")
+        p.add_argument("--split", default="train", help="split file name without .h5")
+    return p
 
 
 def sync(device):
