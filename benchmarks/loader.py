@@ -215,14 +215,10 @@ def reader_rows(args, ds, path, device, add):
     """`add(label, samples/s)` for each reader: the training loader by worker count, over the
     preloaded split, then the references."""
     for w in (int(v) for v in args.workers.split(",")):
-        loader = endless(train_loader(ds, args.batch_size, w, 0, device))
-        add(f"loader, {w} workers", loader_rate(loader, args.batches, count, device,
-                                                 2 * w + 1)[0])
-        del loader  # its persistent workers end with it
-    pre = H5Dataset(path, preload=True)
-    add("loader, preloaded split, 0 workers", loader_rate(
-        endless(train_loader(pre, args.batch_size, 0, 0, device)), args.batches, count,
-        device)[0])
+        add(f"loader, {w} workers", fed_rate(ds, count, args.batch_size, w, args.batches,
+                                             device)[0])
+    add("loader, preloaded split, 0 workers", fed_rate(
+        H5Dataset(path, preload=True), count, args.batch_size, 0, args.batches, device)[0])
     if not args.no_references:
         n = min(args.batches + 1, len(ds) // args.batch_size)
         add("h5py read_direct_chunk loop (reference)", raw_chunks(path, args.batch_size, n))
@@ -258,7 +254,8 @@ def model_only_rate(ds, step, tf, batch_size, n, device, deadline=None):
 
 
 def fed_rate(ds, step, batch_size, workers, n, device, deadline=None):
-    """`loader_rate` of `step` fed by the training loader with `workers` processes."""
+    """`loader_rate` of `step` fed by the training loader with `workers` processes (their
+    prefetched batches drained by the warm-up; they end with the loader)."""
     batches = endless(train_loader(ds, batch_size, workers, 0, device))
     return loader_rate(batches, n, step, device, 2 * workers + 1, deadline)
 
@@ -275,9 +272,8 @@ def training_rows(args, ds, device, add):
         return len(batch[0])
     workers = [int(v) for v in args.workers.split(",")]
     for w in workers:
-        add(f"loader + transform, {w} workers", loader_rate(
-            endless(train_loader(ds, args.batch_size, w, 0, device)), args.batches, load,
-            device, 2 * w + 1)[0])
+        add(f"loader + transform, {w} workers",
+            fed_rate(ds, load, args.batch_size, w, args.batches, device)[0])
     fixed = model_only_rate(ds, step, tf, args.batch_size, args.batches, device)[0]
     add(f"train step at mask {args.mask:g}, batch already on device", fixed)
     e2e = fed_rate(ds, step, args.batch_size, max(workers), args.batches, device)[0]
