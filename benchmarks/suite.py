@@ -118,7 +118,10 @@ def allot(weights, part, todo, left):
 
 
 class Suite:
-    """One run: its flags, sizes, device, end, the parts done and what settings cost."""
+    """One run as every module's suite part sees it: args (the flags), device, amp, sizes (of
+    SIZES), work (the --work folder), cores, name (the device's), commit, costs (what settings
+    cost, kept by timing.run_settings), parts (the records of the parts done, by name) and
+    fixture()."""
 
     def __init__(self, args):
         self.args, self.device = args, torch.device(args.device)
