@@ -7,15 +7,19 @@
 
 A GeoTIFF (or a GDAL VRT stacking band files) must hold the checkpoint's bands in its order, in
 the units it was trained on (BigEarthNet: reflectance x 10000). A folder or several single-band
-files (Sentinel-2 as delivered: `*_B02.tif`, `*_B8A_20m.jp2`, ...) are matched to the
-checkpoint's band names and stacked in a virtual raster on the finest band's grid (scene.py),
-resampled bilinearly as prepare_data.py resamples BigEarthNet; nothing is written for it. The
-scene is read one strip of tiles at a time, never whole, and cut into tiles of the size the
-model was trained on (the training samples' side: BigEarthNet 120 px, FLAIR 512 px, Woody its
---tile-size); tiles are normalised with the checkpoint's train-split statistics, batched and run
-with the kept tokens only. Partial edge tiles are padded with the band means (zero after
-normalisation) and cropped back; tiles whose pixels are all nodata (the dataset mask: nodata
-value, alpha or internal mask) are skipped and written as nodata.
+files (Sentinel-2 as delivered: `*_B02.tif`, `*_B8A_20m.jp2`, ..., or an L2A product's `.SAFE`
+folder) are matched to the checkpoint's band names and stacked in a virtual raster on the
+finest band's grid (scene.py), resampled bilinearly as prepare_data.py resamples BigEarthNet;
+nothing is written for it. Their DN are brought to BigEarthNet's convention with the
+BOA_ADD_OFFSET and BOA_QUANTIFICATION_VALUE of the product's MTD_MSIL2A.xml, or --boa-offset
+(sentinel2.py: one line says which, the maps' tags record it). The scene is read one strip of
+tiles at a time, never whole, and cut into tiles of the size the model was trained on (the
+training samples' side: BigEarthNet 120 px, FLAIR 512 px, Woody its --tile-size); tiles are
+normalised with the checkpoint's train-split statistics, batched and run with the kept tokens
+only. Partial edge tiles are padded with 0 in the model's input units, as prepare_data.py pads
+training tiles, and cropped back; tiles whose pixels are all nodata (the dataset mask: nodata
+value, alpha or internal mask; for band files, 0 in every band) are skipped and written as
+nodata.
 
 Writes to OUT, each file under a temporary name renamed when complete:
   classification: probabilities.tif (float32, a band per class, one pixel per tile, the
@@ -62,7 +66,11 @@ def parse_args(argv=None):
     p.add_argument("--input", required=True, nargs="+",
                    help="a GeoTIFF / VRT scene, a prepared HDF5 split (.h5), or single-band "
                         "files (a folder of them, or several files) named by band, e.g. "
-                        "*_B02.tif, *_B8A_20m.jp2")
+                        "*_B02.tif, *_B8A_20m.jp2, or a Sentinel-2 L2A product's .SAFE folder")
+    p.add_argument("--boa-offset", type=float, default=None,
+                   help="Sentinel-2 L2A band files whose product's MTD_MSIL2A.xml is not at "
+                        "hand: their BOA_ADD_OFFSET (-1000 since processing baseline 04.00, 0 "
+                        "before), quantification 10000 (default: read from MTD_MSIL2A.xml)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--tile-size", type=int, default=None,
                    help="tile side in pixels (default: the training samples' side, stored in "
@@ -213,11 +221,16 @@ def predict_scene(args, pred, files):
         import rasterio
 
         import scene
+        import sentinel2
     except ImportError as e:
         raise ImportError("GeoTIFF input needs rasterio: pip install -r requirements-data.txt") \
             from e
     with scene.open_scene(args.input, pred.meta["bands"]) as src:
         check_bands(args.input[0], src.count, list(src.descriptions), pred.meta["bands"])
+        radiometry = None
+        if not scene.is_raster(args.input):  # band files as delivered: DN to training units
+            radiometry = sentinel2.radiometry(args.input, pred.meta["bands"], args.boa_offset)
+            print(radiometry.note)
         S = pred.tile
         if not 0 <= args.overlap < S:
             raise ValueError(f"--overlap {args.overlap}: must be in [0, {S})")
@@ -227,12 +240,13 @@ def predict_scene(args, pred, files):
         # a block cache sized to a strip, for this scene only: memory stays flat however tall
         with rasterio.Env(GDAL_CACHEMAX=scene.strip_cache_mb(src, S)):
             map_scene(args, pred, src, scene.Grid(src.height, src.width, S, S - args.overlap),
-                      files)
+                      files, radiometry)
 
 
-def map_scene(args, pred, src, grid, files):
+def map_scene(args, pred, src, grid, files, radiometry=None):
     """Run every tile of the scene through `pred` and hand each result to the task's sink
-    (scene.py); kept_share.tif records the share of tokens each tile kept."""
+    (scene.py); kept_share.tif records the share of tokens each tile kept. Band files'
+    `radiometry` (sentinel2.py) converts their pixels and is recorded in every map's tags."""
     import rasterio
 
     import scene
@@ -240,7 +254,8 @@ def map_scene(args, pred, src, grid, files):
         files, src, grid, pred.meta, args)
     kept_map = np.full((grid.rows, grid.cols), np.nan, np.float32)
     with tqdm(total=len(grid), desc="predict", unit="tile", disable=None) as bar:
-        for batch in batched(scene.read_tiles(src, grid, pred.meta["mean"]), args.batch_size):
+        for batch in batched(scene.read_tiles(src, grid, radiometry=radiometry),
+                             args.batch_size):
             real = [(r, c, t) for r, c, t, _ in batch if t is not None]
             results = {}
             if real:
@@ -253,10 +268,12 @@ def map_scene(args, pred, src, grid, files):
                 kept_map[r, c] = kept
                 sink.add(r, c, y, ok, kept)
             bar.update(len(batch))
-    sink.close()
+    tags = radiometry.tags() if radiometry is not None else {}
+    sink.close(tags)
     with rasterio.open(files.path(os.path.join(args.out, "kept_share.tif")), "w", count=1,
                        **scene.coarse_profile(src, grid)) as dst:
         dst.write(kept_map[None])
+        dst.update_tags(**tags)
 
 
 def main(args):
@@ -266,7 +283,11 @@ def main(args):
     for path in args.input:
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path}: no such file or folder")
-    h5 = len(args.input) == 1 and os.path.isfile(args.input[0]) and h5py.is_hdf5(args.input[0])
+    single = len(args.input) == 1 and os.path.isfile(args.input[0])
+    if single and args.boa_offset is not None:
+        raise ValueError(f"--boa-offset applies to Sentinel-2 band files (a folder, or several "
+                         f"files); {args.input[0]} is one raster")
+    h5 = single and h5py.is_hdf5(args.input[0])
     with AtomicFiles() as files:  # every output appears at once, or none does
         (predict_h5 if h5 else predict_scene)(args, pred, files)
     print(f"mask {args.mask:g} ({args.strategy}{'+merge' if args.merge else ''}; model "

@@ -2,10 +2,10 @@
 
 A scene is one GeoTIFF / VRT, or single-band files stacked virtually (`open_scene`): Sentinel-2
 as delivered, each band at its own resolution, resampled bilinearly on the fly to the finest
-band's grid by a GDAL VRT held in memory. Tiles are cut on a regular grid (`Grid`), read one
-strip of tile rows at a time so memory does not grow with the scene (`read_tiles`); each task
-has a sink with one interface, `open(files, src, grid, meta, args)`, `add(row, col,
-prediction, valid, kept share)`, `close()`:
+band's grid by a GDAL VRT held in memory, its DN converted as sentinel2.py says. Tiles are cut
+on a regular grid (`Grid`), read one strip of tile rows at a time so memory does not grow with
+the scene (`read_tiles`); each task has a sink with one interface, `open(files, src, grid,
+meta, args)`, `add(row, col, prediction, valid, kept share)`, `close(tags)`:
 classification writes probabilities.tif (a pixel per tile) and predictions.csv, segmentation
 blends overlapping tiles' logits with a linear ramp and writes classes.tif at full resolution.
 Every file is written under a temporary name of `rvit.atomic.AtomicFiles`. rasterio
@@ -22,6 +22,7 @@ import rasterio
 from rasterio.transform import Affine
 from rasterio.windows import Window
 
+import sentinel2
 from rvit.tasks import label_columns
 
 NODATA_CLASS = 255  # classes.tif value of skipped or nodata pixels
@@ -55,7 +56,7 @@ def open_scene(inputs, bands):
         ValueError: an unreadable file, or band files that are missing, ambiguous or do not
             stack (naming them).
     """
-    if len(inputs) == 1 and os.path.isfile(inputs[0]):
+    if is_raster(inputs):
         try:
             return rasterio.open(inputs[0])
         except rasterio.errors.RasterioIOError as e:
@@ -63,11 +64,17 @@ def open_scene(inputs, bands):
     return stack_bands(band_files(inputs, bands), bands)
 
 
+def is_raster(inputs):
+    """True for one file (a GeoTIFF / VRT used as it is), False for band files or folders."""
+    return len(inputs) == 1 and os.path.isfile(inputs[0])
+
+
 def band_files(inputs, bands):
     """One file per band name, in `bands`' order, from folders and files: a file is band B02 when
     its name ends in `B02` after `_`, `-` or nothing, optionally followed by L2A's resolution
     (`_10m`), then .tif, .tiff or .jp2, in any case. A band found at several resolutions (an
-    L2A product's R10m / R20m / R60m copies) is read from the finest, its native one.
+    L2A product's R10m / R20m / R60m copies) is read from the finest, its native one. In a
+    `.SAFE` folder only GRANULE/*/IMG_DATA is searched (`sentinel2.image_folders`).
 
     Returns:
         list of paths, one per band.
@@ -78,7 +85,8 @@ def band_files(inputs, bands):
     files = []
     for path in inputs:
         if os.path.isdir(path):
-            files += sorted(os.path.join(d, f) for d, _, names in os.walk(path) for f in names)
+            files += sorted(os.path.join(d, f) for folder in sentinel2.image_folders(path)
+                            for d, _, names in os.walk(folder) for f in names)
         else:
             files.append(path)
     found, missing, ambiguous = [], [], []
@@ -165,9 +173,18 @@ def _vrt_band(index, name, f, fine):
             "</SimpleSource></VRTRasterBand>")
 
 
-def read_tiles(src, grid, mean):
+def read_tiles(src, grid, fill=0, radiometry=None):
     """Yield (row, col, tile (C, S, S) float32 or None when all nodata, valid (S, S) bool) in
-    raster order, reading one strip of tile rows at a time."""
+    raster order, reading one strip of tile rows at a time.
+
+    Args:
+        fill: value of the pixels past the scene's edge, in the model's input units, a scalar
+            or one per band. 0, the default, is how prepare_data.py pads the training tiles
+            (prepare/tiles.py), so an edge tile reaches the model as edge tiles reached it in
+            training; the pad is outside the loss there and cropped from the maps here.
+        radiometry: `sentinel2.Radiometry` of band files: converts their DN, and marks pixels
+            0 in every band as nodata; None: pixels as stored, nodata from the dataset mask.
+    """
     S = grid.tile
     for r in range(grid.rows):
         y0 = r * grid.step
@@ -175,6 +192,9 @@ def read_tiles(src, grid, mean):
         window = Window(0, y0, grid.width, h)
         strip = src.read(window=window)  # (C, h, W) native dtype
         valid = src.dataset_mask(window=window) > 0  # (h, W)
+        if radiometry is not None:
+            strip, nodata = radiometry.apply(strip)  # (C, h, W) float32, (h, W)
+            valid &= ~nodata
         for c in range(grid.cols):
             x0 = c * grid.step
             w = min(S, grid.width - x0)
@@ -183,8 +203,8 @@ def read_tiles(src, grid, mean):
             if not ok.any():
                 yield r, c, None, ok
                 continue
-            tile = np.empty((len(mean), S, S), np.float32)
-            tile[:] = np.asarray(mean, np.float32)[:, None, None]  # 0 after normalisation
+            tile = np.empty((src.count, S, S), np.float32)
+            tile[:] = np.asarray(fill, np.float32).reshape(-1, 1, 1)  # (C or 1, 1, 1)
             tile[:, :h, :w] = strip[:, :, x0:x0 + w]
             yield r, c, tile, ok
 
@@ -245,13 +265,16 @@ class ClassificationSink:
         cx, cy = self.src.transform @ (x0 + w / 2, y0 + h / 2)  # of the part inside the scene
         self.rows.writerow([r, c, f"{cx:.3f}", f"{cy:.3f}", f"{kept:.4f}", *self.cells(y)])
 
-    def close(self):
+    def close(self, tags=None):
+        """Write probabilities.tif, with `tags` (GDAL metadata) if given."""
         self.table.close()
         path = self.files.path(os.path.join(self.out, "probabilities.tif"))
         with rasterio.open(path, "w", count=len(self.classes),
                            **coarse_profile(self.src, self.grid)) as dst:
             dst.write(self.probs)
             dst.descriptions = tuple(self.classes)
+            if tags:
+                dst.update_tags(**tags)
 
 
 class SegmentationSink:
@@ -302,6 +325,9 @@ class SegmentationSink:
             a[..., S - rows:, :] = 0
         self.row += 1
 
-    def close(self):
+    def close(self, tags=None):
+        """Write the rows left and close classes.tif, with `tags` (GDAL metadata) if given."""
         self.flush(self.grid.tile)
+        if tags:
+            self.dst.update_tags(**tags)
         self.dst.close()

@@ -71,6 +71,54 @@ def set_rng_state(s):
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
+# flags a resume must keep: they decide what the remaining steps do (which tokens are dropped,
+# the optimiser, the learning-rate schedule); a longer --epochs only extends the run
+RESUME_FLAGS = ("mask", "mask_range", "strategy", "score_space", "score_reduce", "merge",
+                "prop_attn", "lr", "weight_decay", "warmup_epochs")
+
+
+def flag_text(key, value):
+    """A flag as a command line spells it: '--mask 0.5', '--mask-range 0 0.9', '--no-merge'."""
+    flag = "--" + key.replace("_", "-")
+    if isinstance(value, bool):
+        return flag if value else f"--no-{flag[2:]}"
+    values = ["none"] if value is None else value if isinstance(value, (list, tuple)) else [value]
+    return " ".join([flag, *(f"{v:g}" if isinstance(v, float) else str(v) for v in values)])
+
+
+def changed_flags(ckpt, args):
+    """The flags of RESUME_FLAGS (and --fill, for segmentation) on which `args` differ from the
+    run that wrote `ckpt`: (as trained, as given), in command-line spelling. A key the
+    checkpoint's config lacks (a run older than the flag) is not compared."""
+    cfg = ckpt.get("config", {})
+    keys = RESUME_FLAGS + (("fill",) if ckpt["meta"].get("task") == "segmentation" else ())
+    return [(flag_text(k, cfg[k]), flag_text(k, getattr(args, k)))
+            for k in keys if k in cfg and cfg[k] != getattr(args, k)]
+
+
+def check_resume_flags(ckpt, args, path):
+    """A resume continues the run with its own masking, optimiser and schedule (RESUME_FLAGS):
+    read from the checkpoint alone, so it is checked before any data is.
+
+    Raises:
+        ValueError: one line naming the file and each differing flag, as trained and as given.
+    """
+    changed = changed_flags(ckpt, args)
+    if changed:
+        raise ValueError(f"{path}: trained with {' '.join(old for old, _ in changed)}, not "
+                         f"{' '.join(new for _, new in changed)} (a resume keeps the run's "
+                         "flags; a longer --epochs is allowed)")
+
+
+def this_job(ckpt, args):
+    """Whether `ckpt` was written by this torchrun job (its rendezvous id) with these flags.
+    torchrun reruns an --overwrite command after a failure: such a last.pt is the replacement
+    to continue; any other is the run --overwrite was asked to replace, left there because the
+    failed attempt died before removing it."""
+    job = run_folder.job_id()
+    return bool(job) and ckpt.get("torchrun_id") == job and not changed_flags(ckpt, args)
+
+
 def check_resume(ckpt, args, meta, path):
     """A checkpoint must match the run it continues: dataset, task, bands and classes, and the
     flags that give the weights their shapes.
@@ -106,27 +154,31 @@ def agree_on_start(global_step, path):
 
 def main(args):
     resolve(args, args.config)
-    # config.yaml's metric names against the task in the file's attributes, before any data is
-    # read; a section without metrics (such as `folder`) reports the task's defaults
-    task = read_meta(os.path.join(args.data_dir, "train.h5"), args.dataset)["task"]
-    args.main_metric, args.metrics = report_metrics(
-        task, getattr(args, "metrics", None), getattr(args, "main_metric", None),
-        f"{args.config}: datasets.{args.dataset}.")
     # every rank reads the folder before rank 0 writes to it (agree_on_start orders the two)
     action = run_folder.plan(args.out, args.resume, args.overwrite)
     device_name, amp = device_and_amp(args)
     rank, world, device = distributed.setup(device_name)
     preemption = Preemption(args.preempt_signals)
     last_path, best_path = os.path.join(args.out, "last.pt"), os.path.join(args.out, "best.pt")
-    ckpt = load_checkpoint(last_path) if action == "continue" else None
+    ckpt = load_checkpoint(last_path) if action in ("continue", "restart") else None
+    if action == "restart" and not this_job(ckpt, args):
+        action, ckpt = "replace", None
+    agree_on_start(-1 if ckpt is None else ckpt["global_step"], last_path)
+    if ckpt is not None:  # after agreeing: every rank holds the same checkpoint, so all fail
+        check_resume_flags(ckpt, args, last_path)
+    # config.yaml's metric names against the task in the file's attributes, before any data is
+    # read; a section without metrics (such as `folder`) reports the task's defaults
+    task = read_meta(os.path.join(args.data_dir, "train.h5"), args.dataset)["task"]
+    args.main_metric, args.metrics = report_metrics(
+        task, getattr(args, "metrics", None), getattr(args, "main_metric", None),
+        f"{args.config}: datasets.{args.dataset}.")
     torch.manual_seed(args.seed)  # same initial weights on every rank
     train_ds = H5Dataset(os.path.join(args.data_dir, "train.h5"), args.dataset, args.preload)
     val_ds = H5Dataset(os.path.join(args.data_dir, "val.h5"), args.dataset, args.preload)
     meta = {k: train_ds.meta[k] for k in ("dataset", "task", "bands", "classes", "mean", "std")}
     meta["ignore_index"] = train_ds.meta.get("ignore_index")
     meta["tile_size"] = train_ds.meta["image_shape"][-1]  # predict.py tiles scenes by it
-    agree_on_start(-1 if ckpt is None else ckpt["global_step"], last_path)
-    if ckpt is not None:  # after agreeing: every rank holds the same checkpoint, so all fail
+    if ckpt is not None:
         check_resume(ckpt, args, meta, last_path)
     if ckpt is not None and ckpt["epoch"] >= args.epochs:  # a requeue after the run ended
         distributed.print0(f"{args.out}: the run is complete (epoch {ckpt['epoch']}/"
@@ -183,11 +235,14 @@ def main(args):
         # graph, and a ratio that changes per step (--mask-range) would recompile it
         select = torch.compiler.disable(masker)
     if world > 1:
-        # in segmentation, blocks after the last tapped one get no gradient, nor does the mask
-        # token at a --mask-range step that keeps every token
+        # in segmentation, blocks after the last tapped one get no gradient, nor does a mask
+        # token at a step that drops no token (mask 0, a ratio below 1 / 2N, a --mask-range
+        # draw, a batch the dynamic strategy keeps whole). Which steps those are depends on the
+        # data, so DDP looks for unused parameters at every step (one walk of the autograd
+        # graph) rather than the model adding a zero term for DDP's sake
         seg = meta["task"] == "segmentation"
         unused = seg and (max(args.out_indices) < len(encoder(model_without_ddp).blocks) - 1
-                          or (args.fill == "mask_token" and args.mask_range is not None))
+                          or getattr(model_without_ddp, "mask_token", None) is not None)
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                   find_unused_parameters=unused)
     info = provenance(device)
@@ -218,7 +273,8 @@ def main(args):
                     "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                     "scaler": scaler.state_dict(), "epoch": epoch,
                     "step_in_epoch": step_in_epoch, "global_step": epoch * steps + step_in_epoch,
-                    "best": best, "config": config, "meta": meta, "rng": rngs, **info}
+                    "best": best, "config": config, "meta": meta, "rng": rngs,
+                    "torchrun_id": run_folder.job_id(), **info}
             atomic_save(ckpt, last_path)
             if is_best:
                 atomic_save(ckpt, best_path)

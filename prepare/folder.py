@@ -360,9 +360,11 @@ def _windows(path, height, width, tile, ignore_index):
 
 
 def read_pair(sample, ignore_index=None):
-    """(image (C, h, w) native dtype, mask (h, w) uint8) of a `tile_pairs` sample; pixels
-    beyond the image's edge, or nodata in a GeoTIFF, are `ignore_index` when it is given.
-    Raises the error `tile_pairs` recorded for a bad pair."""
+    """(image (C, h, w) native dtype, mask (h, w) uint8, real (h, w) bool) of a `tile_pairs`
+    sample. Pixels beyond the image's edge (0 in the image), or nodata in a GeoTIFF, are
+    `ignore_index` in the mask when it is given, and False in `real`: the band statistics
+    count real pixels only, whatever label they carry. Raises the error `tile_pairs`
+    recorded for a bad pair."""
     if "error" in sample:
         raise ValueError(sample["error"])
     fill = ignore_index or 0
@@ -370,7 +372,7 @@ def read_pair(sample, ignore_index=None):
     mask = as_mask(read_part(sample["mask"], sample["window"], True, fill)[0], sample["mask"])
     if ignore_index is not None:
         mask[outside] = ignore_index
-    return image, mask
+    return image, mask, ~outside
 
 
 def read_checked(path, first):

@@ -31,9 +31,15 @@ class BandStats:
     def __init__(self):
         self.n, self.mean, self.m2 = 0, None, None
 
-    def add(self, image):
-        """image: (C, H, W) any real dtype."""
+    def add(self, image, real=None):
+        """image: (C, H, W) any real dtype; real: (H, W) bool, the pixels that count (None:
+        all). Padding past an image's edge is no pixel of it: counted, it pulls the mean
+        towards the pad value and inflates the std."""
         x = image.reshape(image.shape[0], -1).astype(np.float64)
+        if real is not None:
+            x = x[:, np.asarray(real, bool).reshape(-1)]  # (C, pixels that count)
+        if x.shape[1] == 0:
+            return
         n_b, mean_b = x.shape[1], x.mean(1)
         m2_b = ((x - mean_b[:, None]) ** 2).sum(1)
         if self.n == 0:
@@ -110,7 +116,10 @@ def write_splits(samples, read, out, attrs, target_key="labels", on_error="stop"
     Args:
         samples: list of dicts with at least "name" and "split" (train / val / test).
         read: function sample -> (image (C, H, W) native dtype, target uint8 (classes,) or
-            (H, W)); raises ValueError, FileNotFoundError or OSError on bad input.
+            (H, W)), or with a third item, (H, W) bool, True where the image holds a real pixel
+            (False on the padding of a tile past the edge, or nodata): only real pixels
+            count in mean / std. Raises ValueError, FileNotFoundError or OSError on bad
+            input.
         attrs: file attributes (dataset, task, bands, classes, source); mean / std are added
             from the train split.
         on_error: "stop" (raise, leaving no new file) or "skip" (leave the sample out and list
@@ -136,11 +145,11 @@ def write_splits(samples, read, out, attrs, target_key="labels", on_error="stop"
                         raise error
                     skipped.append((sample["name"], str(error)))
                     continue
-                image, target = got
+                image, target, *real = got
                 first = first if first is not None else (image, target)
                 writers[sample["split"]].append(image, target, sample["name"])
                 if sample["split"] == "train":
-                    stats.add(image)
+                    stats.add(image, *real)
         mean, std = stats.result()
         for split, w in writers.items():
             if w.n == 0:

@@ -1,8 +1,9 @@
 """Cutting large rasters into square tiles, for the Woody and folder readers.
 
 A raster of H x W pixels is covered by ceil(H / tile) x ceil(W / tile) tiles from its top-left
-corner; tiles that cross the right or bottom edge are kept and padded, and each read reports
-which of its pixels lie outside the raster, so the caller can mark them ignored in the mask.
+corner; tiles that cross the right or bottom edge are kept and padded (0 by default), and each
+read reports which of its pixels lie outside the raster, so the caller can mark them ignored
+in the mask and leave them out of the band statistics (prepare/h5.py).
 """
 import numpy as np
 

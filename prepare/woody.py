@@ -100,8 +100,10 @@ class Site:
         return [(int(r) * tile, int(c) * tile) for r, c in zip(*np.nonzero(touched))]
 
     def read_tile(self, row, col, tile):
-        """(3, tile, tile) uint8 RGB and (tile, tile) uint8 class map, IGNORE outside the AOI,
-        the raster or the ortho's alpha."""
+        """(3, tile, tile) uint8 RGB (0 past the raster's edge), (tile, tile) uint8 class map,
+        IGNORE outside the AOI, the raster or the ortho's alpha, and (tile, tile) bool, True
+        on the ortho's real pixels (inside the raster, not transparent): those the band
+        statistics count."""
         import rasterio
         from rasterio.features import rasterize
         from rasterio.windows import Window
@@ -120,4 +122,4 @@ class Site:
         in_aoi = rasterize([(g, 1) for g in self.aoi], out_shape=shape, transform=transform,
                            dtype="uint8")
         mask[(in_aoi == 0) | outside] = IGNORE
-        return image, mask
+        return image, mask, ~outside

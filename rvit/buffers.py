@@ -1,9 +1,8 @@
 """Batch arrays that a loader reads into and reuses once nothing uses them any more.
 
-Why: a fresh batch array costs its page faults, about as much as reading the batch itself
-(this 2-core VM faulted in fresh shared memory at about 80 ms per 88 MB batch, which held one
-DataLoader worker to about 2,200 samples/s; reusing the arrays brought it to about 10,000,
-matching the main process - README, "Input pipeline"). One entry point, `BatchBuffers`:
+Why: a fresh batch array costs its page faults, about as much as reading the batch itself, which
+can hold a DataLoader worker to a fraction of the main process's rate (docs/speed.md, "Input
+pipeline"). One entry point, `BatchBuffers`:
     - in the main process on the CPU, `Recycler` hands out an array again once a weak
       reference to the storage of the tensor last made from it dies;
     - in a DataLoader worker, `WorkerRing` slots of shared memory cross to the main process

@@ -254,6 +254,8 @@ def check(args):
         value = getattr(args, flag, None)
         if value is not None and value <= 0:
             raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {value}")
+    if getattr(args, "seed", None) is not None and args.seed < 0:  # numpy's generators need it
+        raise ValueError(f"--seed must be non-negative, got {args.seed}")
     if not 0 <= getattr(args, "label_smoothing", 0.0) < 1:
         raise ValueError(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
     if getattr(args, "img_size", None) and args.img_size % args.patch_size:

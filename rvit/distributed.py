@@ -42,10 +42,9 @@ def setup(device: str):
 
 
 def cleanup():
-    """Leave the process group at the end of a run. A barrier first: a rank that tore its gloo
-    group down while a peer's last collective was still in flight died in C++ at exit
-    ("terminate called without an active exception", SIGABRT: 1 run in 5 of the 2-rank tests
-    here; cf. pytorch/pytorch#179291)."""
+    """Leave the process group at the end of a run. A barrier first: a rank that tears its gloo
+    group down while a peer's last collective is still in flight can die in C++ at exit
+    ("terminate called without an active exception", cf. pytorch/pytorch#179291)."""
     if is_initialized():
         dist.barrier()
         dist.destroy_process_group()

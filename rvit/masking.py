@@ -116,11 +116,8 @@ def keep_lowest(score, k: int):
 
 @torch.no_grad()
 def keep_coverage(z, k: int):
-    """Greedy k-center (farthest-point) selection on cosine distance, per sample.
-
-    The first kept patch is the most typical one (highest mean cosine similarity to the others,
-    ties by index); each next one is the patch whose highest similarity to the kept patches is
-    lowest (ties by index). Gonzalez's (1985) greedy 2-approximation of k-center.
+    """Greedy k-center (farthest-point) selection on cosine distance, per sample (the module
+    docstring's `coverage`; Gonzalez's 1985 greedy 2-approximation), ties by index.
 
     Args:
         z: (B, N, F) patch features (embeddings, or flattened standardised pixels), any float.
@@ -149,13 +146,7 @@ def keep_coverage(z, k: int):
 @torch.no_grad()
 def keep_kmedoids(z, k: int):
     """Greedy k-medoids (the BUILD step of PAM, Kaufman & Rousseeuw 1990) on squared Euclidean
-    distance, per sample.
-
-    The first kept patch is the medoid (least total distance to every patch); each next one is
-    the patch whose keeping most lowers the sum over all patches of the distance to their
-    nearest kept patch (ties by index). That sum is what a dropped patch loses when it is
-    represented by its nearest kept one, so this keeps typical patches of every large region
-    and few outliers, where k-center keeps outliers first.
+    distance, per sample (the module docstring's `kmedoids`), ties by index.
 
     Args:
         z: (B, N, F) patch features (embeddings, or flattened standardised pixels), any float.
@@ -409,24 +400,18 @@ class TokenMasker(nn.Module):
         if self.mask_ratio == 0 or (self.strategy != "dynamic"
                                     and num_keep(N, self.mask_ratio) == N):
             return None
-        keep = self.choose(z, x, index)
+        feats = z if self.strategy == "random" else self.features(z, x)
+        score = noise = None
+        if self.strategy in ("similarity", "dynamic"):  # the others compare patches directly
+            score = redundancy_score(feats, self.score_reduce)
+        if self.strategy == "random":  # at evaluation, seeded per sample: repeatable scores
+            noise = random_noise(*z.shape[:2], z.device, None if self.training else index)
+        if self.strategy == "dynamic" and self.training:
+            self.update_tau(score)
+        elif self.strategy == "dynamic" and torch.isnan(self.tau):
+            raise RuntimeError("dynamic strategy: the threshold tau was never calibrated "
+                               "(train with --strategy dynamic first)")
+        keep = select(self.strategy, feats, self.mask_ratio, score, self.tau, noise)
         if self.merge:  # each patch's slot: the same assignment as RUPerNet's nearest fill
             keep = keep._replace(src=restore_index(keep, N, z), prop_attn=self.prop_attn)
         return keep
-
-    def choose(self, z, x, index):
-        """The `Selection` at m > 0 (see `forward`)."""
-        if self.strategy == "random":
-            noise = random_noise(z.shape[0], z.shape[1], z.device,
-                                 None if self.training else index)
-            return select("random", z, self.mask_ratio, noise=noise)
-        feats = self.features(z, x)
-        score = redundancy_score(feats, self.score_reduce) if self.strategy in (
-            "similarity", "dynamic") else None  # coverage and kmedoids compare patches directly
-        if self.strategy == "dynamic":
-            if self.training:
-                self.update_tau(score)
-            elif torch.isnan(self.tau):
-                raise RuntimeError("dynamic strategy: the threshold tau was never calibrated "
-                                   "(train with --strategy dynamic first)")
-        return select(self.strategy, feats, self.mask_ratio, score, self.tau)

@@ -15,9 +15,19 @@ RUN_FILES = ("config.yaml", "log.jsonl", "last.pt", "best.pt")  # what train.py 
 PROGRESS = ("last.pt", "best.pt", "log.jsonl")  # config.yaml alone: a start that saved nothing
 
 
+def job_id() -> str:
+    """The torchrun job of this process: its rendezvous id, the same on every rank and in every
+    restart of one torchrun command (a fresh uuid under --standalone or on one node, the
+    --rdzv-id given otherwise); "" outside torchrun."""
+    return os.environ.get("TORCHELASTIC_RUN_ID", "")
+
+
 def plan(out, resume, overwrite) -> str:
-    """What train.py does with the folder `out`: "continue" last.pt, "start" a run in it, or
-    "replace" the run it holds. Reads only; call it on every rank before any rank writes.
+    """What train.py does with the folder `out`: "continue" last.pt, "start" a run in it,
+    "replace" the run it holds, or "restart": torchrun reran an --overwrite command and last.pt
+    may be this job's (continue it) or the run to replace, if the failed attempt died before
+    removing it (train.py tells them apart by the job id and flags last.pt records). Reads
+    only; call it on every rank before any rank writes.
 
     Args:
         out: the run folder.
@@ -33,9 +43,8 @@ def plan(out, resume, overwrite) -> str:
     has_last = os.path.isfile(os.path.join(out, "last.pt"))
     if resume is True or (resume == "auto" and has_last):
         return "continue"  # a missing last.pt under --resume is load_checkpoint's error
-    if overwrite and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
-        # torchrun reruns the command line: replacing again would drop the run it restarts
-        return "continue" if has_last else "start"
+    if overwrite and has_last and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+        return "restart"  # replacing again would drop the run torchrun restarts, if it is one
     held = [name for name in PROGRESS if os.path.exists(os.path.join(out, name))]
     if overwrite:
         return "replace"

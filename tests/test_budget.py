@@ -169,20 +169,57 @@ def test_mask_ratio_per_step_depends_on_seed_and_step_only():
     assert draws != [mask_ratio_at(step, (0.0, 0.9), 4) for step in range(200)]
 
 
-def test_mixed_ratio_training_resumes_exactly_and_evaluates_at_any_ratio(ben_v1, tmp_path):
+class StopAfterCall:
+    """Stands in for rvit.preemption.Preemption in train.py: `requested()` reports a SIGTERM
+    from its `calls`-th call on (in one process, one call after each batch but an epoch's last,
+    and one after each epoch but the last), and installs no signal handler."""
+    calls = 0
+
+    def __init__(self, signals):
+        self.asked, self.name = 0, "SIGTERM"
+
+    def requested(self):
+        self.asked += 1
+        return 0 < self.calls <= self.asked
+
+
+def test_mixed_ratio_training_resumes_exactly_and_evaluates_at_any_ratio(ben_v1, tmp_path,
+                                                                         monkeypatch):
+    """A run preempted inside an epoch under --mask-range and resumed with the same flags ends
+    with the weights of an uninterrupted one: the step count, and with it each step's ratio,
+    carries over. train.main runs in this process, so the stop falls at a known batch."""
+    import train
     from conftest import CPU, run
     from rvit.checkpoint import load_checkpoint
+    from rvit.config import train_parser
+    from rvit.preemption import EXIT_PREEMPTED
+    monkeypatch.setattr(train, "Preemption", StopAfterCall)
     flags = ["--dataset", "bigearthnet", "--data-dir", ben_v1, "--img-size", "32",
              "--patch-size", "8", "--batch-size", "2", "--strategy", "kmedoids", "--merge",
-             "--mask-range", "0", "0.9", "--seed", "2", *CPU]
-    run("train.py", *flags, "--epochs", "2", "--out", tmp_path / "straight")
-    run("train.py", *flags, "--epochs", "1", "--out", tmp_path / "resumed")
-    run("train.py", *flags, "--epochs", "2", "--out", tmp_path / "resumed", "--resume")
+             "--mask-range", "0", "0.9", "--seed", "2", "--epochs", "2", *CPU]
+
+    def train_to(out, *extra):
+        train.main(train_parser().parse_args([*map(str, flags), "--out", str(out), *extra]))
+
+    train_to(tmp_path / "straight")
+    # 7 samples, batch 2: 3 steps an epoch; calls 1, 2 after epoch 1's first two batches, 3
+    # after epoch 1, 4 after epoch 2's first batch: the stop
+    monkeypatch.setattr(StopAfterCall, "calls", 4)
+    with pytest.raises(SystemExit) as stopped:
+        train_to(tmp_path / "resumed")
+    assert stopped.value.code == EXIT_PREEMPTED
+    at = load_checkpoint(str(tmp_path / "resumed" / "last.pt"))
+    assert (at["epoch"], at["step_in_epoch"], at["global_step"]) == (1, 1, 4)
+    monkeypatch.setattr(StopAfterCall, "calls", 0)
+    train_to(tmp_path / "resumed", "--resume")
     a = load_checkpoint(str(tmp_path / "straight" / "last.pt"))
     b = load_checkpoint(str(tmp_path / "resumed" / "last.pt"))
     assert a["config"]["mask_range"] == [0.0, 0.9] and a["config"]["merge"]
+    assert a["global_step"] == b["global_step"] == 6
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert len((tmp_path / "straight" / "log.jsonl").read_text().splitlines()) == 2
+    events = [json.loads(line) for line in open(tmp_path / "resumed" / "log.jsonl")]
+    assert [e.get("event", e["epoch"]) for e in events] == [1, "preempted", "resume", 2]
     run("evaluate.py", "--checkpoint", tmp_path / "straight" / "last.pt", "--data-dir", ben_v1,
         "--mask", "0,0.5,0.9", "--out", tmp_path / "sweep.json", *CPU)
     rows = json.loads((tmp_path / "sweep.json").read_text())
@@ -195,6 +232,8 @@ def test_mixed_ratio_training_resumes_exactly_and_evaluates_at_any_ratio(ben_v1,
     (["--strategy", "dynamic", "--mask-range", "0", "0.9"], "--mask-range with --strategy"),
     (["--mask-range", "0.5", "0.5"], "need 0 <= LO < HI < 1"),
     (["--prop-attn"], "needs --merge"),
+    (["--seed", "-1", "--mask-range", "0", "0.9", "--img-size", "32", "--patch-size", "8",
+      "--batch-size", "2", "--epochs", "1"], "--seed must be non-negative, got -1"),
 ])
 def test_budget_flag_errors_are_one_line(ben_v1, tmp_path, flags, message):
     from conftest import CPU, run

@@ -23,9 +23,9 @@ JOB = ["--img-size", "32", "--batch-size", "1", "--epochs", "2", "--mask", "0.5"
 STEPS = 6
 
 
-def train(data, out, *flags):
+def train(data, out, *flags, env=None):
     return run("train.py", "--dataset", "bigearthnet", "--data-dir", data, "--out", out, *flags,
-               check=False)
+               env=env, check=False)
 
 
 def files(folder):
@@ -74,24 +74,45 @@ def test_resume_auto_in_an_empty_folder_trains_from_scratch(ben_v1, ben_run, tmp
     assert [entry["epoch"] for entry in log(tmp_path)] == [1]  # no event lines
 
 
+KEEP = "(a resume keeps the run's flags; a longer --epochs is allowed)"
+
+
 @pytest.mark.parametrize("case,message", [
     ("dataset", "trained on 'flair', not 'bigearthnet'"),
     ("model", "trained with --model vit_tiny, not vit_small"),
+    ("mask", f"trained with --mask 0.5, not --mask 0.75 {KEEP}"),
+    ("schedule", "trained with --mask-range none --strategy similarity --no-merge --lr 0.0005 "
+                 "--warmup-epochs 2, not --mask-range 0 0.9 --strategy kmedoids --merge "
+                 f"--lr 0.001 --warmup-epochs 0 {KEEP}"),
 ])
 def test_resume_auto_refuses_another_run_in_one_line(ben_v1, ben_run, tmp_path, case, message):
     out = tmp_path / "run"
     shutil.copytree(ben_run, out)
-    flags = list(BEN_RUN)
+    flags, data = list(BEN_RUN), ben_v1
     if case == "dataset":
         ckpt = load_checkpoint(str(out / "last.pt"))
         ckpt["config"]["dataset"] = "flair"
         torch.save(ckpt, out / "last.pt")
-    else:
+    elif case == "model":
         flags += ["--model", "vit_small"]
+    else:  # read from last.pt alone, before any data: a missing --data-dir is never reached
+        data = tmp_path / "no-data"
+        flags += {"mask": ["--mask", "0.75"],
+                  "schedule": ["--mask-range", "0", "0.9", "--strategy", "kmedoids", "--merge",
+                               "--lr", "0.001", "--warmup-epochs", "0"]}[case]
     before = files(out)
-    line = one_error_line(train(ben_v1, out, *flags, "--resume", "auto"))
+    line = one_error_line(train(data, out, *flags, "--resume", "auto"))
     assert line == f"train.py: error: {out / 'last.pt'}: {message}"
     assert files(out) == before
+
+
+def test_resume_with_a_longer_epochs_continues_the_run(ben_v1, ben_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(ben_run, out)
+    proc = train(ben_v1, out, *BEN_RUN, "--epochs", "2", "--resume")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert [e.get("event", e["epoch"]) for e in log(out)] == [1, "resume", 2]
+    assert load_checkpoint(str(out / "last.pt"))["epoch"] == 2
 
 
 def test_overwrite_replaces_the_run_and_says_so(ben_v1, ben_run, tmp_path):
@@ -131,7 +152,43 @@ def test_folder_plans(tmp_path, monkeypatch):
     assert run_folder.plan(tmp_path, "auto", False) == "continue"
     assert run_folder.plan(tmp_path, False, True) == "replace"
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")  # torchrun reruns --overwrite
-    assert run_folder.plan(tmp_path, False, True) == "continue"
+    assert run_folder.plan(tmp_path, False, True) == "restart"  # train.py asks whose last.pt
+    (tmp_path / "last.pt").unlink()
+    assert run_folder.plan(tmp_path, False, True) == "replace"
+
+
+def test_overwrite_under_a_torchrun_restart_replaces_the_old_run(ben_v1, ben_run, tmp_path):
+    """The first attempt died before it removed the old run (mask 0.5): the restart must not
+    take that run's last.pt for its own."""
+    out = tmp_path / "run"
+    shutil.copytree(ben_run, out)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TORCHELASTIC_")}
+    proc = run("train.py", "--dataset", "bigearthnet", "--data-dir", ben_v1, "--out", out,
+               "--img-size", "32", "--patch-size", "8", "--batch-size", "2", "--epochs", "1",
+               "--mask", "0.75", "--strategy", "random", "--overwrite", *CPU,
+               env={**env, "TORCHELASTIC_RESTART_COUNT": "1"}, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "nothing to train" not in proc.stdout and "--overwrite: removed" in proc.stdout
+    ckpt = load_checkpoint(str(out / "last.pt"))
+    assert ckpt["config"]["mask"] == 0.75 and ckpt["config"]["strategy"] == "random"
+    assert [entry["epoch"] for entry in log(out)] == [1]
+
+
+@pytest.mark.parametrize("job,ours", [("job-1", True), ("job-2", False)])
+def test_overwrite_restart_continues_only_its_own_job(ben_v1, ben_run, tmp_path, job, ours):
+    """last.pt records torchrun's rendezvous id: a restart continues what its own job wrote
+    and replaces a run of the same flags that another job wrote."""
+    out = tmp_path / "run"
+    shutil.copytree(ben_run, out)
+    ckpt = load_checkpoint(str(out / "last.pt"))
+    torch.save({**ckpt, "torchrun_id": "job-1"}, out / "last.pt")
+    before = files(out)
+    env = {**os.environ, "TORCHELASTIC_RESTART_COUNT": "1", "TORCHELASTIC_RUN_ID": job}
+    proc = train(ben_v1, out, *BEN_RUN, "--overwrite", env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert ("the run is complete (epoch 1/1)" in proc.stdout) == ours
+    assert (files(out) == before) == ours
+    assert load_checkpoint(str(out / "last.pt"))["torchrun_id"] == ("job-1" if ours else job)
 
 
 def test_signal_names_and_a_signal_recorded():

@@ -223,6 +223,31 @@ def test_edge_tiles_are_padded_as_ignored_and_empty_tiles_dropped(tmp_path):
         assert (got["masks"][i][padding] == 0).all()  # the ignore index
 
 
+def test_band_statistics_count_real_pixels_not_the_padding_of_edge_tiles(ben, tmp_path):
+    """300 px images in 224 px tiles: 55 % of the tiles' pixels are padding (0), which must
+    not enter mean / std, and a real pixel labelled with the ignore index still counts."""
+    profile = {**ben[PATCHES[0]][2], "width": 300, "height": 300}
+    rng = np.random.default_rng(0)
+    rows, pixels = [("image", "mask", "split")], []
+    for k in range(2):
+        image = np.clip(np.rint(rng.normal(1000, 50, (1, 300, 300))), 0, None).astype(np.uint16)
+        mask = rng.integers(0, 2, (1, 300, 300), dtype=np.uint8)
+        mask[0, 100:130, 100:130] = 255  # unlabelled, yet real pixels
+        write_tif(tmp_path / f"img{k}.tif", image, profile, names=["B1"])
+        write_tif(tmp_path / f"msk{k}.tif", mask, profile, names=["mask"])
+        rows.append((f"img{k}.tif", f"msk{k}.tif", "train"))
+        pixels.append(image.ravel())
+    convert(tmp_path, tmp_path / "out", "--manifest", write_csv(tmp_path / "m.csv", rows),
+            "--tile-size", 224, "--ignore-index", 255)
+    got = splits(tmp_path / "out")["train"]
+    assert len(got["names"]) == 2 * 4  # 2 x 2 tiles per image, 3 of them padded
+    pixels = np.concatenate(pixels).astype(np.float64)
+    assert got["attrs"]["mean"] == pytest.approx([pixels.mean()], rel=1e-9)
+    assert got["attrs"]["std"] == pytest.approx([pixels.std()], rel=1e-9)
+    assert got["attrs"]["mean"][0] == pytest.approx(1000, abs=1)
+    assert got["attrs"]["std"][0] == pytest.approx(50, abs=1)
+
+
 def test_skip_lists_a_bad_pair_and_converts_the_others(tmp_path):
     rows = [("image", "mask")]
     for k, (image_path, mask_path, _) in enumerate(flair_rows()[:2]):

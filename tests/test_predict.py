@@ -1,5 +1,6 @@
 """predict.py on real input: georeferenced outputs equal the evaluation path's predictions."""
 import csv
+import glob
 import os
 
 import h5py
@@ -10,7 +11,6 @@ import torch
 from rasterio.transform import Affine
 
 from conftest import BEN_V1, FLAIR, kill_when_exists, png_size, run
-from rvit.checkpoint import load_checkpoint
 from rvit.data import DeviceTransform, H5Dataset
 from rvit.masking import TokenMasker
 from rvit.models import load_run
@@ -113,15 +113,31 @@ def test_mosaic_tiles_skips_nodata_pads_edges_and_keeps_georeferencing(
         transform @ (3 * 120 + 25, 2 * 120 + 15))
     inner = next(r for r in rows if (r["row"], r["col"]) == ("0", "1"))
     assert (float(inner["x"]), float(inner["y"])) == pytest.approx(transform @ (180, 60))
-    # the bottom-right tile: 30 x 50 real pixels, padded with the band means
-    meta = load_checkpoint(str(ben_model))["meta"]
-    tile = np.tile(np.float32(meta["mean"])[:, None, None], (1, 120, 120))
+    # the bottom-right tile: 30 x 50 real pixels, padded with 0 as training tiles are
+    tile = np.zeros((12, 120, 120), np.float32)
     tile[:, :30, :50] = scene[:, 240:, 360:]
     want = reference(ben_model, torch.from_numpy(tile[None]), torch.tensor([2 * 4 + 3]))[0]
     assert np.allclose(probs[:, 2, 3], want.numpy(), atol=1e-5)
     with rasterio.open(tmp_path / "map" / "kept_share.tif") as src:
         kept = src.read(1)
     assert np.isnan(kept[1, 1]) and np.allclose(np.delete(kept.ravel(), 5), 0.5)
+
+
+def test_edge_tiles_hold_what_the_training_tiles_of_their_window_hold(ben_train, tmp_path):
+    """predict.py pads a tile past the scene's edge as prepare_data.py pads a training tile
+    (prepare/tiles.py): the model sees an edge tile at prediction as it saw them in training."""
+    from prepare.folder import read_part
+    from scene import Grid, read_tiles
+    images, names, _ = ben_train
+    crs, transform = patch_profile(names[0])
+    scene = np.concatenate([images[0], images[1]], 2)[:, :100, :170]  # (12, 100, 170)
+    write_tif(tmp_path / "scene.tif", scene, crs, transform)
+    with rasterio.open(tmp_path / "scene.tif") as src:
+        tiles = [(r, c, t) for r, c, t, _ in read_tiles(src, Grid(100, 170, 120, 120))]
+    assert [(r, c) for r, c, _ in tiles] == [(0, 0), (0, 1)]  # both cross an edge
+    for r, c, tile in tiles:
+        trained, outside = read_part(str(tmp_path / "scene.tif"), (120 * r, 120 * c, 120, 120))
+        assert outside.any() and np.array_equal(tile, trained.astype(np.float32))
 
 
 @pytest.fixture(scope="module")
@@ -256,3 +272,154 @@ def test_memory_stays_flat_for_a_scene_twice_as_tall(ben_model, ben_train, tmp_p
                                   "--out", tmp_path / f"map{height}", "--device", "cpu",
                                   "--tile-size", "240", "--batch-size", "5", env=env))
     assert peaks[1] == pytest.approx(peaks[0], rel=0.10), peaks
+
+
+# Sentinel-2 L2A products as delivered since processing baseline 04.00 (sentinel2.py)
+
+PRODUCT = "S2A_MSIL2A_20170613T101031_N0500_R022_T32TNS_20230415T101500.SAFE"  # Collection-1
+GRANULE = "L2A_T32TNS_A010285_20170613T101555"
+PHYSICAL = ("B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B9", "B10", "B11", "B12")
+MTD = """<?xml version="1.0" encoding="UTF-8"?>
+<n1:Level-2A_User_Product
+    xmlns:n1="https://psd-14.sentinel2.eo.esa.int/PSD/User_Product_Level-2A.xsd">
+  <n1:General_Info>
+    <Product_Info><PROCESSING_BASELINE>05.00</PROCESSING_BASELINE></Product_Info>
+    <Product_Image_Characteristics>
+      <QUANTIFICATION_VALUES_LIST>
+        <BOA_QUANTIFICATION_VALUE unit="none">10000</BOA_QUANTIFICATION_VALUE>
+      </QUANTIFICATION_VALUES_LIST>
+      <BOA_ADD_OFFSET_VALUES_LIST>{offsets}</BOA_ADD_OFFSET_VALUES_LIST>
+      <Spectral_Information_List>{spectral}</Spectral_Information_List>
+    </Product_Image_Characteristics>
+  </n1:General_Info>
+</n1:Level-2A_User_Product>
+""".format(offsets="".join(f'<BOA_ADD_OFFSET band_id="{i}">-1000</BOA_ADD_OFFSET>'
+                           for i in range(13)),
+           spectral="".join(f'<Spectral_Information bandId="{i}" physicalBand="{b}"/>'
+                            for i, b in enumerate(PHYSICAL)))
+
+
+with rasterio.Env() as _env:  # L2A band files are JPEG 2000: a GeoTIFF named .jp2 is no test
+    needs_jp2 = pytest.mark.skipif("JP2OpenJPEG" not in _env.drivers(),
+                                   reason="this GDAL lacks the JP2OpenJPEG driver")
+
+
+def patch_folder(ben_train):
+    """The first training patch's folder of BigEarthNet band files (GeoTIFF, pre-04.00 DN)."""
+    return os.path.join(BEN_V1, "BigEarthNet-S2", ben_train[1][0])
+
+
+def write_product(root, patch, metadata=True, nodata_tiles=False):
+    """The patch's band files as an L2A product of baseline 05.00 delivers them: lossless JPEG
+    2000, DN = its DN + 1000 (BOA_ADD_OFFSET -1000), each band at its native resolution in
+    GRANULE/*/IMG_DATA/R10m|R20m|R60m, QI_DATA's masks named like bands, MTD_MSIL2A.xml.
+    nodata_tiles: NO_DATA (0 in every band) two tiles wide east of the patch. Returns (.SAFE,
+    IMG_DATA)."""
+    safe = root / PRODUCT
+    img = safe / "GRANULE" / GRANULE / "IMG_DATA"
+    for path in sorted(glob.glob(os.path.join(patch, "*_B??.tif"))):
+        band = path[-7:-4]
+        with rasterio.open(path) as src:
+            pixels, crs, transform = src.read(), src.crs, src.transform
+        assert pixels.max() < 65535 - 1000
+        pixels = pixels + np.uint16(1000)
+        if nodata_tiles:
+            pixels = np.concatenate([pixels, np.zeros_like(pixels), np.zeros_like(pixels)], 2)
+        res = round(transform.a)
+        os.makedirs(img / f"R{res}m", exist_ok=True)
+        with rasterio.open(img / f"R{res}m" / f"T32TNS_20170613T101031_{band}_{res}m.jp2", "w",
+                           driver="JP2OpenJPEG", width=pixels.shape[2], height=pixels.shape[1],
+                           count=1, dtype="uint16", crs=crs, transform=transform,
+                           QUALITY=100, REVERSIBLE="YES") as dst:
+            dst.write(pixels)
+    os.makedirs(safe / "GRANULE" / GRANULE / "QI_DATA")
+    (safe / "GRANULE" / GRANULE / "QI_DATA" / "MSK_DETFOO_B01.jp2").touch()
+    if metadata:
+        (safe / "MTD_MSIL2A.xml").write_text(MTD)
+    return safe, img
+
+
+def predict_here(ckpt, inputs, out, *flags):
+    """predict.py in this process (one tile: seconds)."""
+    import predict
+    predict.main(predict.parse_args(["--checkpoint", str(ckpt), "--input", *map(str, inputs),
+                                     "--out", str(out), "--device", "cpu", *flags]))
+
+
+def original_probabilities(ckpt, patch):
+    """What the model gives the patch's own band files (pre-04.00 DN)."""
+    import scene
+    with scene.open_scene([patch], list(load_run(str(ckpt))[0]["meta"]["bands"])) as src:
+        image = src.read()
+    return reference(ckpt, torch.from_numpy(image[None]), torch.tensor([0]))[0].numpy()
+
+
+@needs_jp2
+@pytest.mark.parametrize("form", ["safe", "img_data"])
+def test_l2a_product_gives_the_probabilities_of_the_original_band_files(
+        ben_model, ben_train, tmp_path, capsys, form):
+    patch = patch_folder(ben_train)
+    safe, img = write_product(tmp_path, patch)
+    capsys.readouterr()
+    predict_here(ben_model, [safe if form == "safe" else img], tmp_path / "map")
+    line = capsys.readouterr().out.splitlines()[0]
+    assert line.startswith(f"Sentinel-2 L2A baseline 05.00 ({safe / 'MTD_MSIL2A.xml'}): "
+                           "pixels read as (DN - 1000) x 10000 / 10000")
+    with rasterio.open(tmp_path / "map" / "probabilities.tif") as src:
+        probs, tags = src.read()[:, 0, 0], src.tags()
+    assert np.allclose(probs, original_probabilities(ben_model, patch), atol=1e-5)
+    assert tags["BOA_ADD_OFFSET"] == ",".join(["-1000"] * 12)
+    assert tags["BOA_QUANTIFICATION_VALUE"] == "10000" and tags["RADIOMETRY"] == line
+    with rasterio.open(tmp_path / "map" / "kept_share.tif") as src:
+        assert src.tags()["RADIOMETRY"] == line
+
+
+@needs_jp2
+def test_l2a_product_without_metadata_is_a_one_line_error_or_takes_the_flag(
+        ben_model, ben_train, tmp_path):
+    patch = patch_folder(ben_train)
+    safe, img = write_product(tmp_path, patch, metadata=False)
+    for inputs in ([safe], [img], sorted(glob.glob(str(img / "R*" / "*.jp2")))):
+        with pytest.raises(ValueError) as error:
+            predict_here(ben_model, inputs, tmp_path / "map")
+        text = str(error.value)
+        assert "\n" not in text and "--boa-offset" in text, text
+        assert f"baseline 05.00 (from {PRODUCT})" in text and "no MTD_MSIL2A.xml" in text
+    assert not (tmp_path / "map").exists() or not os.listdir(tmp_path / "map")
+    predict_here(ben_model, [img], tmp_path / "map", "--boa-offset", "-1000")
+    with rasterio.open(tmp_path / "map" / "probabilities.tif") as src:
+        assert np.allclose(src.read()[:, 0, 0], original_probabilities(ben_model, patch),
+                           atol=1e-5)
+    with pytest.raises(ValueError, match="--boa-offset applies to Sentinel-2 band files"):
+        predict_here(ben_model, [tmp_path / "map" / "kept_share.tif"], tmp_path / "one",
+                     "--boa-offset", "-1000")  # one raster: its units are the checkpoint's
+    proc = run("predict.py", "--checkpoint", ben_model, "--input", img, "--out",
+               tmp_path / "cli", "--device", "cpu", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"predict.py: error: {img}: ")
+
+
+@needs_jp2
+def test_l2a_nodata_tiles_are_skipped_and_written_as_nodata(ben_model, ben_train, tmp_path):
+    patch = patch_folder(ben_train)
+    safe, _ = write_product(tmp_path, patch, nodata_tiles=True)
+    predict_here(ben_model, [safe], tmp_path / "map")
+    with rasterio.open(tmp_path / "map" / "probabilities.tif") as src:
+        probs = src.read()
+    with rasterio.open(tmp_path / "map" / "kept_share.tif") as src:
+        kept = src.read(1)
+    # tile (0, 1) holds a few pixels that bilinear resampling of the 20 and 60 m bands
+    # brings over from the patch: not all nodata; tile (0, 2) is
+    assert probs.shape[1:] == (1, 3) and np.isnan(probs[:, 0, 2]).all() and np.isnan(kept[0, 2])
+    assert np.isfinite(probs[:, 0, :2]).all() and np.isfinite(kept[0, :2]).all()
+
+
+def test_l2a_dn_conversion_keeps_nodata_apart_from_dark_pixels():
+    import sentinel2
+    rad = sentinel2.Radiometry(np.array([-1000.0, -1000.0]), 10000.0, "")
+    strip = np.array([[[0, 0, 1500]], [[0, 900, 2000]]], np.uint16)  # (2 bands, 1, 3 px)
+    pixels, nodata = rad.apply(strip)
+    assert nodata.tolist() == [[True, False, False]]  # 0 in one band only is no NO_DATA
+    assert pixels.tolist() == [[[0, -1000, 500]], [[0, -100, 1000]]]
+    half = sentinel2.Radiometry(np.zeros(2), 20000.0, "")  # another quantification
+    assert half.apply(strip)[0][:, 0, 2].tolist() == [750, 1000]

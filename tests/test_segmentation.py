@@ -35,17 +35,39 @@ def test_woody_tiles_rasterise_reproject_and_ignore(woody_h5, woody_root):
     # acacia_f1: 260 x 300 px, AOI = columns 0..200 -> tile columns 0..192 (4) x rows (5)
     assert len(names["test"]) == 4 * 5
     site = woody.Site("acacia_f1", *woody.find_sites(str(woody_root))["acacia_f1"])
-    image, mask = site.read_tile(0, 0, 224)
+    image, mask, real = site.read_tile(0, 0, 224)
+    assert real.all()  # inside the raster: AOI or not, every pixel is real
     assert mask[60:150, 40:140].min() == 1 == mask[60:150, 40:140].max()  # canopy -> Acacia
     assert (mask[:, 200:] == woody.IGNORE).all()  # outside the AOI, and past the raster edge
     assert (mask[:60, :40] == 0).all()  # background inside the AOI
     with rasterio.open(os.path.join(woody_root, "acacia_f1_ortho.tif")) as src:
         assert np.array_equal(image, src.read([1, 2, 3], window=((0, 224), (0, 224))))
     pinus = woody.Site("pinus_f1", *woody.find_sites(str(woody_root))["pinus_f1"])
-    assert (pinus.read_tile(192, 0, 64)[1][8:, :60] == woody.IGNORE).all()  # alpha = 0
+    _, mask, real = pinus.read_tile(192, 0, 64)
+    assert (mask[8:, :60] == woody.IGNORE).all() and not real[8:, :60].any()  # alpha = 0
+    assert real[:8].all() and real[:, 60:].all()
     with h5py.File(woody_h5 / "train.h5") as f:
         assert f.attrs["ignore_index"] == 255 and f["masks"].shape[1:] == (64, 64)
         assert list(f.attrs["classes"]) == list(woody.CLASSES)
+
+
+def test_woody_band_statistics_count_real_pixels_only(woody_h5, woody_root):
+    """Tiles past the raster's edge are padded with 0 and transparent pixels hold no image:
+    mean / std are over the train tiles' real pixels alone."""
+    with h5py.File(woody_h5 / "train.h5") as f:
+        names, mean, std = [n.decode() for n in f["names"][:]], f.attrs["mean"], f.attrs["std"]
+    orthos, pixels = {}, []
+    for name in names:
+        site, origin = name.split("/")
+        row, col = (int(v[1:]) for v in origin.split("_"))
+        if site not in orthos:
+            with rasterio.open(os.path.join(woody_root, f"{site}_ortho.tif")) as src:
+                orthos[site] = src.read()  # (4, H, W) RGBA
+        rgba = orthos[site][:, row:row + 64, col:col + 64]  # cut at the raster's edge
+        pixels.append(rgba[:3, rgba[3] > 0])
+    pixels = np.concatenate(pixels, 1).astype(np.float64)  # (3, real pixels)
+    assert np.allclose(mean, pixels.mean(1), rtol=1e-9)
+    assert np.allclose(std, pixels.std(1), rtol=1e-9)
 
 
 def test_woody_bad_site_name_is_an_error(tmp_path):
