@@ -102,7 +102,7 @@ def time_model(args, scene, ckpt, m):
     pred = predict.Predictor(pargs, torch.device(args.device), device_and_amp(pargs)[1])
     with rasterio.open(scene) as src:
         grid = scene_io.Grid(src.height, src.width, pred.tile, pred.tile)
-        tiles = [t for _, _, t, _ in scene_io.read_tiles(src, grid, pred.meta["mean"])]
+        tiles = [t for _, _, t, _ in scene_io.read_tiles(src, grid)]  # as predict.py reads
     batches = [torch.from_numpy(np.stack(b)) for b in predict.batched(tiles, args.batch_size)]
     # the first batch once more as the warm-up, then every batch with its tile numbers
     todo = itertools.chain([(0, batches[0])], enumerate(batches))
