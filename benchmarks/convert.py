@@ -18,9 +18,9 @@ import time
 import h5py
 import numpy as np
 
+from benchmarks.timing import BEN_S2, ROOT, Skip, add_speedups, cell, markdown, part_status, sig
 from rvit.cli import parser
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REBEN_PATCHES = 480_038
 
 
@@ -51,14 +51,6 @@ def build_archive(root, copies, folder):
     return len(os.listdir(folder))
 
 
-def content(folder):
-    out = {}
-    for s in ("train", "val", "test"):
-        with h5py.File(os.path.join(folder, f"{s}.h5")) as f:
-            out[s] = [f[k][:] for k in ("images", "labels", "names")]
-    return out
-
-
 def time_workers(archive, n, workers, out, timeout=None):
     """Patches/s of `prepare_data.py --workers N` converting the n-patch `archive` into `out`
     (the process start included); None when it ran past `timeout` seconds and was stopped."""
@@ -75,8 +67,63 @@ def time_workers(archive, n, workers, out, timeout=None):
 
 def same_content(a, b):
     """True when the conversions in folders a and b wrote the same datasets."""
-    a, b = content(a), content(b)
-    return all(np.array_equal(x, y) for s in a for x, y in zip(a[s], b[s]))
+    def read(folder, split):
+        with h5py.File(os.path.join(folder, f"{split}.h5")) as f:
+            return [f[k][:] for k in ("images", "labels", "names")]
+    return all(np.array_equal(x, y) for s in ("train", "val", "test")
+               for x, y in zip(read(a, s), read(b, s)))
+
+
+def measure(archive, n, workers, folder, deadline=None):
+    """One row per worker count: workers, patches, status ("stopped: budget spent" when
+    prepare_data.py ran past the `deadline`, a `time.perf_counter()` time), patches_per_s,
+    speedup over the first count, reben_hours at that rate, and same_datasets (whether the
+    output equals the first count's). Outputs go to FOLDER/out-w<N>."""
+    rows = []
+    for w in workers:
+        out = os.path.join(folder, f"out-w{w}")
+        r = time_workers(archive, n, w, out, None if deadline is None
+                         else max(1.0, deadline - time.perf_counter()))
+        row = {"workers": w, "patches": n, "status": "ok" if r else "stopped: budget spent",
+               "patches_per_s": sig(r) if r else None}
+        if r:
+            row["reben_hours"] = round(REBEN_PATCHES / r / 3600, 1)
+        if r and rows and rows[0]["status"] == "ok":
+            row["same_datasets"] = same_content(os.path.join(folder, f"out-w{workers[0]}"), out)
+        rows.append(row)
+    return add_speedups(rows, "patches_per_s", (), "workers", workers[0])
+
+
+def table(rows):
+    """(header, cells) of `measure`'s rows."""
+    return ["workers", "patches/s", "speed-up", "reBEN (480,038 patches)",
+            f"same datasets as {rows[0]['workers']} worker" + "s" * (rows[0]["workers"] > 1)], [
+        [r["workers"], cell(r, "patches_per_s"), f"{r['speedup']:.2f}x" if r.get("speedup")
+         else "", f"{r['reben_hours']} h" if r.get("reben_hours") else "",
+         r.get("same_datasets", "-")] for r in rows]
+
+
+# The suite's part (benchmarks.suite)
+CONVERT_RATE = 30.0  # patches/s of one worker on a slow CPU: the archive's size before any run
+
+
+def suite_part(suite, deadline):
+    """The suite's record of prepare_data.py --workers N on copies of the real patches."""
+    workers = sorted({1, min(4, suite.cores), suite.cores})
+    per_patch = sum(1 / (CONVERT_RATE * w) for w in workers)
+    start_s = 1.0  # a prepare_data.py process start (no torch import)
+    patches = (deadline - time.perf_counter() - start_s * len(workers)) / per_patch
+    copies = min(suite.sizes["copies"], int(patches // len(os.listdir(BEN_S2))))
+    if copies < 1:
+        raise Skip("budget spent")
+    folder = os.path.join(suite.work, "convert")
+    n = build_archive(BEN_S2, copies, os.path.join(folder, f"archive-{copies}"))
+    rows = measure(os.path.join(folder, f"archive-{copies}"), n, workers, folder,
+                           deadline)
+    return {"rows": rows, "status": part_status(rows), "table": table(rows),
+            "caption": f"{n} BigEarthNet v1 S2 patches ({copies} renamed copies of the 10 real "
+                       f"ones in tests/data), `prepare_data.py --workers N`, the process start "
+                       f"included."}
 
 
 def main(argv=None):
@@ -84,19 +131,11 @@ def main(argv=None):
     archive = os.path.join(args.work, "archive")
     n = build_archive(args.root, args.copies, archive)
     print(f"{n} patches in {archive}, {os.cpu_count()} CPU cores", flush=True)
-    rows = []
-    for w in (int(v) for v in args.workers.split(",")):
-        out = os.path.join(args.work, f"out-w{w}")
-        rate = time_workers(archive, n, w, out)
-        same = same_content(os.path.join(args.work, f"out-w{rows[0][0]}"), out) if rows else None
-        rows.append((w, rate, same))
-        print(f"  {w} workers: {rate:.1f} patches/s", flush=True)
-    print("\n| workers | patches/s | speed-up | reBEN (480,038 patches) | same datasets as "
-          f"{rows[0][0]} worker(s) |\n|---|---|---|---|---|")
-    for w, rate, same in rows:
-        print(f"| {w} | {rate:.1f} | {rate / rows[0][1]:.2f}x | "
-              f"{REBEN_PATCHES / rate / 3600:.1f} h | {'-' if same is None else same} |")
+    rows = measure(archive, n, [int(v) for v in args.workers.split(",")], args.work)
+    print("\n" + "\n".join(markdown(*table(rows))))
 
 
 if __name__ == "__main__":
     main()
+
+

@@ -32,17 +32,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from benchmarks.throughput import time_steps
-from rvit.cli import parser, progress_bar
+from benchmarks import throughput
+from benchmarks.environment import device_name
+from benchmarks.timing import (add_speedups, cell, device_parser, markdown, part_status,
+                               run_settings, sig, time_steps)
+from rvit.cli import progress_bar
 from rvit.data import DeviceTransform, H5Dataset, train_loader
-from rvit.masking import TokenMasker
-from rvit.models import build_model
 
 
 def parse_args(argv=None):
-    p = parser(__doc__.split("\n\n")[0])
-    p.add_argument("--data-dir", required=True, help="folder with SPLIT.h5")
-    p.add_argument("--split", default="train", help="split file name without .h5")
+    p = device_parser(__doc__, data=True)
     p.add_argument("--synthesize", type=int, metavar="N",
                    help="write (once) and measure DATA_DIR/SPLIT-synthetic-N.h5: N samples "
                         "repeating the split's real ones, in prepare_data.py's layout")
@@ -51,14 +50,11 @@ def parse_args(argv=None):
     p.add_argument("--workers", default="0,2,4", help="comma-separated DataLoader worker counts")
     p.add_argument("--batch-size", type=int, default=256, help="samples per batch")
     p.add_argument("--batches", type=int, default=30, help="timed batches per setting")
-    p.add_argument("--img-size", type=int, default=224, help="model input side (pixels)")
     p.add_argument("--mask", type=float, default=0.75, help="mask ratio of the training step")
     p.add_argument("--no-references", action="store_true",
                    help="skip the read_direct_chunk and LMDB + safetensors references")
     p.add_argument("--amp", choices=("bf16", "none"), default=None,
                    help="default bf16 on CUDA, none on CPU")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="torch device (cuda when available)")
     return p.parse_args(argv)
 
 
@@ -108,40 +104,28 @@ def warm(path):
             pass
 
 
-def shuffled_batches(n, batch_size, batches, seed=0):
-    """`batches` index arrays of one seeded shuffle of range(n)."""
-    order = np.random.default_rng(seed).permutation(n)
-    return [order[i * batch_size:(i + 1) * batch_size] for i in range(batches)]
-
-
-def rate(read, batches):
-    """Samples/s of `read(index_array)` over the batches, after one warm-up batch."""
-    it = iter(batches)
-    _, times = time_steps(lambda: read(next(it)), len(batches) - 1, torch.device("cpu"), 1)
-    return sum(map(len, batches[1:])) / sum(times)
+def rate(read, n, batch_size, batches):
+    """Samples/s of `read(index_array)` over `batches` full batches of one seeded shuffle of
+    range(n), after one warm-up batch."""
+    order = np.random.default_rng(0).permutation(n)
+    it = (order[i * batch_size:(i + 1) * batch_size] for i in range(batches))
+    _, times = time_steps(lambda: read(next(it)), batches - 1, torch.device("cpu"), 1)
+    return (batches - 1) * batch_size / sum(times)
 
 
 def raw_chunks(path, batch_size, batches):
     """Samples/s of a plain loop of read_direct_chunk (images and targets) into batch arrays."""
     with h5py.File(path, "r") as f:
-        key = "masks" if "masks" in f else "labels"
-        dsets = [f["images"], f[key]]
-        bufs = [np.empty((batch_size, *d.shape[1:]), d.dtype) for d in dsets]
-        flat = [b.reshape(batch_size, -1).view(np.uint8) for b in bufs]
+        dsets = [f["images"], f["masks" if "masks" in f else "labels"]]
+        flat = [np.empty((batch_size, *d.shape[1:]), d.dtype).reshape(batch_size, -1)
+                .view(np.uint8) for d in dsets]
 
         def read(index):
             for d, out in zip(dsets, flat):
                 zeros = (0,) * (d.ndim - 1)
                 for j, i in enumerate(index.tolist()):
                     d.id.read_direct_chunk((i, *zeros), out=out[j])
-        return rate(read, shuffled_batches(len(dsets[0]), batch_size, batches))
-
-
-def native_sides(bands, size):
-    """Side in pixels at which rico-hdl stores each band: BigEarthNet's 20 m and 60 m bands at
-    their native 60 and 20 px; other datasets' bands (and BigEarthNet's 10 m ones) at `size`."""
-    from rvit.bigearthnet import NATIVE
-    return [NATIVE.get(b, size) for b in bands]
+        return rate(read, len(dsets[0]), batch_size, batches)
 
 
 def lmdb_safetensors(path, batch_size, batches):
@@ -156,13 +140,15 @@ def lmdb_safetensors(path, batch_size, batches):
         from safetensors.numpy import load, save
     except ImportError:
         return None
+    from rvit.bigearthnet import NATIVE
     db = os.path.splitext(path)[0] + ".lmdb"
     with h5py.File(path, "r") as f:
         key = "masks" if "masks" in f else "labels"
         n, shape, dtype = len(f["images"]), f["images"].shape[1:], f["images"].dtype
         targets = f[key][:]
         bands = [str(b) for b in f.attrs["bands"]]
-        sides = native_sides(bands, shape[-1])
+        # rico-hdl stores BigEarthNet's 20 m and 60 m bands at their native 60 and 20 px
+        sides = [NATIVE.get(b, shape[-1]) for b in bands]
         if not os.path.exists(db):
             env = lmdb.open(db + ".tmp", map_size=2 * f["images"].nbytes + (1 << 30),
                             subdir=True, lock=False)
@@ -193,7 +179,7 @@ def lmdb_safetensors(path, batch_size, batches):
                                           align_corners=False)[0].numpy()
                     images[j, chans] = x
         return images, targets[index]
-    return rate(read, shuffled_batches(n, batch_size, batches))
+    return rate(read, n, batch_size, batches)
 
 
 def block_mean(band, k):
@@ -211,43 +197,34 @@ def endless(loader):
 
 
 def loader_rate(batches, n, step, device, warmup=1, deadline=None):
-    """Samples/s of `step(batch)` over n batches of an endless iterator, after `warmup` batches
-    (enough to drain the batches the workers prefetch at start, so the rate is steady state);
-    the device is synchronised only at the ends, so loading overlaps the steps as in training.
-    `n` and `deadline` as in `time_steps`; NaN when no batch was timed."""
+    """(samples/s, batches timed) of `step(batch)` over n batches of an endless iterator, after
+    `warmup` batches (enough to drain the batches the workers prefetch at start, so the rate is
+    steady state); the device is synchronised only at the ends, so loading overlaps the steps
+    as in training. `n` and `deadline` as in `time_steps`; NaN when no batch was timed."""
     seen = []
     _, times = time_steps(lambda: seen.append(step(next(batches))), n, device, warmup,
                           deadline, sync_each=False)
-    return sum(seen[warmup:]) / sum(times) if times else float("nan")
+    return (sum(seen[warmup:]) / sum(times) if times else float("nan")), len(times)
 
 
-def reader_rows(args, ds, path, device):
-    """(label, samples/s) of the readers, the training loader per worker count first."""
-    rows = []
+def count(batch):
+    return len(batch[0])
 
-    def count(batch):
-        return len(batch[0])
+
+def reader_rows(args, ds, path, device, add):
+    """`add(label, samples/s)` for each reader: the training loader by worker count, over the
+    preloaded split, then the references."""
     for w in (int(v) for v in args.workers.split(",")):
-        loader = train_loader(ds, args.batch_size, w, 0, device)
-        rows.append((f"loader, {w} workers", loader_rate(endless(loader), args.batches, count,
-                                                         device, warmup=2 * w + 1)))
-        print(f"  {rows[-1][0]}: {rows[-1][1]:,.0f} samples/s", flush=True)
-        del loader
-    pre = H5Dataset(path, preload=True)
-    rows.append(("loader, preloaded split, 0 workers", loader_rate(
-        endless(train_loader(pre, args.batch_size, 0, 0, device)), args.batches, count, device)))
-    print(f"  {rows[-1][0]}: {rows[-1][1]:,.0f} samples/s", flush=True)
-    del pre
+        add(f"loader, {w} workers", fed_rate(ds, count, args.batch_size, w, args.batches,
+                                             device)[0])
+    add("loader, preloaded split, 0 workers", fed_rate(
+        H5Dataset(path, preload=True), count, args.batch_size, 0, args.batches, device)[0])
     if not args.no_references:
         n = min(args.batches + 1, len(ds) // args.batch_size)
-        rows.append(("h5py read_direct_chunk loop (reference)",
-                     raw_chunks(path, args.batch_size, n)))
-        print(f"  {rows[-1][0]}: {rows[-1][1]:,.0f} samples/s", flush=True)
+        add("h5py read_direct_chunk loop (reference)", raw_chunks(path, args.batch_size, n))
         lm = lmdb_safetensors(path, args.batch_size, n)
         if lm is not None:
-            rows.append(("LMDB + safetensors loop (reference)", lm))
-            print(f"  {rows[-1][0]}: {lm:,.0f} samples/s", flush=True)
-    return rows
+            add("LMDB + safetensors loop (reference)", lm)
 
 
 def train_step(meta, img_size, mask, device, amp):
@@ -255,64 +232,123 @@ def train_step(meta, img_size, mask, device, amp):
     layout: `step(batch)` takes a loader batch (transformed on the device first) or an (x, y)
     pair already transformed, runs one AdamW step and returns its sample count."""
     tf = DeviceTransform(meta["mean"], meta["std"], img_size, device)
-    cfg = {"model": "vit_tiny", "img_size": img_size, "patch_size": 16,
-           "out_indices": (3, 5, 7, 11), "decoder_channels": 64, "fill": "nearest", "aux": True}
-    model = build_model(cfg, meta).to(device)
-    masker = TokenMasker("similarity", mask, 16).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    dtype = torch.bfloat16 if amp == "bf16" else None
+    args = throughput.parse_args([
+        "--img-size", str(img_size), "--in-chans", str(len(meta["bands"])), "--classes",
+        str(len(meta["classes"])), "--task",
+        "segmentation" if meta["task"] == "segmentation" else "multilabel"])
+    optimizer_step = throughput.training_step(
+        *throughput.rvit_model(args, "similarity", mask, True, device), amp, device)
 
     def step(batch):
         x, y = tf(batch[0], batch[1], train=True) if len(batch) == 3 else batch
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            out, _ = model(x, select=masker)
-            loss = F.cross_entropy(out.float(), y) if y.dim() == 3 else \
-                F.binary_cross_entropy_with_logits(out.float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        optimizer_step(x, y)
         return len(x)
     return step, tf
 
 
 def model_only_rate(ds, step, tf, batch_size, n, device, deadline=None):
-    """Samples/s of `step` on one batch of `ds` already transformed on the device."""
+    """`loader_rate` of `step` on one batch of `ds` already transformed on the device."""
     first = next(iter(train_loader(ds, batch_size, 0, 0, device)))
     on_device = tf(first[0], first[1], train=True)
     return loader_rate(itertools.repeat(on_device), n, step, device, deadline=deadline)
 
 
 def fed_rate(ds, step, batch_size, workers, n, device, deadline=None):
-    """Samples/s of `step` fed by the training loader with `workers` processes (end to end)."""
-    loader = train_loader(ds, batch_size, workers, 0, device)
-    try:
-        return loader_rate(endless(loader), n, step, device, 2 * workers + 1, deadline)
-    finally:
-        del loader  # its persistent workers end with it
+    """`loader_rate` of `step` fed by the training loader with `workers` processes (their
+    prefetched batches drained by the warm-up; they end with the loader)."""
+    batches = endless(train_loader(ds, batch_size, workers, 0, device))
+    return loader_rate(batches, n, step, device, 2 * workers + 1, deadline)
 
 
-def training_rows(args, ds, device):
-    """(label, samples/s) of the loader through the transform, and of the training step."""
+def training_rows(args, ds, device, add):
+    """`add(label, samples/s)` for the loader through the transform by worker count, and the
+    training step on a batch on the device and fed by the loader; returns (fed / on-device
+    rate, AMP)."""
     amp = args.amp or ("bf16" if device.type == "cuda" else "none")
     step, tf = train_step(ds.meta, args.img_size, args.mask, device, amp)
 
     def load(batch):
         tf(batch[0], batch[1], train=True)
         return len(batch[0])
-
-    rows = []
     workers = [int(v) for v in args.workers.split(",")]
     for w in workers:
-        loader = train_loader(ds, args.batch_size, w, 0, device)
-        rows.append((f"loader + transform, {w} workers", loader_rate(
-            endless(loader), args.batches, load, device, warmup=2 * w + 1)))
-        print(f"  {rows[-1][0]}: {rows[-1][1]:,.0f} samples/s", flush=True)
-    fixed = model_only_rate(ds, step, tf, args.batch_size, args.batches, device)
-    e2e = fed_rate(ds, step, args.batch_size, max(workers), args.batches, device)
-    rows += [(f"train step at mask {args.mask:g}, batch already on device", fixed),
-             (f"train step at mask {args.mask:g} fed by the loader ({max(workers)} workers)",
-              e2e)]
-    return rows, e2e / fixed, amp
+        add(f"loader + transform, {w} workers",
+            fed_rate(ds, load, args.batch_size, w, args.batches, device)[0])
+    fixed = model_only_rate(ds, step, tf, args.batch_size, args.batches, device)[0]
+    add(f"train step at mask {args.mask:g}, batch already on device", fixed)
+    e2e = fed_rate(ds, step, args.batch_size, max(workers), args.batches, device)[0]
+    add(f"train step at mask {args.mask:g} fed by the loader ({max(workers)} workers)", e2e)
+    return e2e / fixed, amp
+
+
+# The suite's part (benchmarks.suite): the settings most important first, within a deadline.
+SUITE_MASKS = (0.0, 0.75)
+WRITE_SHARE = 0.35  # of the part's time, at most, for writing its file
+
+
+def loader_file(data, n, deadline):
+    """An h5 file of at least n samples repeating the converted split: the smallest such one
+    already under `data`, else one written now (fewer samples if the deadline comes first)."""
+    have = {int(name[16:-3]): os.path.join(data, name) for name in os.listdir(data)
+            if name.startswith("train-synthetic-") and name.endswith(".h5")}
+    enough = [k for k in have if k >= n]
+    if enough:
+        return have[min(enough)]
+    return synthesize(os.path.join(data, "train.h5"), n, deadline, progress=False)
+
+
+def suite_part(suite, deadline):
+    """The suite's record of the training step fed by the loader against the same step on a
+    batch on the device."""
+    sizes, B = suite.sizes, suite.sizes["loader_batch"]
+    start = time.perf_counter()
+    path = loader_file(suite.fixture(deadline), sizes["samples"],
+                       start + WRITE_SHARE * (deadline - start))
+    warm(path)  # every setting reads from the page cache
+    ds = H5Dataset(path)
+    workers = sorted({min(w, suite.cores) for w in (0, 4, 8, suite.cores)}, reverse=True)
+    settings = [(w, m) for w in [None] + workers for m in SUITE_MASKS]  # None: model only
+    trainers = {}
+
+    def measure(st, steps, deadline):
+        w, m = st
+        if m not in trainers:
+            trainers[m] = train_step(ds.meta, sizes["img"], m, suite.device, suite.amp)
+        step, tf = trainers[m]
+        r, n = model_only_rate(ds, step, tf, B, steps, suite.device, deadline) \
+            if w is None else fed_rate(ds, step, B, w, steps, suite.device, deadline)
+        return {"img_per_s": r, "steps": n, "step_s": B / r}
+
+    got = dict(zip(settings, run_settings(settings, measure, deadline, *sizes["steps"],
+                                          suite.costs, kind=lambda st: ("loader", st[0]))))
+    rows = []
+    for w, m in settings[len(SUITE_MASKS):]:
+        fed, alone = got[(w, m)], got[(None, m)]
+        rows.append({"mask": m, "workers": w, "status": fed["status"] if alone["status"] ==
+                     "ok" else alone["status"], "end_to_end_img_per_s": None,
+                     "model_img_per_s": None})
+        if fed["status"] == alone["status"] == "ok":
+            rows[-1].update(end_to_end_img_per_s=sig(fed["img_per_s"]), batches=fed["steps"],
+                            model_img_per_s=sig(alone["img_per_s"]),
+                            share_kept=sig(fed["img_per_s"] / alone["img_per_s"]))
+    add_speedups(rows, "end_to_end_img_per_s", ("workers",), "mask", 0.0, "end_to_end_speedup")
+    add_speedups(rows, "model_img_per_s", ("workers",), "mask", 0.0, "model_speedup")
+    table = [[r["mask"], r["workers"],
+              cell(r, "end_to_end_img_per_s", r["mask"] and "end_to_end_speedup"),
+              cell(r, "model_img_per_s", r["mask"] and "model_speedup"),
+              f"{r['share_kept']:.0%}" if r.get("share_kept") else ""] for r in rows]
+    return {"rows": rows, "status": part_status(rows),
+            "table": (["mask", "workers", "end to end, img/s (speed-up)",
+                       "model only, img/s (speed-up)", "share kept"], table),
+            "caption": f"ViT-tiny/16 training at {sizes['img']} px (similarity, 12 bands, AMP "
+                       f"{suite.amp}), batch {B}, fed by `train_loader` from a {len(ds):,}-"
+                       f"sample BigEarthNet-shaped file (the 10 real patches of tests/data "
+                       f"converted by prepare_data.py, repeated by benchmarks.loader.synthesize;"
+                       f" page cache warm); model only = the same step on one batch already on "
+                       f"the device; share kept = end to end / model only.",
+            "notes": [f"worker counts 0 / 4 / 8 / all, capped at the {suite.cores} cores here",
+                      "on a CPU the loader, the transform and the model share the cores: the "
+                      "share kept says nothing about a GPU"]}
 
 
 def main(argv=None):
@@ -324,25 +360,23 @@ def main(argv=None):
     warm(path)
     ds = H5Dataset(path)
     with h5py.File(path, "r") as f:
-        key = "masks" if "masks" in f else "labels"
-        per_sample = (f["images"].nbytes + f[key].nbytes) / len(ds)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"device {name} ({os.cpu_count()} CPU cores), torch {torch.__version__}, "
-          f"h5py {h5py.__version__}, {path}: {len(ds)} samples of "
-          f"{tuple(ds._datasets()[0].shape[1:])} {ds._datasets()[0].dtype}, "
-          f"{per_sample / 1e6:.3f} MB each; batch {args.batch_size}, {args.batches} timed "
-          f"batches per setting", flush=True)
-    rows = reader_rows(args, ds, path, device)
-    ratio = None
+        images = f["images"]
+        per_sample = (images.nbytes + f["masks" if "masks" in f else "labels"].nbytes) / len(ds)
+        print(f"{device_name(device)}, torch {torch.__version__}, h5py {h5py.__version__}, "
+              f"{path}: {len(ds)} samples of {images.shape[1:]} {images.dtype}, "
+              f"{per_sample / 1e6:.3f} MB each; batch {args.batch_size}, {args.batches} timed "
+              f"batches per setting", flush=True)
+    rows = []
+
+    def add(label, value):
+        rows.append([label, f"{value:,.0f}", f"{value * per_sample / 1e9:.2f}"])
+        print(f"  {label}: {value:,.0f} samples/s", flush=True)
+    reader_rows(args, ds, path, device, add)
     if not args.loader_only:
-        more, ratio, amp = training_rows(args, ds, device)
-        rows += more
+        ratio, amp = training_rows(args, ds, device, add)
+        rows.append(["end-to-end / on-device", f"{ratio:.2f}", ""])
         print(f"  amp {amp}", flush=True)
-    print("\n| reader / step | samples/s | GB/s |\n|---|---|---|")
-    for label, value in rows:
-        print(f"| {label} | {value:,.0f} | {value * per_sample / 1e9:.2f} |")
-    if ratio is not None:
-        print(f"| end-to-end / on-device | {ratio:.2f} | |")
+    print("\n" + "\n".join(markdown(["reader / step", "samples/s", "GB/s"], rows)))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ forward on the same tiles already in memory, same batch size), each with its spe
 0, and the share of the model's speed-up that predict.py keeps. One run each; it asserts nothing.
 """
 import itertools
+import math
 import os
 import subprocess
 import sys
@@ -23,29 +24,24 @@ import numpy as np
 import torch
 
 import predict
+from benchmarks.environment import device_name
+from benchmarks.throughput import SUITE_MASKS
+from benchmarks.timing import (ROOT, Skip, add_speedups, cell, device_parser, markdown,
+                               part_status, sig, time_steps)
 from rvit import scene as scene_io
-from rvit.config import device_and_amp
-from benchmarks.throughput import time_steps
 from rvit.atomic import atomic_write
-from rvit.cli import parser
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from rvit.config import device_and_amp
 
 
 def parse_args(argv=None):
-    p = parser(__doc__.split("\n\n")[0])
-    p.add_argument("--data-dir", required=True, help="a prepared classification dataset")
+    p = device_parser(__doc__, data=True)
     p.add_argument("--dataset", default="bigearthnet", help="its config.yaml section")
-    p.add_argument("--split", default="train", help="split whose samples tile the scene")
     p.add_argument("--grid", type=int, default=20, help="tiles per side of the scene")
     p.add_argument("--masks", default="0,0.6,0.75", help="comma-separated mask ratios")
     p.add_argument("--strategy", default="similarity", help="token selection strategy")
     p.add_argument("--batch-size", type=int, default=32, help="tiles per forward")
-    p.add_argument("--img-size", type=int, default=224, help="model input side (pixels)")
     p.add_argument("--work", default=os.path.join("data", "mapping-bench"),
                    help="folder for the scene, the checkpoint and the maps")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="torch device (cuda when available)")
     return p.parse_args(argv)
 
 
@@ -106,7 +102,7 @@ def time_model(args, scene, ckpt, m):
     pred = predict.Predictor(pargs, torch.device(args.device), device_and_amp(pargs)[1])
     with rasterio.open(scene) as src:
         grid = scene_io.Grid(src.height, src.width, pred.tile, pred.tile)
-        tiles = [t for _, _, t, _ in scene_io.read_tiles(src, grid, pred.meta["mean"])]
+        tiles = [t for _, _, t, _ in scene_io.read_tiles(src, grid)]  # as predict.py reads
     batches = [torch.from_numpy(np.stack(b)) for b in predict.batched(tiles, args.batch_size)]
     # the first batch once more as the warm-up, then every batch with its tile numbers
     todo = itertools.chain([(0, batches[0])], enumerate(batches))
@@ -119,40 +115,92 @@ def time_model(args, scene, ckpt, m):
 
 
 def measure(args, scene, ckpt, masks, deadline=None):
-    """Per mask ratio, in order: dict of mask, model_tiles_per_s, predict_tiles_per_s, and
+    """One row per mask ratio, sorted: mask, status, model_tiles_per_s, predict_tiles_per_s,
     their speed-ups over the first mask (model_speedup, predict_speedup) and the share of the
     model's speed-up that predict.py keeps (share_kept). With a `deadline` (a
-    `time.perf_counter()` time), a mask is left out when the time left is shorter than the
-    longest mask so far took (the first, mask 0, costs the most)."""
+    `time.perf_counter()` time) a mask is skipped ("skipped: budget spent") when the time left
+    is shorter than the longest mask so far took (the first, mask 0, costs the most)."""
     rows, longest = [], 0.0
     for m in masks:
         start = time.perf_counter()
         if deadline is not None and start + longest > deadline:
-            break
-        rows.append({"mask": m, "model_tiles_per_s": time_model(args, scene, ckpt, m),
-                     "predict_tiles_per_s": time_predict(args, scene, ckpt, m)})
+            rows.append({"mask": m, "status": "skipped: budget spent"})
+            continue
+        rows.append({"mask": m, "status": "ok",
+                     "model_tiles_per_s": sig(time_model(args, scene, ckpt, m)),
+                     "predict_tiles_per_s": sig(time_predict(args, scene, ckpt, m))})
         longest = max(longest, time.perf_counter() - start)
+    add_speedups(rows, "model_tiles_per_s", (), "mask", masks[0], "model_speedup")
+    add_speedups(rows, "predict_tiles_per_s", (), "mask", masks[0], "predict_speedup")
     for r in rows:
-        r["model_speedup"] = r["model_tiles_per_s"] / rows[0]["model_tiles_per_s"]
-        r["predict_speedup"] = r["predict_tiles_per_s"] / rows[0]["predict_tiles_per_s"]
-        r["share_kept"] = r["predict_speedup"] / r["model_speedup"]
-    return rows
+        if r.get("model_speedup"):
+            r["share_kept"] = sig(r["predict_speedup"] / r["model_speedup"])
+    return sorted(rows, key=lambda r: r["mask"])
+
+
+def table(rows):
+    """(header, cells) of `measure`'s rows."""
+    return ["mask", "model alone, tiles/s (speed-up)", "predict.py, tiles/s (speed-up)",
+            "share of the speed-up kept"], [
+        [r["mask"], cell(r, "model_tiles_per_s", r["mask"] and "model_speedup"),
+         cell(r, "predict_tiles_per_s", r["mask"] and "predict_speedup"),
+         f"{r['share_kept']:.0%}" if r["mask"] and r.get("share_kept") else ""] for r in rows]
+
+
+# The suite's part (benchmarks.suite), sized from what the throughput part measured.
+def image_seconds(suite):
+    """Seconds of one inference image at mask 0 as the throughput part timed it (a third of a
+    training image's when no inference was timed), or None."""
+    rows = [r for r in suite.parts.get("throughput", {}).get("rows", [])
+            if r["status"] == "ok" and r["mask"] == 0 and r["run"] == "eager"]
+    for mode, factor in (("infer", 1), ("train", 3)):
+        rates = [r["img_per_s"] for r in rows if r["mode"] == mode]
+        if rates:
+            return 1 / (factor * max(rates))
+    return None
+
+
+def suite_part(suite, deadline):
+    """The suite's record of predict.py on a scene of the real patches against the model alone
+    on its tiles."""
+    sizes = suite.sizes
+    args = parse_args([
+        "--data-dir", suite.fixture(deadline), "--batch-size", str(min(sizes["batches"])),
+        "--img-size", str(sizes["img"]), "--work",
+        os.path.join(suite.work, f"mapping-{sizes['img']}px"), "--device", suite.args.device,
+        "--masks", ",".join(f"{m:g}" for m in SUITE_MASKS)])
+    try:
+        ckpt = checkpoint(args, max(0.1, deadline - time.perf_counter()))
+    except subprocess.TimeoutExpired:
+        raise Skip("budget spent training the one-step checkpoint") from None
+    # a tile costs about twice an inference image (12 bands, normalise, 120 -> 224 px resize),
+    # timed twice per mask, plus a millisecond of GeoTIFF reading and writing; each timing
+    # loads the model (half a second). Nothing timed yet: the smallest scene.
+    image_s = image_seconds(suite)
+    per_tile, loads = len(SUITE_MASKS) * (4 * (image_s or 0) + 1e-3), 2 * len(SUITE_MASKS) * 0.5
+    fit = math.isqrt(max(0, int((deadline - time.perf_counter() - loads) / per_tile)))
+    args.grid = min(sizes["grid"], fit) if image_s else 2
+    if args.grid < 2:
+        raise Skip(f"budget spent: {deadline - time.perf_counter():.0f} s left, a 2 x 2 scene "
+                   f"needs about {4 * per_tile + loads:.0f} s")
+    rows = measure(args, scene(args), ckpt, SUITE_MASKS, deadline)
+    return {"rows": rows, "status": part_status(rows), "table": table(rows),
+            "caption": f"a {args.grid * 120:,} x {args.grid * 120:,} px scene of "
+                       f"{args.grid ** 2} tiles repeating the real patches, ViT-tiny/16 at "
+                       f"{sizes['img']} px, similarity, batch {args.batch_size}; predict.py's "
+                       f"whole run (checkpoint load, reading, model, writing the maps) against "
+                       f"the model alone (normalise, resize, forward) on the same tiles in "
+                       f"memory."}
 
 
 def main(argv=None):
     args = parse_args(argv)
     ckpt, path = checkpoint(args), scene(args)
-    name = torch.cuda.get_device_name() if args.device == "cuda" else \
-        f"CPU ({os.cpu_count()} cores)"
-    print(f"{name}, torch {torch.__version__}, {args.grid ** 2} tiles, batch {args.batch_size}, "
-          f"img {args.img_size}, {args.strategy}", flush=True)
+    print(f"{device_name(torch.device(args.device))}, torch {torch.__version__}, "
+          f"{args.grid ** 2} tiles, batch {args.batch_size}, img {args.img_size}, "
+          f"{args.strategy}", flush=True)
     rows = measure(args, path, ckpt, [float(m) for m in args.masks.split(",")])
-    print("\n| mask | model alone, tiles/s | speed-up | predict.py, tiles/s | speed-up | "
-          "predict.py / model speed-up |\n|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['mask']:g} | {r['model_tiles_per_s']:.1f} | {r['model_speedup']:.2f}x | "
-              f"{r['predict_tiles_per_s']:.1f} | {r['predict_speedup']:.2f}x | "
-              f"{r['share_kept']:.0%} |")
+    print("\n" + "\n".join(markdown(*table(rows))))
 
 
 if __name__ == "__main__":

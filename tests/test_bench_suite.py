@@ -10,7 +10,8 @@ import time
 import pytest
 import torch
 
-from benchmarks.suite import WEIGHTS, Costs, allot, plan_steps, run_settings
+from benchmarks.suite import WEIGHTS, allot
+from benchmarks.timing import plan_steps, run_settings
 from conftest import ROOT, run
 
 PARTS = ("environment", "cuda_tests", "throughput", "loader", "mapping", "convert")
@@ -100,18 +101,17 @@ def test_help_gives_every_flag_its_default():
 
 
 # The budget planner alone, on figures worked by hand (no suite run).
-@pytest.mark.parametrize("step_s,rest,left,lo,hi,want", [
-    (1.0, [(0.0, 1.0)] * 3, 100.0, 3, 10, 10),  # all four fit at the most steps
-    (1.0, [(0.0, 1.0)] * 3, 40.0, 3, 100, 10),  # 40 s over four settings of 1 s a step
-    (1.0, [(0.0, 1.0)] * 3, 10.0, 3, 100, 3),  # four at 2.5 < lo: the last dropped, 3 at 3.3
-    (1.0, [(5.0, 1.0)], 11.0, 3, 100, 3),  # the next one's 5 s fixed cost counts: (11-5)/2
-    (1.0, [(5.0, 1.0)], 10.0, 3, 100, 10),  # (10-5)/2 < lo: the next dropped, all 10 s here
-    (2.0, [], 1.0, 3, 100, 1),  # not one step fits: never fewer than one
-    (2.0, [(0.0, 1.0)], -5.0, 3, 100, 1),  # the deadline has passed
+@pytest.mark.parametrize("step_s,share_s,lo,hi,want", [
+    (1.0, 10.0, 3, 100, 10),  # the share over the step
+    (2.0, 9.0, 3, 100, 4),  # whole steps only
+    (1.0, 100.0, 3, 10, 10),  # at most hi
+    (1.0, 2.0, 3, 100, 3),  # at least lo: the part's deadline, not the share, stops them
+    (2.0, -5.0, 3, 100, 3),  # the share has passed
+    (0.0, 10.0, 3, 100, 100),  # a step too short to time
 ])
-def test_plan_steps_fits_a_setting_and_as_many_after_it_as_it_can(step_s, rest, left, lo, hi,
-                                                                  want):
-    got = plan_steps(step_s, rest, left, lo, hi)
+def test_plan_steps_fits_the_share_between_the_fewest_and_most_steps(step_s, share_s, lo, hi,
+                                                                       want):
+    got = plan_steps(step_s, share_s, lo, hi)
     assert got == want and isinstance(got, int)
 
 
@@ -129,35 +129,38 @@ def test_allot_shares_the_time_left_by_weight_and_passes_on_what_a_part_leaves()
     assert left == pytest.approx(0.0, abs=1e-9)
 
 
-def test_costs_guess_from_the_most_specific_key_measured():
-    costs = Costs({("fixed", "compiled"): 60.0})
-    assert costs.guess([("step", "eager", 0.75), ("step", "eager")]) == 0.0  # nothing measured
-    costs.record([("step", "eager", 0.0), ("step", "eager")], 2.0)
-    costs.record([("step", "eager", 0.75), ("step", "eager")], 1.0)
-    assert costs.guess([("step", "eager", 0.75), ("step", "eager")]) == 1.0
-    assert costs.guess([("step", "eager", 0.6), ("step", "eager")]) == 2.0  # the slower kept
-    assert costs.guess([("fixed", "compiled")]) == 60.0
-
-
-def test_run_settings_sizes_each_setting_and_reports_those_that_did_not_run(capsys):
-    """A setting's steps leave room for the settings after it that can fit; one that cannot
-    fit is skipped, one that fails ends only itself."""
-    costs = {"a": (0.0, 1.0), "bad": (0.0, 1.0), "warm": (0.0, 1.0), "b": (0.0, 1.0),
-             "huge": (1e4, 1.0)}
+def test_run_settings_shares_the_time_left_and_reports_those_that_did_not_run(capsys):
+    """Each setting's steps fill an equal share of the time left; one whose kind costs more
+    than is left is skipped, one that fails ends only itself."""
+    costs = {"huge": 1e4}  # a guess set beforehand, as for a compile never measured
     asked = {}
 
     def measure(setting, steps, deadline):
         if setting == "bad":
             raise RuntimeError("out of memory\nand more lines")
         asked[setting] = steps(2.0)  # its warm-up step took 2 s
-        return {"steps": 0 if setting == "warm" else asked[setting]}
+        return {"steps": 0 if setting == "warm" else asked[setting], "step_s": 2.0}
 
-    # 60.5 s: the settings take microseconds, so each sees 60 s and a bit left
-    results = run_settings(list(costs), costs.get, measure, time.perf_counter() + 60.5, 3, 100)
+    # 61 s: the settings take microseconds, so each sees 61 s and a bit left
+    results = run_settings(["a", "bad", "warm", "b", "huge"], measure,
+                           time.perf_counter() + 61.0, 3, 100, costs, kind=lambda s: s)
     assert [r["status"] for r in results] == [
         "ok", "failed: RuntimeError: out of memory", "stopped: budget spent in the warm-up",
         "ok", "skipped: budget spent"]
-    # 60 s over a step of 2 s and one of 1 s for each setting after it that fits (huge never
-    # does): a with bad, warm and b 60 / 5; warm with b 60 / 3; b alone 60 / 2
-    assert asked == {"a": 12, "warm": 20, "b": 30}
+    # steps of 2 s in a share of 61 s over 5, 3 and 2 settings (the setting and those after it)
+    assert asked == {"a": 6, "warm": 10, "b": 15}
     assert "out of memory" in capsys.readouterr().err  # the traceback, for the log
+
+
+def test_run_settings_skips_a_setting_whose_kind_took_longer_than_is_left():
+    costs = {}
+
+    def measure(setting, steps, deadline):
+        return {"steps": 1, "step_s": 10.0}  # one timed step of 10 s: the deadline stopped it
+
+    results = run_settings(["eager-a", "eager-b", "compiled"], measure,
+                           time.perf_counter() + 15.0, 3, 10, costs,
+                           kind=lambda s: s.split("-")[0])
+    assert [r["status"] for r in results] == ["ok", "skipped: budget spent", "ok"]
+    # eager-a at the fewest (3) steps: its wall time (microseconds) and 2 more steps of 10 s
+    assert 20.0 <= costs["eager"] < 21.0
