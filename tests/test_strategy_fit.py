@@ -1,0 +1,51 @@
+"""benchmarks.strategy_fit on a single-label set: every model trained, every cell evaluated on
+the held-out split, report.md, the figure and the colour baseline; a rerun continues, not redoes."""
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import run
+
+pytest.importorskip("sklearn", reason="the colour-histogram baseline needs scikit-learn")
+pytest.importorskip("matplotlib", reason="the figure needs matplotlib")
+
+
+def colour_classes(root, per_class=10, size=32, seed=0):
+    """Three classes of noisy images, each class its own mean colour."""
+    rng = np.random.default_rng(seed)
+    for name, colour in (("red", (200, 40, 40)), ("green", (40, 200, 40)), ("blue", (40, 40, 200))):
+        os.makedirs(root / name)
+        for i in range(per_class):
+            pixels = np.clip(rng.normal(colour, 30, (size, size, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+
+
+def test_study_reports_every_cell_and_continues_where_it_stopped(tmp_path):
+    from benchmarks import strategy_fit
+    colour_classes(tmp_path / "tree")
+    data, out = tmp_path / "data", tmp_path / "study"
+    run("prepare_data.py", "--dataset", "folder", "--root", tmp_path / "tree", "--out", data,
+        "--val-fraction", "0.2", "--test-fraction", "0.4")
+    argv = ["--data-dir", str(data), "--dataset", "folder", "--out", str(out), "--split", "test",
+            "--rules", "random", "--train-masks", "0.5", "--eval-masks", "0,0.5", "--seeds", "1",
+            "--img-size", "32", "--patch-size", "8", "--epochs", "1", "--batch-size", "4"]
+    strategy_fit.main(argv)
+    report = (out / "report.md").read_text()
+    assert "Chance: 33.3 % OA." in report and "Colour-histogram baseline" in report
+    rows = [line for line in report.splitlines() if line.startswith("| ") and "| 0" in line]
+    assert len(rows) == 3 * 2  # mask 0, mask 0.5 and the mask-range model, at masks 0 and 0.5
+    assert "| mask 0 | any |" in report and "| 1.00x |" in report  # the speed-up's reference
+    assert "(m0-s0/curves.png)" in report and (out / "m0-s0" / "curves.png").exists()
+    assert (out / "oa_vs_kept.png").exists()
+    results = json.loads((out / "results.json").read_text())
+    assert {(r["trained"], r["eval_mask"]) for r in results} == {
+        (t, m) for t in ("mask 0", "mask 0.5", "m ~ U[0, 0.9]") for m in (0.0, 0.5)}
+    half = next(r for r in results if r["trained"] == "mask 0.5" and r["eval_mask"] == 0.5)
+    assert half["per_seed"][0]["kept_share"] == pytest.approx(0.5)  # 8 of 16 patches
+    before = {p: os.path.getmtime(p) for p in out.glob("*/last.pt")}
+    strategy_fit.main(argv)  # an interrupted study's rerun: nothing is trained again
+    assert {p: os.path.getmtime(p) for p in out.glob("*/last.pt")} == before
+    assert (out / "report.md").read_text() == report
