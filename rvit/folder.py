@@ -346,10 +346,9 @@ def _windows(path, height, width, tile, ignore_index):
 
 def read_pair(sample, ignore_index=None):
     """(image (C, h, w) native dtype, mask (h, w) uint8, real (h, w) bool) of a `tile_pairs`
-    sample. Pixels beyond the image's edge (0 in the image), or nodata in a GeoTIFF, are
-    `ignore_index` in the mask when it is given, and False in `real`: the band statistics
-    count real pixels only, whatever label they carry. Raises the error `tile_pairs`
-    recorded for a bad pair."""
+    sample: pixels past the image's edge (0 in the image) or GeoTIFF nodata are False in
+    `real` and, if given, `ignore_index` in the mask. Raises the error `tile_pairs` recorded
+    for a bad pair."""
     if "error" in sample:
         raise ValueError(sample["error"])
     fill = ignore_index or 0
