@@ -34,11 +34,10 @@ def parse_args(argv=None):
                    help="which dataset; folder: your own imagery (class folders or a manifest)")
     p.add_argument("--out", required=True, help="output folder for train.h5, val.h5, test.h5")
     p.add_argument("--root", help="the dataset's root folder (BigEarthNet v1: the S2 patch "
-                                  "folders; v2: the folder holding BigEarthNet-S2/, -S1/; "
-                                  "MLRSNet: the folder holding Images/ and labels/; "
-                                  "Woody: the sites' files, searched recursively; FLAIR: the "
-                                  "folder holding flair_aerial_train/ etc.; folder: the "
-                                  "class folders, or the folder manifest paths start from)")
+                   "folders; v2: the folder holding BigEarthNet-S2/, -S1/; MLRSNet: the folder "
+                   "holding Images/ and labels/; Woody: the sites' files, searched recursively; "
+                   "FLAIR: the folder holding flair_aerial_train/ etc.; folder: the class "
+                   "folders, or the folder manifest paths start from)")
     p.add_argument("--s1-root", help="BigEarthNet v1: folder of the Sentinel-1 patch folders")
     p.add_argument("--version", choices=("v1", "v2"), default="v1",
                    help="BigEarthNet v1.0 layout, or v2.0 (reBEN) with metadata.parquet")
@@ -111,42 +110,35 @@ def fetch_example(cache_dir):
     if os.path.isdir(s2) and os.path.isdir(s1):
         return s2, s1
     os.makedirs(cache_dir, exist_ok=True)
-    wheels = [f for f in os.listdir(cache_dir) if f.startswith("bigearthnet_common-2.8.0")]
-    if not wheels:
+
+    def wheels():
+        return [f for f in os.listdir(cache_dir) if f.startswith("bigearthnet_common-2.8.0")]
+    if not wheels():
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", EXAMPLE_WHEEL,
                "-d", cache_dir]
         if subprocess.run(cmd).returncode != 0:
             raise RuntimeError(f"could not download {EXAMPLE_WHEEL} with pip")
-        wheels = [f for f in os.listdir(cache_dir) if f.startswith("bigearthnet_common-2.8.0")]
-    tmp = folder + ".tmp"
-    with zipfile.ZipFile(os.path.join(cache_dir, wheels[0])) as z:
+    with zipfile.ZipFile(os.path.join(cache_dir, wheels()[0])) as z:
         for s in ("S2", "S1"):
             with z.open(f"bigearthnet_common/BigEarthNet-{s}-Example.tar.bz2") as raw, \
                     tarfile.open(fileobj=raw, mode="r:bz2") as tar:
-                tar.extractall(tmp, filter="data")
-    os.replace(tmp, folder)
+                tar.extractall(folder + ".tmp", filter="data")
+    os.replace(folder + ".tmp", folder)
     return s2, s1
 
 
-def bigearthnet_samples(args):
-    """Patches with their split, for --version v1 or v2."""
-    if args.version == "v2":
-        meta = args.metadata or os.path.join(args.root, "metadata.parquet")
-        return bigearthnet.patches_v2(args.root, meta, args.keep_cloudy)
-    patches = bigearthnet.patches_v1(args.root, args.s1_root)
-    excluded = set().union(*(read_list(p) for p in args.exclude))
-    patches = [p for p in patches if p["name"] not in excluded]
-    if args.splits:
-        where = official_splits(args.splits)
-        patches = [p for p in patches if p["name"] in where]
-    else:
-        where = seeded_split([p["name"] for p in patches], args.seed)
-        os.makedirs(args.out, exist_ok=True)
-        write_split_csv(where, os.path.join(args.out, "split.csv"))
-    for p in patches:
-        p["split"] = where[p["name"]]
-    return patches
+def seed_splits(samples, args, val_fraction=0.1, test_fraction=0.1, strata=None):
+    """Give each sample without a "split" its split in a seeded split of their names (stratified
+    by `strata`, {name: class}), and save every sample's split to OUT/split.csv for reuse."""
+    where = seeded_split([s["name"] for s in samples if not s.get("split")], args.seed,
+                         val_fraction, test_fraction, strata)
+    for s in samples:
+        s["split"] = s.get("split") or where[s["name"]]
+    write_split_csv({s["name"]: s["split"] for s in samples}, os.path.join(args.out, "split.csv"))
 
+
+# Each <dataset>_main returns (samples with "name" and "split", read: sample -> (image, target
+# [, real pixels]), the files' attrs, "labels" or "masks") for write_splits.
 
 def bigearthnet_main(args):
     if args.example:
@@ -154,7 +146,18 @@ def bigearthnet_main(args):
         args.version = "v1"
     if args.modality != "s2" and args.version == "v1" and not args.s1_root:
         raise ValueError(f"--modality {args.modality} needs --s1-root")
-    samples = bigearthnet_samples(args)
+    if args.version == "v2":
+        meta = args.metadata or os.path.join(args.root, "metadata.parquet")
+        samples = bigearthnet.patches_v2(args.root, meta, args.keep_cloudy)
+    else:
+        excluded = set().union(*(read_list(p) for p in args.exclude))
+        samples = [p for p in bigearthnet.patches_v1(args.root, args.s1_root)
+                   if p["name"] not in excluded]
+        if args.splits:
+            where = official_splits(args.splits)
+            samples = [dict(p, split=where[p["name"]]) for p in samples if p["name"] in where]
+        else:
+            seed_splits(samples, args)
     if not samples:
         raise ValueError(f"{args.root}: no BigEarthNet patches found")
     attrs = {"dataset": "bigearthnet", "task": "multilabel",
@@ -169,8 +172,7 @@ def bigearthnet_main(args):
             labels = bigearthnet.labels_v1(os.path.join(s["s2_dir"],
                                                         f"{name}_labels_metadata.json"))
         return bigearthnet.read_image(s["s2_dir"], s["s1_dir"], args.modality), labels
-    return write_splits(samples, read, args.out, attrs, "labels", args.on_error,
-                        args.workers)
+    return samples, read, attrs, "labels"
 
 
 def mlrsnet_main(args):
@@ -183,20 +185,15 @@ def mlrsnet_main(args):
     if unlabelled:
         print(f"warning: {unlabelled} image(s) under {args.root}/Images have no label row; "
               "left out")
-    ids = [f"{category}/{name}" for category, name, _ in rows]
-    where = seeded_split(ids, args.seed, val_fraction=args.val_fraction,
-                         test_fraction=1 - args.train_fraction - args.val_fraction)
-    os.makedirs(args.out, exist_ok=True)
-    write_split_csv(where, os.path.join(args.out, "split.csv"))
-    samples = [{"name": i, "path": p, "labels": y, "split": where[i]}
-               for i, p, (_, _, y) in zip(ids, paths, rows)]
+    samples = [{"name": f"{category}/{name}", "path": p, "labels": y}
+               for p, (category, name, y) in zip(paths, rows)]
+    seed_splits(samples, args, args.val_fraction, 1 - args.train_fraction - args.val_fraction)
     attrs = {"dataset": "mlrsnet", "task": "multilabel", "bands": ["R", "G", "B"],
              "classes": names, "source": f"MLRSNet (Qi et al. 2020) from {args.root}"}
 
     def read(s):
         return mlrsnet.read_image(s["path"]), s["labels"]
-    return write_splits(samples, read, args.out, attrs, "labels", args.on_error,
-                        args.workers)
+    return samples, read, attrs, "labels"
 
 
 def woody_main(args):
@@ -208,22 +205,17 @@ def woody_main(args):
         print(f"warning: --test-sites {sorted(unknown)} not found under {args.root}")
     sites = {name: woody.Site(name, *paths) for name, paths in found.items()}
     tile = args.tile_size or woody.TILE
-    samples = [{"name": f"{name}/r{row}_c{col}", "site": name, "row": row, "col": col}
+    samples = [{"name": f"{name}/r{row}_c{col}", "site": name, "row": row, "col": col,
+                "split": "test" if name in args.test_sites else None}
                for name, site in sites.items() for row, col in site.tile_origins(tile)]
-    held = [s["name"] for s in samples if s["site"] not in args.test_sites]
-    where = seeded_split(held, args.seed, val_fraction=0.1, test_fraction=0.0)
-    for s in samples:
-        s["split"] = "test" if s["site"] in args.test_sites else where[s["name"]]
-    os.makedirs(args.out, exist_ok=True)
-    write_split_csv({s["name"]: s["split"] for s in samples}, os.path.join(args.out, "split.csv"))
+    seed_splits(samples, args, val_fraction=0.1, test_fraction=0.0)
     attrs = {"dataset": "woody", "task": "segmentation", "bands": ["R", "G", "B"],
              "classes": list(woody.CLASSES), "ignore_index": woody.IGNORE,
              "source": f"Woody (Kattenborn et al. 2019) sites {sorted(sites)} from {args.root}"}
 
     def read(s):
         return sites[s["site"]].read_tile(s["row"], s["col"], tile)
-    return write_splits(samples, read, args.out, attrs, "masks", args.on_error,
-                        args.workers)
+    return samples, read, attrs, "masks"
 
 
 def flair_main(args):
@@ -231,35 +223,16 @@ def flair_main(args):
     test = flair.find_pairs(args.root, "flair_1_aerial_test", "flair_1_labels_test")
     if not train:
         raise ValueError(f"{args.root}: no flair_aerial_train/<domain>/<zone>/img/IMG_*.tif")
-    where = seeded_split([name for name, _, _ in train], args.seed, 0.1, 0.0)
-    samples = [{"name": n, "img": i, "msk": m, "split": where[n]} for n, i, m in train] + \
+    samples = [{"name": n, "img": i, "msk": m, "split": None} for n, i, m in train] + \
         [{"name": n, "img": i, "msk": m, "split": "test"} for n, i, m in test]
-    os.makedirs(args.out, exist_ok=True)
-    write_split_csv({s["name"]: s["split"] for s in samples}, os.path.join(args.out, "split.csv"))
+    seed_splits(samples, args, val_fraction=0.1, test_fraction=0.0)
     attrs = {"dataset": "flair", "task": "segmentation", "bands": list(flair.BANDS),
              "classes": list(flair.classes(args.flair_classes)),
              "source": f"FLAIR #1 ({args.flair_classes} classes) from {args.root}"}
 
     def read(s):
         return flair.read_sample(s["img"], s["msk"], args.flair_classes)
-    return write_splits(samples, read, args.out, attrs, "masks", args.on_error,
-                        args.workers)
-
-
-def folder_splits(rows, args, strata=None):
-    """Give each row its split: the manifest's split column, else a seeded split of the images
-    (stratified by `strata`, {name: class}) written to OUT/split.csv."""
-    if "split" in rows[0]:
-        return
-    if not (args.val_fraction >= 0 and args.test_fraction >= 0
-            and args.val_fraction + args.test_fraction < 1):
-        raise ValueError("--val-fraction and --test-fraction must be at least 0 and sum below 1")
-    where = seeded_split([r["name"] for r in rows], args.seed, args.val_fraction,
-                         args.test_fraction, strata)
-    os.makedirs(args.out, exist_ok=True)
-    write_split_csv(where, os.path.join(args.out, "split.csv"))
-    for r in rows:
-        r["split"] = where[r["name"]]
+    return samples, read, attrs, "masks"
 
 
 def folder_main(args):
@@ -276,25 +249,31 @@ def folder_main(args):
     for flag, value in (("--tile-size", args.tile_size), ("--ignore-index", args.ignore_index)):
         if value is not None and kind != "mask":
             raise ValueError(f"{flag} is for segmentation manifests (header image,mask)")
-    folder_splits(rows, args, {r["name"]: r["label"] for r in rows} if kind == "folders"
-                  else None)
+    if "split" not in rows[0]:  # no split column: a seeded split of the images
+        if not (args.val_fraction >= 0 and args.test_fraction >= 0
+                and args.val_fraction + args.test_fraction < 1):
+            raise ValueError("--val-fraction and --test-fraction must be at least 0 and sum "
+                             "below 1")
+        seed_splits(rows, args, args.val_fraction, args.test_fraction,
+                    {r["name"]: r["label"] for r in rows} if kind == "folders" else None)
     attrs = {"dataset": "folder", "source": f"your own imagery from {args.root}"
              + (f", manifest {args.manifest}" if args.manifest else ", class folders")}
+    bands = [b.strip() for b in args.bands.split(",")] if args.bands else None
     if kind == "mask":
-        return folder_segmentation(args, rows, classes, attrs)
+        return folder_segmentation(args, rows, classes, attrs, bands)
     if kind == "labels":
         classes = folder.multi_hot(rows, args.manifest, classes)
     shape, dtype, names = folder.probe(rows[0]["image"])
     first = (shape, dtype, rows[0]["image"])
     attrs.update(task="multilabel" if kind == "labels" else "multiclass", classes=classes,
-                 bands=folder.band_names(rows[0]["image"], shape[0], names, bands_flag(args)))
+                 bands=folder.band_names(rows[0]["image"], shape[0], names, bands))
 
     def read(s):
         return folder.read_checked(s["image"], first), s["target"]
-    return write_splits(rows, read, args.out, attrs, "labels", args.on_error, args.workers)
+    return rows, read, attrs, "labels"
 
 
-def folder_segmentation(args, rows, classes, attrs):
+def folder_segmentation(args, rows, classes, attrs, bands):
     """Image / mask pairs, whole or in tiles; classes from --classes, else 0..highest value."""
     ignore = args.ignore_index
     if ignore is not None and not 0 <= ignore <= 255:
@@ -309,17 +288,13 @@ def folder_segmentation(args, rows, classes, attrs):
     if dropped:
         print(f"left out {dropped} tile(s) whose mask is all --ignore-index {ignore}")
     attrs.update(task="segmentation", classes=classes or [str(i) for i in range(top + 1)],
-                 bands=folder.band_names(first[2], first[0][0], first[3], bands_flag(args)))
+                 bands=folder.band_names(first[2], first[0][0], first[3], bands))
     if ignore is not None:
         attrs["ignore_index"] = ignore
 
     def read(s):
         return folder.read_pair(s, ignore)
-    return write_splits(samples, read, args.out, attrs, "masks", args.on_error, args.workers)
-
-
-def bands_flag(args):
-    return [b.strip() for b in args.bands.split(",")] if args.bands else None
+    return samples, read, attrs, "masks"
 
 
 def main(args):
@@ -331,7 +306,9 @@ def main(args):
         raise ValueError("--root is required (or --example for BigEarthNet)")
     run = {"bigearthnet": bigearthnet_main, "mlrsnet": mlrsnet_main, "woody": woody_main,
            "flair": flair_main, "folder": folder_main}
-    counts = run[args.dataset](args)
+    samples, read, attrs, target_key = run[args.dataset](args)
+    counts = write_splits(samples, read, args.out, attrs, target_key, args.on_error,
+                          args.workers)
     print(f"wrote {args.out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
 
 

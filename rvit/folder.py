@@ -13,6 +13,7 @@ Formats: GeoTIFF (.tif, .tiff; rasterio, any band count, native dtype), PNG and 
 RGB -> bands R, G, B, greyscale -> one band "grey", alpha dropped). GeoTIFF bands are named by
 their descriptions (GDAL's, as in TorchGeo's `all_bands`), else B1..Bn; `bands` overrides both.
 """
+import contextlib
 import csv
 import functools
 import os
@@ -38,8 +39,23 @@ def _pil_mode(mode, mask):
     return "L" if mode in ("1", "LA", "La") else "RGB"
 
 
-def _unreadable(path, e):
-    return ValueError(f"{path}: unreadable image ({type(e).__name__}: {e})")
+@contextlib.contextmanager
+def _open(path):
+    """The rasterio dataset of a GeoTIFF, or the Pillow image of a PNG / JPEG, open for
+    reading. Raises ValueError naming the file for what the library raises on a bad file."""
+    if _is_tiff(path):
+        import rasterio
+
+        opener, errors = rasterio.open, rasterio.errors.RasterioError
+    else:
+        from PIL import Image
+
+        opener, errors = Image.open, (OSError, SyntaxError, Image.DecompressionBombError)
+    try:
+        with opener(path) as src:
+            yield src
+    except errors as e:
+        raise ValueError(f"{path}: unreadable image ({type(e).__name__}: {e})") from e
 
 
 def probe(path):
@@ -51,22 +67,13 @@ def probe(path):
     Raises:
         ValueError naming the file when it is not a readable GeoTIFF, PNG or JPEG.
     """
-    if _is_tiff(path):
-        import rasterio
-
-        try:
-            with rasterio.open(path) as src:
-                names = list(src.descriptions) if all(src.descriptions) else None
-                return (src.count, src.height, src.width), np.dtype(src.dtypes[0]), names
-        except rasterio.errors.RasterioError as e:
-            raise _unreadable(path, e) from e
+    with _open(path) as src:
+        if _is_tiff(path):
+            names = list(src.descriptions) if all(src.descriptions) else None
+            return (src.count, src.height, src.width), np.dtype(src.dtypes[0]), names
+        mode, (w, h) = _pil_mode(src.mode, False), src.size
     from PIL import Image
 
-    try:
-        with Image.open(path) as im:
-            mode, (w, h) = _pil_mode(im.mode, False), im.size
-    except (OSError, SyntaxError, Image.DecompressionBombError) as e:
-        raise _unreadable(path, e) from e
     dtype = np.asarray(Image.new(mode, (1, 1))).dtype
     return ((3 if mode == "RGB" else 1), h, w), dtype, (["R", "G", "B"] if mode == "RGB"
                                                          else ["grey"])
@@ -81,21 +88,10 @@ def read_image(path, mask=False):
     Raises:
         ValueError naming the file when it cannot be read.
     """
-    if _is_tiff(path):
-        import rasterio
-
-        try:
-            with rasterio.open(path) as src:
-                return src.read()
-        except rasterio.errors.RasterioError as e:
-            raise _unreadable(path, e) from e
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            array = np.asarray(im.convert(_pil_mode(im.mode, mask)))
-    except (OSError, SyntaxError, Image.DecompressionBombError) as e:
-        raise _unreadable(path, e) from e
+    with _open(path) as src:
+        if _is_tiff(path):
+            return src.read()
+        array = np.asarray(src.convert(_pil_mode(src.mode, mask)))
     return np.ascontiguousarray(array[None] if array.ndim == 2 else array.transpose(2, 0, 1))
 
 
@@ -113,15 +109,11 @@ def read_part(path, window, mask=False, fill=0):
     row, col, height, width = window
     if not _is_tiff(path):
         return pad_window(_decoded(path, mask), row, col, height, width, fill)
-    import rasterio
     from rasterio.windows import Window
 
-    try:
-        with rasterio.open(path) as src:
-            return read_window(src, Window(col, row, width, height),
-                               list(range(1, src.count + 1)), fill)
-    except rasterio.errors.RasterioError as e:
-        raise _unreadable(path, e) from e
+    with _open(path) as src:
+        return read_window(src, Window(col, row, width, height),
+                           list(range(1, src.count + 1)), fill)
 
 
 def as_mask(array, path):
@@ -175,26 +167,20 @@ def find_class_folders(root, classes=None):
     classes = classes or folders
     samples, others = [], 0
     for folder in folders:
+        path = os.path.join(root, folder)
         if folder not in classes:
-            raise ValueError(f"{os.path.join(root, folder)}: class {folder!r} is not in "
-                             "--classes")
-        files = _files(os.path.join(root, folder))
+            raise ValueError(f"{path}: class {folder!r} is not in --classes")
+        files = sorted(os.path.join(d, f) for d, _, names in os.walk(path, followlinks=True)
+                       for f in names if f[0] != ".")  # every non-hidden file below it
         found = [p for p in files if p.lower().endswith(SUFFIXES)]
         others += len(files) - len(found)
         if not found:
-            raise FileNotFoundError(f"{os.path.join(root, folder)}: empty class folder (no "
-                                    f"{' '.join(SUFFIXES)} image)")
+            raise FileNotFoundError(f"{path}: empty class folder (no {' '.join(SUFFIXES)} image)")
         label = classes.index(folder)
         samples += [{"name": os.path.relpath(p, root).replace(os.sep, "/"), "image": p,
                      "label": label, "target": np.eye(len(classes), dtype=np.uint8)[label]}
                     for p in found]
     return sorted(samples, key=lambda s: s["name"]), list(classes), others
-
-
-def _files(folder):
-    """Every non-hidden file below folder, sorted."""
-    return sorted(os.path.join(d, f) for d, _, files in os.walk(folder, followlinks=True)
-                  for f in files if f[0] != ".")
 
 
 def read_manifest(path, root):
@@ -243,7 +229,8 @@ def read_manifest(path, root):
 
 
 def _listed(root, relative, manifest, line):
-    """Path of a file a manifest lists; FileNotFoundError naming it when missing."""
+    """Path of a file a manifest lists; FileNotFoundError naming it when missing, ValueError
+    when it is no GeoTIFF, PNG or JPEG."""
     path = os.path.join(root, relative)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: listed in {manifest}:{line} but not found")
@@ -279,14 +266,12 @@ def check_like(path, shape, dtype, first, same_size=True, hint=""):
         same_size: compare H and W too (tiled images need only the same bands and dtype).
         hint: appended to the message.
     """
+    def describe(shape, dtype):
+        return f"{shape[0]} band(s) of {shape[2]} x {shape[1]} pixels, {np.dtype(dtype).name}"
     want = first[0] if same_size else (first[0][0], *shape[1:])
     if tuple(shape) != tuple(want) or np.dtype(dtype) != first[1]:
-        raise ValueError(f"{path}: {_describe(shape, dtype)}, expected {_describe(want, first[1])}"
+        raise ValueError(f"{path}: {describe(shape, dtype)}, expected {describe(want, first[1])}"
                          f" as in {first[2]}{hint}")
-
-
-def _describe(shape, dtype):
-    return f"{shape[0]} band(s) of {shape[2]} x {shape[1]} pixels, {np.dtype(dtype).name}"
 
 
 def tile_pairs(rows, tile=None, ignore_index=None, on_error="stop"):
@@ -361,10 +346,9 @@ def _windows(path, height, width, tile, ignore_index):
 
 def read_pair(sample, ignore_index=None):
     """(image (C, h, w) native dtype, mask (h, w) uint8, real (h, w) bool) of a `tile_pairs`
-    sample. Pixels beyond the image's edge (0 in the image), or nodata in a GeoTIFF, are
-    `ignore_index` in the mask when it is given, and False in `real`: the band statistics
-    count real pixels only, whatever label they carry. Raises the error `tile_pairs`
-    recorded for a bad pair."""
+    sample: pixels past the image's edge (0 in the image) or GeoTIFF nodata are False in
+    `real` and, if given, `ignore_index` in the mask. Raises the error `tile_pairs` recorded
+    for a bad pair."""
     if "error" in sample:
         raise ValueError(sample["error"])
     fill = ignore_index or 0

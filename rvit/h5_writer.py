@@ -33,8 +33,7 @@ class BandStats:
 
     def add(self, image, real=None):
         """image: (C, H, W) any real dtype; real: (H, W) bool, the pixels that count (None:
-        all). Padding past an image's edge is no pixel of it: counted, it pulls the mean
-        towards the pad value and inflates the std."""
+        all; padding past an image's edge would pull the mean towards the pad value)."""
         x = image.reshape(image.shape[0], -1).astype(np.float64)
         if real is not None:
             x = x[:, np.asarray(real, bool).reshape(-1)]  # (C, pixels that count)
@@ -59,18 +58,12 @@ class BandStats:
 
 
 class SplitWriter:
-    """Appends samples to an HDF5 file; `finish` sets the attrs and closes it.
-
-    Args:
-        path: the file to write (a temporary name of rvit/atomic.py when used by
-            `write_splits`, which renames it once every split is complete).
-        target_key: "labels" (classification) or "masks" (segmentation).
-    """
+    """Appends samples to the HDF5 file `path`; `finish` sets the attrs and closes it.
+    target_key: "labels" (classification) or "masks" (segmentation)."""
 
     def __init__(self, path, target_key):
         self.path, self.target_key = path, target_key
-        self.f = h5py.File(path, "w")
-        self.n = 0
+        self.f, self.n = h5py.File(path, "w"), 0
 
     def _create(self, image, target):
         self.f.create_dataset("images", shape=(0, *image.shape), maxshape=(None, *image.shape),
@@ -87,7 +80,7 @@ class SplitWriter:
 
     def extend(self, images, targets, names):
         """A block of samples: images (n, C, H, W), targets (n, ...) uint8, n names; one resize
-        and one write per dataset (a 512-sample block wrote 4x faster than 512 appends)."""
+        and one write per dataset, faster than n appends."""
         if self.n == 0 and "images" not in self.f:
             self._create(images[0], targets[0])
         n = len(images)
@@ -115,11 +108,9 @@ def write_splits(samples, read, out, attrs, target_key="labels", on_error="stop"
 
     Args:
         samples: list of dicts with at least "name" and "split" (train / val / test).
-        read: function sample -> (image (C, H, W) native dtype, target uint8 (classes,) or
-            (H, W)), or with a third item, (H, W) bool, True where the image holds a real pixel
-            (False on the padding of a tile past the edge, or nodata): only real pixels
-            count in mean / std. Raises ValueError, FileNotFoundError or OSError on bad
-            input.
+        read: sample -> (image (C, H, W) native dtype, target uint8 (classes,) or (H, W)[,
+            real (H, W) bool: False on the padding past an image's edge or nodata, which
+            mean / std leave out]). Raises ValueError or OSError on bad input.
         attrs: file attributes (dataset, task, bands, classes, source); mean / std are added
             from the train split.
         on_error: "stop" (raise, leaving no new file) or "skip" (leave the sample out and list
@@ -136,10 +127,9 @@ def write_splits(samples, read, out, attrs, target_key="labels", on_error="stop"
     ordered = [s for split in SPLITS for s in samples if s["split"] == split]
     stats, skipped, first = BandStats(), [], None
     try:
-        with _reader(read, workers) as results:
-            for sample, (got, error) in progress_bar(zip(ordered, results(ordered)),
-                                                     total=len(ordered), desc="convert",
-                                                     unit="sample"):
+        with _reader(read, ordered, workers) as results:
+            for sample, (got, error) in progress_bar(zip(ordered, results), total=len(ordered),
+                                                     desc="convert", unit="sample"):
                 if error is not None:
                     if on_error == "stop":
                         raise error
@@ -183,21 +173,21 @@ def _read_one(sample):
 
 
 @contextlib.contextmanager
-def _reader(read, workers):
-    """Yields a function samples -> iterator of `_read_one` results, in order. With workers > 1
+def _reader(read, ordered, workers):
+    """Yields an iterator of the `_read_one` results of `ordered`, in order. With workers > 1
     a pool of forked processes reads ahead (fork, because the readers are closures over the
     run's flags, which cannot be pickled; the parent has opened no raster the children use)."""
     global _READ
     _READ = read
     try:
         if workers <= 1 or "fork" not in multiprocessing.get_all_start_methods():
-            yield lambda ordered: map(_read_one, ordered)
+            yield map(_read_one, ordered)
             return
-        # concurrent.futures rather than multiprocessing.Pool: stopping a Pool mid-run
-        # (terminate, on a bad sample) deadlocked in 2 of 25 runs here
+        # concurrent.futures rather than multiprocessing.Pool: terminating a Pool mid-run
+        # (on a bad sample) can deadlock
         pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
         try:
-            yield lambda ordered: _read_ahead(pool, ordered, 4 * workers)
+            yield _read_ahead(pool, ordered, 4 * workers)
         finally:  # on a bad sample too: drop what is queued, wait for what is running
             pool.shutdown(wait=True, cancel_futures=True)
     finally:
@@ -207,11 +197,9 @@ def _reader(read, workers):
 def _read_ahead(pool, ordered, depth):
     """`_read_one` of each sample in order, at most `depth` submitted ahead, so memory holds a
     few samples however large the archive."""
-    pending, todo = collections.deque(), iter(ordered)
-    for sample in itertools.islice(todo, depth):
-        pending.append(pool.submit(_read_one, sample))
+    todo = iter(ordered)
+    pending = collections.deque(pool.submit(_read_one, s) for s in itertools.islice(todo, depth))
     while pending:
         result = pending.popleft().result()
-        for sample in itertools.islice(todo, 1):
-            pending.append(pool.submit(_read_one, sample))
+        pending.extend(pool.submit(_read_one, s) for s in itertools.islice(todo, 1))
         yield result

@@ -63,13 +63,13 @@ def match_images(images_dir, rows, strict=True):
 
 def read_image(path):
     """(3, 256, 256) uint8 RGB. Raises ValueError for an unreadable or odd-sized image."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     try:
         with Image.open(path) as im:
             im.load()
             image = np.asarray(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+    except (OSError, SyntaxError) as e:  # UnidentifiedImageError is an OSError
         raise ValueError(f"{path}: unreadable image ({e})") from e
     if image.shape != (SIZE, SIZE, 3):
         raise ValueError(f"{path}: {image.shape[1]} x {image.shape[0]} pixels, expected "

@@ -20,17 +20,12 @@ def tile_origins(height, width, tile):
 
 
 def read_window(src, window, indexes, fill=0):
-    """Bands of an open rasterio dataset in a window that may cross the raster's edge.
-
-    Args:
-        src: rasterio dataset open for reading.
-        window: rasterio Window (col_off, row_off, width, height) in pixels.
-        indexes: 1-based band numbers to read.
-        fill: value of the pixels beyond the edge.
+    """Bands `indexes` (1-based) of an open rasterio dataset `src` in a rasterio Window
+    (col_off, row_off, width, height) that may cross the raster's edge.
 
     Returns:
-        (len(indexes), height, width) array in the raster's dtype, and (height, width) bool:
-        True beyond the raster's edge, or where the first band read is nodata / masked.
+        (len(indexes), height, width) array in the raster's dtype, `fill` beyond the edge, and
+        (height, width) bool: True beyond the edge, or where the first band read is nodata.
     """
     image = src.read(indexes, window=window, boundless=True, fill_value=fill)
     valid = src.read(indexes[0], window=window, boundless=True, masked=True)

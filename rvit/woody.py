@@ -102,8 +102,7 @@ class Site:
     def read_tile(self, row, col, tile):
         """(3, tile, tile) uint8 RGB (0 past the raster's edge), (tile, tile) uint8 class map,
         IGNORE outside the AOI, the raster or the ortho's alpha, and (tile, tile) bool, True
-        on the ortho's real pixels (inside the raster, not transparent): those the band
-        statistics count."""
+        on the ortho's real pixels (inside the raster, not transparent)."""
         import rasterio
         from rasterio.features import rasterize
         from rasterio.windows import Window
