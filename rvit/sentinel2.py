@@ -43,17 +43,14 @@ def image_folders(path):
 
 
 def _product_folders(path, levels=4):
-    """A path's folder and its parents up to its `.SAFE` (a band file sits 4 folders below it:
-    R10m, IMG_DATA, the granule, GRANULE), at most `levels` up."""
+    """Yield a path's folder and its parents up to its `.SAFE` (a band file sits 4 folders below
+    it: R10m, IMG_DATA, the granule, GRANULE), at most `levels` up."""
     folder = os.path.abspath(path if os.path.isdir(path) else os.path.dirname(path))
-    found = [folder]
-    while len(found) <= levels and not folder.upper().endswith(".SAFE"):
-        parent = os.path.dirname(folder)
-        if parent == folder:
-            break
-        folder = parent
-        found.append(folder)
-    return found
+    for _ in range(levels + 1):
+        yield folder
+        if folder.upper().endswith(".SAFE") or os.path.dirname(folder) == folder:
+            return
+        folder = os.path.dirname(folder)
 
 
 def find_metadata(inputs):
@@ -89,14 +86,9 @@ def baseline_from_names(inputs):
 
 
 def read_metadata(path, bands):
-    """BOA_ADD_OFFSET per band, BOA_QUANTIFICATION_VALUE and PROCESSING_BASELINE of a product.
-
-    Args:
-        path: its MTD_MSIL2A.xml; bands: the checkpoint's band names, in its order.
-
-    Returns:
-        (offsets (len(bands),) float64, quantification float, baseline str or "unknown");
-        offsets are 0 for a product that lists none (baselines before 04.00).
+    """(BOA_ADD_OFFSET (len(bands),) float64, BOA_QUANTIFICATION_VALUE float,
+    PROCESSING_BASELINE str or "unknown") of a product's MTD_MSIL2A.xml at `path`, for the
+    checkpoint's `bands`; offsets are 0 for a product that lists none (baselines before 04.00).
 
     Raises:
         ValueError naming the file: unreadable XML, no BOA_QUANTIFICATION_VALUE, or a band
@@ -129,17 +121,10 @@ def read_metadata(path, bands):
 
 @dataclass
 class Radiometry:
-    """How the DN of band files become the pixels the checkpoint was trained on, and where
-    that came from.
-
-    Attributes:
-        offset: (C,) float64, added to each band's DN (BOA_ADD_OFFSET).
-        quantification: BOA_QUANTIFICATION_VALUE of the files.
-        note: one line saying what is done and why (printed, and recorded in the outputs).
-    """
-    offset: np.ndarray
-    quantification: float
-    note: str
+    """How the DN of band files become the pixels the checkpoint was trained on, and why."""
+    offset: np.ndarray  # (C,) float64 BOA_ADD_OFFSET, added to each band's DN
+    quantification: float  # BOA_QUANTIFICATION_VALUE of the files
+    note: str  # one line saying what is done and why: printed, and in the maps' tags
 
     def apply(self, strip):
         """strip (C, h, w) DN -> ((C, h, w) float32 DN_old, (h, w) bool nodata: 0 in every
@@ -172,12 +157,9 @@ def _formula(offset, quantification, bands):
 
 
 def radiometry(inputs, bands, boa_offset=None):
-    """The conversion of band files to the checkpoint's units: from their product's
-    MTD_MSIL2A.xml, else from `boa_offset` (--boa-offset, quantification 10000), else none
-    when the product's baseline is unknown or before 04.00.
-
-    Args:
-        inputs: --input folders / band files; bands: the checkpoint's band names.
+    """The `Radiometry` of band files (--input folders / files) for the checkpoint's `bands`:
+    from their product's MTD_MSIL2A.xml, else from `boa_offset` (--boa-offset, quantification
+    10000), else none when the product's baseline is unknown or before 04.00.
 
     Raises:
         ValueError: a product of baseline 04.00 or later (from its .SAFE name) without its
