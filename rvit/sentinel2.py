@@ -53,36 +53,30 @@ def _product_folders(path, levels=4):
         folder = os.path.dirname(folder)
 
 
-def find_metadata(inputs):
-    """The `MTD_MSIL2A.xml` of the product the inputs (folders or band files) lie in, or None.
+def find_product(inputs):
+    """What the folders above the inputs (folders or band files) say of their product: (its
+    `MTD_MSIL2A.xml` or None, (processing baseline "NN.NN", the folder name that gives it: a
+    `.SAFE` (`..._N0500_...SAFE`) or an old-format granule (`..._N02.04`)) or None: band file
+    names do not carry it).
 
     Raises:
         ValueError: inputs from several products.
     """
-    found = set()
+    found, baseline = set(), None
     for path in inputs:
         for folder in _product_folders(path):
+            name = os.path.basename(folder)
+            m = re.search(r"_N(\d\d)(\d\d)_.*\.SAFE$", name, re.IGNORECASE) or \
+                re.search(r"_N(\d\d)\.(\d\d)$", name)
+            if m and baseline is None:
+                baseline = f"{m.group(1)}.{m.group(2)}", name
             if os.path.isfile(os.path.join(folder, METADATA)):
                 found.add(os.path.join(folder, METADATA))
                 break
     if len(found) > 1:
         raise ValueError(f"band files of several products ({', '.join(sorted(found))}): "
                          "give one product's")
-    return found.pop() if found else None
-
-
-def baseline_from_names(inputs):
-    """(processing baseline "NN.NN", the folder name it was read from) from a `.SAFE` name
-    (`..._N0500_...SAFE`) or an old-format granule name (`..._N02.04`) above the inputs, or
-    None: band file names do not carry it."""
-    for path in inputs:
-        for folder in _product_folders(path):
-            name = os.path.basename(folder)
-            m = re.search(r"_N(\d\d)(\d\d)_.*\.SAFE$", name, re.IGNORECASE) or \
-                re.search(r"_N(\d\d)\.(\d\d)$", name)
-            if m:
-                return f"{m.group(1)}.{m.group(2)}", name
-    return None
+    return (found.pop() if found else None), baseline
 
 
 def read_metadata(path, bands):
@@ -166,9 +160,20 @@ def radiometry(inputs, bands, boa_offset=None):
             metadata and without `boa_offset`; a `boa_offset` that the metadata contradicts;
             bad metadata (`read_metadata`).
     """
-    path = find_metadata(inputs)
-    if path is None and boa_offset is None:
-        return _as_delivered(inputs, bands)
+    path, found = find_product(inputs)
+    if path is None and boa_offset is None:  # as delivered, unless a .SAFE name says otherwise
+        if found and float(found[0]) >= 4:
+            raise ValueError(f"{inputs[0]}: Sentinel-2 L2A of processing baseline {found[0]} "
+                             f"(from {found[1]}) stores DN with an offset, but no {METADATA} was "
+                             "found with it; give the .SAFE folder, or pass --boa-offset (-1000 "
+                             "since baseline 04.00)")
+        why = (f"of baseline {found[0]} (from {found[1]}): DN read as they are, no offset "
+               "before 04.00" if found else
+               f"with no {METADATA} or .SAFE name above them, baseline unknown: DN read as they "
+               "are, as products before baseline 04.00 store them (pass --boa-offset -1000 for "
+               "files of baseline 04.00 or later)")
+        return Radiometry(np.zeros(len(bands)), QUANTIFICATION,
+                          f"Sentinel-2 band files {why}{NODATA_NOTE}")
     if path is None:
         offset, quantification = np.full(len(bands), float(boa_offset)), QUANTIFICATION
         source = f"Sentinel-2 band files, --boa-offset {boa_offset:g}"
@@ -183,20 +188,3 @@ def radiometry(inputs, bands, boa_offset=None):
                       f"{_formula(offset, quantification, bands)}, the pre-04.00 DN of the "
                       f"checkpoint's training data{NODATA_NOTE}")
 
-
-def _as_delivered(inputs, bands):
-    """No conversion for band files without metadata, unless their .SAFE name says they need
-    one (ValueError)."""
-    found = baseline_from_names(inputs)
-    if found and float(found[0]) >= 4:
-        raise ValueError(f"{inputs[0]}: Sentinel-2 L2A of processing baseline {found[0]} (from "
-                         f"{found[1]}) stores DN with an offset, but no {METADATA} was found "
-                         "with it; give the .SAFE folder, or pass --boa-offset (-1000 since "
-                         "baseline 04.00)")
-    why = (f"of baseline {found[0]} (from {found[1]}): DN read as they are, no offset before "
-           "04.00" if found else
-           f"with no {METADATA} or .SAFE name above them, baseline unknown: DN read as they "
-           "are, as products before baseline 04.00 store them (pass --boa-offset -1000 for "
-           "files of baseline 04.00 or later)")
-    return Radiometry(np.zeros(len(bands)), QUANTIFICATION,
-                      f"Sentinel-2 band files {why}{NODATA_NOTE}")
