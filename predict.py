@@ -5,23 +5,16 @@
         --input S2A_MSIL2A_....SAFE/GRANULE/*/IMG_DATA --out map/ --mask 0.75
     python predict.py --checkpoint RUN/best.pt --input data/bigearthnet/test.h5 --out preds/
 
-The input holds the checkpoint's bands in its order and training units (BigEarthNet: reflectance
-x 10000): a GeoTIFF / VRT, or single-band files (a folder, several files, an L2A `.SAFE`) matched
-by band name and stacked virtually (rvit/scene.py), their DN brought to BigEarthNet's convention
-(rvit/sentinel2.py). The scene is read one strip at a time and cut into tiles of the training
-samples' side, normalised with the checkpoint's statistics and run with the kept tokens only;
-edge tiles are padded with 0 as prepare_data.py pads training tiles, tiles all nodata are
-skipped. More in docs/mapping.md.
-
-Writes to OUT, each file under a temporary name renamed when complete:
-  classification: probabilities.tif (float32, a band per class, one pixel per tile, NaN where
-    skipped) and predictions.csv (tile row, column, centre x / y, kept share, label columns);
-  segmentation: classes.tif (uint8 class ids at full resolution, 255 where skipped or nodata;
-    --overlap blends overlapping tiles' logits with a linear ramp);
-  both: kept_share.tif (share of tokens each tile kept) and, with --save-examples, PNGs.
-An HDF5 split gives predictions.csv (name, kept share, label columns, a probability per class) or,
-for segmentation, classes.h5 (`classes` (N, H, W) uint8, `names`). rasterio
-(requirements-data.txt) is imported for GeoTIFF input only.
+A scene (a GeoTIFF / VRT, or Sentinel-2 band files: rvit/scene.py, rvit/sentinel2.py) holds the
+checkpoint's bands in its order and training units (BigEarthNet: reflectance x 10000). It is read
+one strip at a time and cut into tiles of the training samples' side, padded with 0 past its
+edge as prepare_data.py pads training tiles; tiles all nodata are skipped and written as nodata.
+Writes to OUT, each file under a temporary name renamed when complete (the sinks of
+rvit/scene.py and `predict_h5` say what each holds): for classification probabilities.tif and
+predictions.csv, for segmentation classes.tif (--overlap blends overlapping tiles), for both
+kept_share.tif (share of tokens each tile kept: a redundancy map of the scene) and PNGs with
+--save-examples; for an HDF5 split predictions.csv or classes.h5. More in docs/mapping.md.
+rasterio (requirements-data.txt) is imported for GeoTIFF input only.
 """
 import csv
 import os
@@ -142,8 +135,9 @@ def batched(items, size):
 
 
 def predict_h5(args, pred, files):
-    """Predictions for every sample of an HDF5 split: classes.h5 (segmentation) or
-    predictions.csv (classification), under `files`' temporary names."""
+    """Predictions for every sample of an HDF5 split, under `files`' temporary names:
+    classes.h5 (segmentation: `classes` (N, H, W) uint8, `names`) or predictions.csv (name, kept
+    share, `rvit.tasks.label_columns`, a probability per class)."""
     path = args.input[0]
     try:
         f = h5py.File(path, "r")

@@ -1,12 +1,9 @@
 """A scene read tile by tile, and the maps predict.py writes from the tiles' predictions.
 
-A scene is one GeoTIFF / VRT, or single-band files (Sentinel-2 as delivered, each band at its own
-resolution) stacked in a GDAL VRT held in memory (`open_scene`). Tiles are cut on a regular grid
-(`Grid`) and read one strip of tile rows at a time, so memory does not grow with the scene
-(`read_tiles`). Each task's sink (`open_sink`) takes `add(row, col, prediction, valid, kept
-share)` and `close(tags)`: classification writes probabilities.tif and predictions.csv,
-segmentation blends overlapping tiles' logits and writes classes.tif. Needs rasterio
-(requirements-data.txt).
+A scene is one GeoTIFF / VRT, or single-band files stacked in a GDAL VRT held in memory
+(`open_scene`), read one strip of tile rows at a time so memory does not grow with the scene
+(`Grid`, `read_tiles`). Each task's sink (`open_sink`) takes `add(row, col, prediction, valid,
+kept share)` and `close(tags)`. Needs rasterio (requirements-data.txt).
 """
 import csv
 import math
