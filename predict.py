@@ -5,42 +5,21 @@
         --input S2A_MSIL2A_....SAFE/GRANULE/*/IMG_DATA --out map/ --mask 0.75
     python predict.py --checkpoint RUN/best.pt --input data/bigearthnet/test.h5 --out preds/
 
-A GeoTIFF (or a GDAL VRT stacking band files) must hold the checkpoint's bands in its order, in
-the units it was trained on (BigEarthNet: reflectance x 10000). A folder or several single-band
-files (Sentinel-2 as delivered: `*_B02.tif`, `*_B8A_20m.jp2`, ..., or an L2A product's `.SAFE`
-folder) are matched to the checkpoint's band names and stacked in a virtual raster on the
-finest band's grid (rvit/scene.py), resampled bilinearly as prepare_data.py resamples BigEarthNet;
-nothing is written for it. Their DN are brought to BigEarthNet's convention with the
-BOA_ADD_OFFSET and BOA_QUANTIFICATION_VALUE of the product's MTD_MSIL2A.xml, or --boa-offset
-(rvit/sentinel2.py: one line says which, the maps' tags record it). The scene is read one strip of
-tiles at a time, never whole, and cut into tiles of the size the model was trained on (the
-training samples' side: BigEarthNet 120 px, FLAIR 512 px, Woody its --tile-size); tiles are
-normalised with the checkpoint's train-split statistics, batched and run with the kept tokens
-only. Partial edge tiles are padded with 0 in the model's input units, as prepare_data.py pads
-training tiles, and cropped back; tiles whose pixels are all nodata (the dataset mask: nodata
-value, alpha or internal mask; for band files, 0 in every band) are skipped and written as
-nodata.
-
-Writes to OUT, each file under a temporary name renamed when complete:
-  classification: probabilities.tif (float32, a band per class, one pixel per tile, the
-    scene's CRS, its transform scaled to the tile; NaN where skipped: sigmoid per class for
-    multi-label data, softmax over classes for single-label data), predictions.csv (tile row,
-    column, centre x / y in the scene's CRS of the tile's part inside the scene, kept share,
-    then the labels above --threshold, or for single-label data the top class and its
-    probability);
-  segmentation: classes.tif (uint8 class ids at full resolution, the scene's CRS and transform;
-    255 where skipped or nodata); --overlap blends the logits of overlapping tiles with a
-    linear ramp so seams do not show;
-  both: kept_share.tif (share of tokens each tile kept: a redundancy map of the scene) and,
-    with --save-examples, PNGs as in evaluate.py.
-An HDF5 split (labels optional) gives predictions.csv (name, kept share, the label columns as
-above, a probability per class) or, for segmentation, classes.h5 (`classes` (N, H, W) uint8,
-`names`).
-rasterio (requirements-data.txt) is imported here only, for GeoTIFF input.
+A scene (a GeoTIFF / VRT, or Sentinel-2 band files: rvit/scene.py, rvit/sentinel2.py) holds the
+checkpoint's bands in its order and training units (BigEarthNet: reflectance x 10000). It is read
+one strip at a time and cut into tiles of the training samples' side, padded with 0 past its
+edge as prepare_data.py pads training tiles; tiles all nodata are skipped and written as nodata.
+Writes to OUT, each file under a temporary name renamed when complete (the sinks of
+rvit/scene.py and `predict_h5` say what each holds): for classification probabilities.tif and
+predictions.csv, for segmentation classes.tif (--overlap blends overlapping tiles), for both
+kept_share.tif (share of tokens each tile kept: a redundancy map of the scene) and PNGs with
+--save-examples; for an HDF5 split predictions.csv or classes.h5. More in docs/mapping.md.
+rasterio (requirements-data.txt) is imported for GeoTIFF input only.
 """
 import csv
 import os
 from functools import partial
+from itertools import islice
 
 import h5py
 import numpy as np
@@ -150,19 +129,15 @@ class Predictor:
 
 def batched(items, size):
     """Lists of up to `size` consecutive items."""
-    batch = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
+    items = iter(items)
+    while batch := list(islice(items, size)):
         yield batch
 
 
 def predict_h5(args, pred, files):
-    """Predictions for every sample of an HDF5 split: classes.h5 (segmentation) or
-    predictions.csv (classification), under `files`' temporary names."""
+    """Predictions for every sample of an HDF5 split, under `files`' temporary names:
+    classes.h5 (segmentation: `classes` (N, H, W) uint8, `names`) or predictions.csv (name, kept
+    share, `rvit.tasks.label_columns`, a probability per class)."""
     path = args.input[0]
     try:
         f = h5py.File(path, "r")
@@ -215,13 +190,14 @@ def check_bands(path, count, bands, expected):
 
 
 def predict_scene(args, pred, files):
-    """Tile a GeoTIFF / VRT scene, or a virtual stack of band files, and map it, under
-    `files`' temporary names."""
+    """Tile a GeoTIFF / VRT scene, or a virtual stack of band files, run every tile through
+    `pred` and hand each result to the task's sink (rvit/scene.py), under `files`' temporary
+    names. Band files' radiometry (rvit/sentinel2.py) converts their pixels and goes into every
+    map's tags."""
     try:
         import rasterio
 
-        from rvit import scene
-        from rvit import sentinel2
+        from rvit import scene, sentinel2
     except ImportError as e:
         raise ImportError("GeoTIFF input needs rasterio: pip install -r requirements-data.txt") \
             from e
@@ -237,43 +213,36 @@ def predict_scene(args, pred, files):
         if args.overlap and not pred.seg:
             raise ValueError("--overlap blends segmentation tiles; classification tiles do not "
                              "overlap")
+        grid = scene.Grid(src.height, src.width, S, S - args.overlap)
+        kept_map = np.full((1, grid.rows, grid.cols), np.nan, np.float32)
         # a block cache sized to a strip, for this scene only: memory stays flat however tall
         with rasterio.Env(GDAL_CACHEMAX=scene.strip_cache_mb(src, S)):
-            map_scene(args, pred, src, scene.Grid(src.height, src.width, S, S - args.overlap),
-                      files, radiometry)
+            sink = scene.open_sink(files, src, grid, pred.meta, args)
+            with tqdm(total=len(grid), desc="predict", unit="tile", disable=None) as bar:
+                for batch in batched(scene.read_tiles(src, grid, radiometry=radiometry),
+                                     args.batch_size):
+                    results = predict_tiles(pred, grid, batch)
+                    for r, c, _, ok in batch:
+                        y, kept = results.get((r, c), (None, np.nan))
+                        kept_map[0, r, c] = kept
+                        sink.add(r, c, y, ok, kept)
+                    bar.update(len(batch))
+            tags = radiometry.tags() if radiometry is not None else {}
+            sink.close(tags)
+            scene.write_coarse(files.path(os.path.join(args.out, "kept_share.tif")), kept_map,
+                               src, grid, tags)
 
 
-def map_scene(args, pred, src, grid, files, radiometry=None):
-    """Run every tile of the scene through `pred` and hand each result to the task's sink
-    (rvit/scene.py); kept_share.tif records the share of tokens each tile kept. Band files'
-    `radiometry` (rvit/sentinel2.py) converts their pixels and is recorded in every map's tags."""
-    import rasterio
-
-    from rvit import scene
-    sink = (scene.SegmentationSink if pred.seg else scene.ClassificationSink).open(
-        files, src, grid, pred.meta, args)
-    kept_map = np.full((grid.rows, grid.cols), np.nan, np.float32)
-    with tqdm(total=len(grid), desc="predict", unit="tile", disable=None) as bar:
-        for batch in batched(scene.read_tiles(src, grid, radiometry=radiometry),
-                             args.batch_size):
-            real = [(r, c, t) for r, c, t, _ in batch if t is not None]
-            results = {}
-            if real:
-                index = [r * grid.cols + c for r, c, _ in real]
-                y, kept = pred(torch.from_numpy(np.stack([t for _, _, t in real])),
-                               torch.tensor(index), [f"tile_{i:06d}" for i in index])
-                results = {(r, c): (y[j].numpy(), kept[j]) for j, (r, c, _) in enumerate(real)}
-            for r, c, _, ok in batch:
-                y, kept = results.get((r, c), (None, np.nan))
-                kept_map[r, c] = kept
-                sink.add(r, c, y, ok, kept)
-            bar.update(len(batch))
-    tags = radiometry.tags() if radiometry is not None else {}
-    sink.close(tags)
-    with rasterio.open(files.path(os.path.join(args.out, "kept_share.tif")), "w", count=1,
-                       **scene.coarse_profile(src, grid)) as dst:
-        dst.write(kept_map[None])
-        dst.update_tags(**tags)
+def predict_tiles(pred, grid, batch):
+    """{(row, col): (prediction, kept share)} of the tiles of a `scene.read_tiles` batch that
+    hold data."""
+    real = [(r, c, t) for r, c, t, _ in batch if t is not None]
+    if not real:
+        return {}
+    index = [r * grid.cols + c for r, c, _ in real]
+    y, kept = pred(torch.from_numpy(np.stack([t for _, _, t in real])), torch.tensor(index),
+                   [f"tile_{i:06d}" for i in index])
+    return {(r, c): (y[j].numpy(), kept[j]) for j, (r, c, _) in enumerate(real)}
 
 
 def main(args):

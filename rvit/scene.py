@@ -1,15 +1,9 @@
 """A scene read tile by tile, and the maps predict.py writes from the tiles' predictions.
 
-A scene is one GeoTIFF / VRT, or single-band files stacked virtually (`open_scene`): Sentinel-2
-as delivered, each band at its own resolution, resampled bilinearly on the fly to the finest
-band's grid by a GDAL VRT held in memory, its DN converted as sentinel2.py says. Tiles are cut
-on a regular grid (`Grid`), read one strip of tile rows at a time so memory does not grow with
-the scene (`read_tiles`); each task has a sink with one interface, `open(files, src, grid,
-meta, args)`, `add(row, col, prediction, valid, kept share)`, `close(tags)`:
-classification writes probabilities.tif (a pixel per tile) and predictions.csv, segmentation
-blends overlapping tiles' logits with a linear ramp and writes classes.tif at full resolution.
-Every file is written under a temporary name of `rvit.atomic.AtomicFiles`. rasterio
-(requirements-data.txt) is needed here; predict.py (and benchmarks.mapping) import this module.
+A scene is one GeoTIFF / VRT, or single-band files stacked in a GDAL VRT held in memory
+(`open_scene`), read one strip of tile rows at a time so memory does not grow with the scene
+(`Grid`, `read_tiles`). Each task's sink (`open_sink`) takes `add(row, col, prediction, valid,
+kept share)` and `close(tags)`. Needs rasterio (requirements-data.txt).
 """
 import csv
 import math
@@ -26,6 +20,7 @@ from rvit import sentinel2
 from rvit.tasks import label_columns
 
 NODATA_CLASS = 255  # classes.tif value of skipped or nodata pixels
+BAND_SUFFIXES = (".tif", ".tiff", ".jp2")
 
 
 class Grid:
@@ -41,16 +36,10 @@ class Grid:
         return self.rows * self.cols
 
 
-BAND_SUFFIXES = (".tif", ".tiff", ".jp2")
-
-
 def open_scene(inputs, bands):
-    """The scene predict.py maps, as an open rasterio dataset.
-
-    Args:
-        inputs: one GeoTIFF / VRT (used as it is), or folders (searched recursively) and
-            single-band files to find one file per band in (`band_files`).
-        bands: the checkpoint's band names, in its order.
+    """The scene as an open rasterio dataset: one GeoTIFF / VRT as it is, or the file per band
+    of `bands` (the checkpoint's band names, in its order) found in folders and single-band
+    files (`band_files`), stacked (`stack_bands`).
 
     Raises:
         ValueError: an unreadable file, or band files that are missing, ambiguous or do not
@@ -70,14 +59,11 @@ def is_raster(inputs):
 
 
 def band_files(inputs, bands):
-    """One file per band name, in `bands`' order, from folders and files: a file is band B02 when
-    its name ends in `B02` after `_`, `-` or nothing, optionally followed by L2A's resolution
-    (`_10m`), then .tif, .tiff or .jp2, in any case. A band found at several resolutions (an
-    L2A product's R10m / R20m / R60m copies) is read from the finest, its native one. In a
-    `.SAFE` folder only GRANULE/*/IMG_DATA is searched (`sentinel2.image_folders`).
-
-    Returns:
-        list of paths, one per band.
+    """One path per band name, in `bands`' order, from folders (searched recursively; in a
+    `.SAFE` only GRANULE/*/IMG_DATA, `sentinel2.image_folders`) and files. A file is band B02
+    when its name ends in `B02` after `_`, `-` or nothing, optionally then L2A's resolution
+    (`_10m`), then .tif, .tiff or .jp2, in any case; a band at several resolutions (an L2A
+    product's R10m / R20m / R60m copies) is read from the finest, its native one.
 
     Raises:
         ValueError: one line naming every band with no file and every band with several.
@@ -115,13 +101,10 @@ def band_files(inputs, bands):
 
 
 def stack_bands(paths, bands):
-    """Single-band files as one virtual raster on the grid of the finest (most pixels), each
-    band resampled bilinearly: the GDAL resampling prepare_data.py applies to BigEarthNet's 20 m
-    and 60 m bands, so a patch's files give the pixels of its converted sample exactly. The
-    VRT is an XML string opened by GDAL: no stacked copy is written.
-
-    Args:
-        paths: one file per band; bands: their names (the VRT's band descriptions).
+    """Single-band files, `bands` their names, as one virtual raster on the grid of the finest
+    (most pixels), each resampled bilinearly as prepare_data.py resamples BigEarthNet's 20 m and
+    60 m bands, so a patch's files give its converted sample's pixels exactly. The VRT is an XML
+    string opened by GDAL: no stacked copy is written.
 
     Returns:
         open rasterio dataset (len(paths) bands, the finest file's dtype, CRS and transform).
@@ -178,12 +161,10 @@ def read_tiles(src, grid, fill=0, radiometry=None):
     raster order, reading one strip of tile rows at a time.
 
     Args:
-        fill: value of the pixels past the scene's edge, in the model's input units, a scalar
-            or one per band. 0, the default, is how prepare_data.py pads the training tiles
-            (rvit/tiles.py), so an edge tile reaches the model as edge tiles reached it in
-            training; the pad is outside the loss there and cropped from the maps here.
-        radiometry: `sentinel2.Radiometry` of band files: converts their DN, and marks pixels
-            0 in every band as nodata; None: pixels as stored, nodata from the dataset mask.
+        fill: value of the pixels past the scene's edge in the model's input units, a scalar or
+            one per band; 0 pads as prepare_data.py pads training tiles (rvit/tiles.py).
+        radiometry: `sentinel2.Radiometry` of band files: converts their DN and marks pixels 0
+            in every band nodata; None: pixels as stored, nodata from the dataset mask.
     """
     S = grid.tile
     for r in range(grid.rows):
@@ -212,8 +193,7 @@ def read_tiles(src, grid, fill=0, radiometry=None):
 def strip_cache_mb(src, tile, floor=16):
     """GDAL block cache (MiB) that reading one strip of tiles at a time needs: twice the blocks
     a strip touches (a block row that straddles two strips is then read once), at least
-    `floor`. GDAL's default, 5 % of RAM, keeps the blocks of strips long done: 1.2 GB for a
-    1.1 GB scene, though each strip is read once."""
+    `floor`. GDAL's default, 5 % of RAM, would keep the blocks of strips long done."""
     block_h = max(h for h, _ in src.block_shapes)
     itemsize = max(np.dtype(d).itemsize for d in src.dtypes)
     strip = src.count * (tile + block_h) * src.width * itemsize  # bytes
@@ -227,10 +207,28 @@ def ramp(tile, overlap):
     return w[:, None] * w[None, :]
 
 
-def coarse_profile(src, grid):
-    """rasterio profile of a float32 map with one pixel per tile, in the scene's CRS."""
-    return dict(driver="GTiff", height=grid.rows, width=grid.cols, dtype="float32",
-                crs=src.crs, transform=src.transform @ Affine.scale(grid.step), nodata=np.nan)
+def write_coarse(path, data, src, grid, tags, descriptions=None):
+    """Write `data` (bands, grid.rows, grid.cols) float32 as a GeoTIFF of one pixel per tile: the
+    scene's CRS, its transform scaled to the tile, NaN nodata, GDAL metadata `tags`."""
+    with rasterio.open(path, "w", driver="GTiff", height=grid.rows, width=grid.cols,
+                       count=len(data), dtype="float32", crs=src.crs,
+                       transform=src.transform @ Affine.scale(grid.step), nodata=np.nan) as dst:
+        dst.write(data)
+        if descriptions:
+            dst.descriptions = tuple(descriptions)
+        if tags:
+            dst.update_tags(**tags)
+
+
+def open_sink(files, src, grid, meta, args):
+    """The task's sink writing to `args.out`: a `ClassificationSink`, or a `SegmentationSink`
+    into classes.tif (uint8 classes, the scene's grid and CRS)."""
+    if meta["task"] != "segmentation":
+        return ClassificationSink(files, src, grid, meta, args)
+    dst = rasterio.open(files.path(os.path.join(args.out, "classes.tif")), "w", driver="GTiff",
+                        height=src.height, width=src.width, count=1, dtype="uint8",
+                        crs=src.crs, transform=src.transform, nodata=NODATA_CLASS)
+    return SegmentationSink(dst, grid, len(meta["classes"]), args.overlap)
 
 
 class ClassificationSink:
@@ -249,11 +247,6 @@ class ClassificationSink:
         self.rows = csv.writer(self.table)
         self.rows.writerow(["row", "col", "x", "y", "kept_share", *head])
 
-    @classmethod
-    def open(cls, files, src, grid, meta, args):
-        """The sink for `args.out` (the same call as `SegmentationSink.open`)."""
-        return cls(files, src, grid, meta, args)
-
     def add(self, r, c, y, ok, kept):
         """y: (classes,) probabilities of tile (r, c), or None (skipped); ok: (S, S) bool;
         kept: share of tokens kept."""
@@ -268,13 +261,8 @@ class ClassificationSink:
     def close(self, tags=None):
         """Write probabilities.tif, with `tags` (GDAL metadata) if given."""
         self.table.close()
-        path = self.files.path(os.path.join(self.out, "probabilities.tif"))
-        with rasterio.open(path, "w", count=len(self.classes),
-                           **coarse_profile(self.src, self.grid)) as dst:
-            dst.write(self.probs)
-            dst.descriptions = tuple(self.classes)
-            if tags:
-                dst.update_tags(**tags)
+        write_coarse(self.files.path(os.path.join(self.out, "probabilities.tif")), self.probs,
+                     self.src, self.grid, tags, self.classes)
 
 
 class SegmentationSink:
@@ -289,15 +277,6 @@ class SegmentationSink:
         self.valid = np.zeros((S, W), bool)
         self.ramp = ramp(S, overlap)
         self.row = 0  # tile row whose top edge is the buffer's top
-
-    @classmethod
-    def open(cls, files, src, grid, meta, args):
-        """A sink writing `OUT/classes.tif` (uint8 classes, the scene's grid and CRS)."""
-        dst = rasterio.open(files.path(os.path.join(args.out, "classes.tif")), "w",
-                            driver="GTiff", height=src.height, width=src.width, count=1,
-                            dtype="uint8", crs=src.crs, transform=src.transform,
-                            nodata=NODATA_CLASS)
-        return cls(dst, grid, len(meta["classes"]), args.overlap)
 
     def add(self, r, c, logits, ok, kept=None):
         """logits (classes, S, S) float32 numpy of tile (r, c), or None (skipped); ok (S, S)

@@ -43,60 +43,46 @@ def image_folders(path):
 
 
 def _product_folders(path, levels=4):
-    """A path's folder and its parents up to its `.SAFE` (a band file sits 4 folders below it:
-    R10m, IMG_DATA, the granule, GRANULE), at most `levels` up."""
+    """Yield a path's folder and its parents up to its `.SAFE` (a band file sits 4 folders below
+    it: R10m, IMG_DATA, the granule, GRANULE), at most `levels` up."""
     folder = os.path.abspath(path if os.path.isdir(path) else os.path.dirname(path))
-    found = [folder]
-    while len(found) <= levels and not folder.upper().endswith(".SAFE"):
-        parent = os.path.dirname(folder)
-        if parent == folder:
-            break
-        folder = parent
-        found.append(folder)
-    return found
+    for _ in range(levels + 1):
+        yield folder
+        if folder.upper().endswith(".SAFE") or os.path.dirname(folder) == folder:
+            return
+        folder = os.path.dirname(folder)
 
 
-def find_metadata(inputs):
-    """The `MTD_MSIL2A.xml` of the product the inputs (folders or band files) lie in, or None.
+def find_product(inputs):
+    """What the folders above the inputs (folders or band files) say of their product: (its
+    `MTD_MSIL2A.xml` or None, (processing baseline "NN.NN", the folder name that gives it: a
+    `.SAFE` (`..._N0500_...SAFE`) or an old-format granule (`..._N02.04`)) or None: band file
+    names do not carry it).
 
     Raises:
         ValueError: inputs from several products.
     """
-    found = set()
+    found, baseline = set(), None
     for path in inputs:
         for folder in _product_folders(path):
+            name = os.path.basename(folder)
+            m = re.search(r"_N(\d\d)(\d\d)_.*\.SAFE$", name, re.IGNORECASE) or \
+                re.search(r"_N(\d\d)\.(\d\d)$", name)
+            if m and baseline is None:
+                baseline = f"{m.group(1)}.{m.group(2)}", name
             if os.path.isfile(os.path.join(folder, METADATA)):
                 found.add(os.path.join(folder, METADATA))
                 break
     if len(found) > 1:
         raise ValueError(f"band files of several products ({', '.join(sorted(found))}): "
                          "give one product's")
-    return found.pop() if found else None
-
-
-def baseline_from_names(inputs):
-    """(processing baseline "NN.NN", the folder name it was read from) from a `.SAFE` name
-    (`..._N0500_...SAFE`) or an old-format granule name (`..._N02.04`) above the inputs, or
-    None: band file names do not carry it."""
-    for path in inputs:
-        for folder in _product_folders(path):
-            name = os.path.basename(folder)
-            m = re.search(r"_N(\d\d)(\d\d)_.*\.SAFE$", name, re.IGNORECASE) or \
-                re.search(r"_N(\d\d)\.(\d\d)$", name)
-            if m:
-                return f"{m.group(1)}.{m.group(2)}", name
-    return None
+    return (found.pop() if found else None), baseline
 
 
 def read_metadata(path, bands):
-    """BOA_ADD_OFFSET per band, BOA_QUANTIFICATION_VALUE and PROCESSING_BASELINE of a product.
-
-    Args:
-        path: its MTD_MSIL2A.xml; bands: the checkpoint's band names, in its order.
-
-    Returns:
-        (offsets (len(bands),) float64, quantification float, baseline str or "unknown");
-        offsets are 0 for a product that lists none (baselines before 04.00).
+    """(BOA_ADD_OFFSET (len(bands),) float64, BOA_QUANTIFICATION_VALUE float,
+    PROCESSING_BASELINE str or "unknown") of a product's MTD_MSIL2A.xml at `path`, for the
+    checkpoint's `bands`; offsets are 0 for a product that lists none (baselines before 04.00).
 
     Raises:
         ValueError naming the file: unreadable XML, no BOA_QUANTIFICATION_VALUE, or a band
@@ -129,17 +115,10 @@ def read_metadata(path, bands):
 
 @dataclass
 class Radiometry:
-    """How the DN of band files become the pixels the checkpoint was trained on, and where
-    that came from.
-
-    Attributes:
-        offset: (C,) float64, added to each band's DN (BOA_ADD_OFFSET).
-        quantification: BOA_QUANTIFICATION_VALUE of the files.
-        note: one line saying what is done and why (printed, and recorded in the outputs).
-    """
-    offset: np.ndarray
-    quantification: float
-    note: str
+    """How the DN of band files become the pixels the checkpoint was trained on, and why."""
+    offset: np.ndarray  # (C,) float64 BOA_ADD_OFFSET, added to each band's DN
+    quantification: float  # BOA_QUANTIFICATION_VALUE of the files
+    note: str  # one line saying what is done and why: printed, and in the maps' tags
 
     def apply(self, strip):
         """strip (C, h, w) DN -> ((C, h, w) float32 DN_old, (h, w) bool nodata: 0 in every
@@ -172,21 +151,29 @@ def _formula(offset, quantification, bands):
 
 
 def radiometry(inputs, bands, boa_offset=None):
-    """The conversion of band files to the checkpoint's units: from their product's
-    MTD_MSIL2A.xml, else from `boa_offset` (--boa-offset, quantification 10000), else none
-    when the product's baseline is unknown or before 04.00.
-
-    Args:
-        inputs: --input folders / band files; bands: the checkpoint's band names.
+    """The `Radiometry` of band files (--input folders / files) for the checkpoint's `bands`:
+    from their product's MTD_MSIL2A.xml, else from `boa_offset` (--boa-offset, quantification
+    10000), else none when the product's baseline is unknown or before 04.00.
 
     Raises:
         ValueError: a product of baseline 04.00 or later (from its .SAFE name) without its
             metadata and without `boa_offset`; a `boa_offset` that the metadata contradicts;
             bad metadata (`read_metadata`).
     """
-    path = find_metadata(inputs)
-    if path is None and boa_offset is None:
-        return _as_delivered(inputs, bands)
+    path, found = find_product(inputs)
+    if path is None and boa_offset is None:  # as delivered, unless a .SAFE name says otherwise
+        if found and float(found[0]) >= 4:
+            raise ValueError(f"{inputs[0]}: Sentinel-2 L2A of processing baseline {found[0]} "
+                             f"(from {found[1]}) stores DN with an offset, but no {METADATA} was "
+                             "found with it; give the .SAFE folder, or pass --boa-offset (-1000 "
+                             "since baseline 04.00)")
+        why = (f"of baseline {found[0]} (from {found[1]}): DN read as they are, no offset "
+               "before 04.00" if found else
+               f"with no {METADATA} or .SAFE name above them, baseline unknown: DN read as they "
+               "are, as products before baseline 04.00 store them (pass --boa-offset -1000 for "
+               "files of baseline 04.00 or later)")
+        return Radiometry(np.zeros(len(bands)), QUANTIFICATION,
+                          f"Sentinel-2 band files {why}{NODATA_NOTE}")
     if path is None:
         offset, quantification = np.full(len(bands), float(boa_offset)), QUANTIFICATION
         source = f"Sentinel-2 band files, --boa-offset {boa_offset:g}"
@@ -201,20 +188,3 @@ def radiometry(inputs, bands, boa_offset=None):
                       f"{_formula(offset, quantification, bands)}, the pre-04.00 DN of the "
                       f"checkpoint's training data{NODATA_NOTE}")
 
-
-def _as_delivered(inputs, bands):
-    """No conversion for band files without metadata, unless their .SAFE name says they need
-    one (ValueError)."""
-    found = baseline_from_names(inputs)
-    if found and float(found[0]) >= 4:
-        raise ValueError(f"{inputs[0]}: Sentinel-2 L2A of processing baseline {found[0]} (from "
-                         f"{found[1]}) stores DN with an offset, but no {METADATA} was found "
-                         "with it; give the .SAFE folder, or pass --boa-offset (-1000 since "
-                         "baseline 04.00)")
-    why = (f"of baseline {found[0]} (from {found[1]}): DN read as they are, no offset before "
-           "04.00" if found else
-           f"with no {METADATA} or .SAFE name above them, baseline unknown: DN read as they "
-           "are, as products before baseline 04.00 store them (pass --boa-offset -1000 for "
-           "files of baseline 04.00 or later)")
-    return Radiometry(np.zeros(len(bands)), QUANTIFICATION,
-                      f"Sentinel-2 band files {why}{NODATA_NOTE}")
