@@ -9,8 +9,7 @@ trained model's patch embeddings: its histogram over all patches, per image the 
 scoring above thresholds (by default the --quantiles of each space's own scores, as a score
 means something else in each space), the kept share the dynamic strategy would give at each
 --mask (threshold = the (1 - m)-quantile of all scores), the mean score per class, and the
-information each strategy keeps at each --mask: its fill error (`fill_error`: every dropped
-patch replaced by its most similar kept patch, as RUPerNet's `nearest` fill does).
+information each strategy loses at each --mask (`fill_error`).
 Spectral (C > 1): the band correlation matrix and the number of principal components of the
 standardised bands that explain 95 % and 99 % of the variance.
 
@@ -161,13 +160,10 @@ def per_class(r, y, seg, num_classes, patch):
         return (y * mean[:, None]).sum(0), y.sum(0)
     B, H, W = y.shape
     tiles = y.reshape(B, H // patch, patch, W // patch, patch).transpose(0, 1, 3, 2, 4)
-    tiles = tiles.reshape(B * r.shape[1], -1)
-    valid = tiles < num_classes  # leaves ignored pixels out
-    onehot = np.stack([((tiles == c) & valid).sum(1) for c in range(num_classes)], 1)
-    major = onehot.argmax(1)
-    has = onehot.max(1) > 0
-    flat = r.reshape(-1)
-    sums = np.bincount(major[has], weights=flat[has], minlength=num_classes)
+    tiles = tiles.reshape(B * r.shape[1], -1)  # (B N, patch^2)
+    counts = np.stack([(tiles == c).sum(1) for c in range(num_classes)], 1)  # ignored: none
+    major, has = counts.argmax(1), counts.max(1) > 0
+    sums = np.bincount(major[has], weights=r.reshape(-1)[has], minlength=num_classes)
     return sums, np.bincount(major[has], minlength=num_classes)
 
 
