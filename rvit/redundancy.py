@@ -108,7 +108,7 @@ def analyse(args):
     class_sum = {s: np.zeros(len(classes)) for s in spaces}
     class_n = np.zeros(len(classes))
     spectral = Spectral(len(meta["bands"]))
-    extremes = {s: {"most": [], "least": []} for s in spaces}  # heaps of (mean score, index)
+    extremes = {s: {"most": [], "least": []} for s in spaces}  # see track_extremes
     count = 0
     for images, x, y, idx in batches(ds, args, tf, "pass 1"):
         spectral.add(images)
@@ -139,16 +139,15 @@ def analyse(args):
                                          else None) for i, c in enumerate(classes)}}
     if len(meta["bands"]) > 1:
         result["spectral"] = {"bands": meta["bands"], **spectral.result()}
-    result["examples"] = {s: distinct_extremes(heaps) for s, heaps in extremes.items()}
+    result["examples"] = {s: distinct_extremes(e) for s, e in extremes.items()}
     return result, ds, tf
 
 
-def distinct_extremes(heaps):
+def distinct_extremes(extremes):
     """{"most": indices, "least": indices}, most extreme first; an image among the most
     redundant is left out of the least (a split smaller than twice --num-examples)."""
-    most = [i for _, i in sorted(heaps["most"], reverse=True)]
-    least = [i for _, i in sorted(heaps["least"], reverse=True) if i not in most]
-    return {"most": most, "least": least}
+    most = [i for _, i in extremes["most"]]
+    return {"most": most, "least": [i for _, i in extremes["least"] if i not in most]}
 
 
 def per_class(r, y, seg, num_classes, patch):
@@ -168,13 +167,11 @@ def per_class(r, y, seg, num_classes, patch):
 
 
 def track_extremes(extremes, means, idx, k):
-    """Keep the k images of highest and of lowest mean score in two min-heaps of (key, index)."""
-    for m, i in zip(means.tolist(), idx):
-        for heap, key in ((extremes["most"], m), (extremes["least"], -m)):
-            if len(heap) < k:
-                heapq.heappush(heap, (key, i))
-            elif (key, i) > heap[0]:
-                heapq.heapreplace(heap, (key, i))
+    """Keep the k images of highest ("most") and of lowest ("least") mean score so far as
+    (key, index) pairs, most extreme first; the key is the score, or minus it for "least"."""
+    for name, sign in (("most", 1), ("least", -1)):
+        pairs = [(sign * m, i) for m, i in zip(means.tolist(), idx)]
+        extremes[name] = heapq.nlargest(k, extremes[name] + pairs)
 
 
 def spread(values):
