@@ -52,8 +52,7 @@ def baseline(records, rec):
     """The full-token record of rec's dataset and split, or None."""
     full = [r for r in records if r["dataset"] == rec["dataset"] and r["split"] == rec["split"]
             and r["mask_ratio"] == 0]
-    full.sort(key=lambda r: trained_at(r) != "0")  # trained at mask 0 first
-    return full[0] if full else None
+    return min(full, key=lambda r: trained_at(r) != "0", default=None)  # trained at 0 first
 
 
 def trained_at(r):
