@@ -26,15 +26,15 @@ def pil_image(purpose):
     return Image
 
 
-def pyplot(purpose, quiet=False):
-    """matplotlib.pyplot on the file-only Agg backend, or None after saying (unless `quiet`)
-    what is skipped."""
+def pyplot(purpose=None):
+    """matplotlib.pyplot on the file-only Agg backend, or None after saying that `purpose` is
+    skipped (quietly when it is None)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        if not quiet:
+        if purpose is not None:
             tqdm.write(f"{purpose} needs matplotlib (pip install matplotlib); skipped")
         return None
     return plt
@@ -98,7 +98,7 @@ def panel_grid(path, rows, titles, title, row_labels=None, footer=None, legend=N
     Returns:
         True when written, False without either library.
     """
-    plt = pyplot("", quiet=True)
+    plt = pyplot()
     if plt is None:
         return _pil_grid(path, rows, titles, title, row_labels, footer, legend)
     from matplotlib.patches import Patch
@@ -112,8 +112,7 @@ def panel_grid(path, rows, titles, title, row_labels=None, footer=None, legend=N
                              layout="constrained")
     for i, (row, row_titles) in enumerate(zip(rows, titles)):
         for j, ax in enumerate(axes[i]):
-            ax.set_xticks([])
-            ax.set_yticks([])
+            ax.set(xticks=[], yticks=[])
             if j >= len(row):
                 ax.axis("off")
                 continue
@@ -135,8 +134,7 @@ def panel_grid(path, rows, titles, title, row_labels=None, footer=None, legend=N
 
 
 def save_figure(fig, plt, path, dpi=100, **kwargs):
-    """Write a matplotlib figure as a PNG through a temporary file (rvit/atomic.py), close it;
-    returns `path`."""
+    """Write a matplotlib figure as a PNG (atomically), close it; returns `path`."""
     with atomic_write(path) as tmp:
         fig.savefig(tmp, format="png", dpi=dpi, **kwargs)
     plt.close(fig)
@@ -205,17 +203,16 @@ def save_examples(folder, x, keep, meta, patch, names, pred=None, target=None, c
     Returns:
         number of files written (0 without Pillow or matplotlib).
     """
-    if pyplot("", quiet=True) is None and pil_image("--save-examples (or matplotlib)") is None:
+    if pyplot() is None and pil_image("--save-examples (or matplotlib)") is None:
         return 0
     os.makedirs(folder, exist_ok=True)
-    classes, ignore = list(meta["classes"]), meta.get("ignore_index")
-    bands = list(meta["bands"])
+    classes, bands, ignore = list(meta["classes"]), list(meta["bands"]), meta.get("ignore_index")
     shown = next((list(n) for n in RGB_NAMES if all(b in bands for b in n)), bands[:3])
     written = 0
     for b, name in enumerate(names):
         rgb = to_rgb(x[b], bands)
-        ids, valid = keep.ids_keep, keep.valid
-        kept = (ids[b][valid[b]] if valid is not None else ids[b]).cpu().numpy()
+        ids = keep.ids_keep[b] if keep.valid is None else keep.ids_keep[b][keep.valid[b]]
+        kept = ids.cpu().numpy()
         total = (rgb.shape[0] // patch) * (rgb.shape[1] // patch)
         panels = [rgb, grey_dropped(rgb, kept, patch)]
         titles = [f"image ({' '.join(shown)})", f"kept tokens: {len(kept)} of {total}"]

@@ -9,15 +9,13 @@ trained model's patch embeddings: its histogram over all patches, per image the 
 scoring above thresholds (by default the --quantiles of each space's own scores, as a score
 means something else in each space), the kept share the dynamic strategy would give at each
 --mask (threshold = the (1 - m)-quantile of all scores), the mean score per class, and the
-information each strategy keeps at each --mask: its fill error (`fill_error`: every dropped
-patch replaced by its most similar kept patch, as RUPerNet's `nearest` fill does).
+information each strategy loses at each --mask (`fill_error`).
 Spectral (C > 1): the band correlation matrix and the number of principal components of the
 standardised bands that explain 95 % and 99 % of the variance.
 
-Everything is streamed over the HDF5 file (two passes; memory does not grow with its size) and
-written to OUT/redundancy.json and OUT/report.md (also printed), and drawn as PNGs when
-matplotlib / Pillow are installed (optional, imported only for the figures): the Markdown and the
-figures are drawn from the result by rvit/redundancy_report.py.
+Streamed over the HDF5 file (two passes; memory does not grow with its size); written to
+OUT/redundancy.json and OUT/report.md (also printed), with PNGs when matplotlib / Pillow are
+installed (rvit/redundancy_report.py draws the Markdown and the figures from the result).
 """
 import heapq
 import os
@@ -68,11 +66,6 @@ def features(x, space, vit, patch):
     return pixel_patches(x, patch) if space == "pixel" else vit.patch_embed(x).float()
 
 
-def scores_of(x, space, vit, patch):
-    """(B, N) redundancy scores of a normalised batch in pixel or embedding space."""
-    return redundancy_score(features(x, space, vit, patch))
-
-
 def batches(ds, args, tf, desc):
     """(native images numpy, model input, targets, index) per batch, with a progress bar."""
     n = min(len(ds), args.max_samples or len(ds))
@@ -95,10 +88,9 @@ def quantile_from_hist(hist, q):
 
 @torch.no_grad()
 def analyse(args):
+    """(result, dataset, transform): the two passes over --split, summarised."""
     ds = H5Dataset(os.path.join(args.data_dir, f"{args.split}.h5"))
-    meta = ds.meta
-    vit = None
-    spaces = ["pixel"]
+    meta, vit, spaces = ds.meta, None, ["pixel"]
     if args.checkpoint:
         ckpt, model = load_run(args.checkpoint)
         vit = encoder(model)
@@ -116,12 +108,12 @@ def analyse(args):
     class_sum = {s: np.zeros(len(classes)) for s in spaces}
     class_n = np.zeros(len(classes))
     spectral = Spectral(len(meta["bands"]))
-    extremes = {s: {"most": [], "least": []} for s in spaces}  # heaps of (mean score, index)
+    extremes = {s: {"most": [], "least": []} for s in spaces}  # see track_extremes
     count = 0
     for images, x, y, idx in batches(ds, args, tf, "pass 1"):
         spectral.add(images)
         for s in spaces:
-            r = scores_of(x, s, vit, args.patch_size).numpy()  # (B, N)
+            r = redundancy_score(features(x, s, vit, args.patch_size)).numpy()  # (B, N)
             hist[s] += np.histogram(r.clip(-1, 1), BINS)[0]
             sums, counts = per_class(r, y, seg, len(classes), args.patch_size)
             class_sum[s] += sums
@@ -137,30 +129,25 @@ def analyse(args):
     # (quantile or None, score) per space: a fixed score means something else in each space
     thresholds = {s: [(None, t) for t in args.thresholds] if args.thresholds else
                   [(q, quantile_from_hist(hist[s], q)) for q in args.quantiles] for s in spaces}
-    kept, fill, above = second_pass(ds, args, tf, vit, spaces, taus, thresholds, N)
+    second = second_pass(ds, args, tf, vit, spaces, taus, thresholds, N)
+    centers = (BINS[:-1] + BINS[1:]) / 2
     for s in spaces:
-        total = hist[s].sum()
-        centers = (BINS[:-1] + BINS[1:]) / 2
         result["spatial"][s] = {
             "histogram": {"edges": BINS.tolist(), "counts": hist[s].astype(int).tolist()},
-            "mean_score": float((hist[s] * centers).sum() / total),
-            "share_above": above[s],
-            "dynamic_kept_share": {f"{m:g}": kept[s][m] for m in args.mask},
-            "fill_error": fill[s],
+            "mean_score": float((hist[s] * centers).sum() / hist[s].sum()), **second[s],
             "per_class_mean_score": {c: (float(class_sum[s][i] / class_n[i]) if class_n[i]
                                          else None) for i, c in enumerate(classes)}}
     if len(meta["bands"]) > 1:
         result["spectral"] = {"bands": meta["bands"], **spectral.result()}
-    result["examples"] = {s: distinct_extremes(heaps) for s, heaps in extremes.items()}
+    result["examples"] = {s: distinct_extremes(e) for s, e in extremes.items()}
     return result, ds, tf
 
 
-def distinct_extremes(heaps):
+def distinct_extremes(extremes):
     """{"most": indices, "least": indices}, most extreme first; an image among the most
     redundant is left out of the least (a split smaller than twice --num-examples)."""
-    most = [i for _, i in sorted(heaps["most"], reverse=True)]
-    least = [i for _, i in sorted(heaps["least"], reverse=True) if i not in most]
-    return {"most": most, "least": least}
+    most = [i for _, i in extremes["most"]]
+    return {"most": most, "least": [i for _, i in extremes["least"] if i not in most]}
 
 
 def per_class(r, y, seg, num_classes, patch):
@@ -172,30 +159,31 @@ def per_class(r, y, seg, num_classes, patch):
         return (y * mean[:, None]).sum(0), y.sum(0)
     B, H, W = y.shape
     tiles = y.reshape(B, H // patch, patch, W // patch, patch).transpose(0, 1, 3, 2, 4)
-    tiles = tiles.reshape(B * r.shape[1], -1)
-    valid = tiles < num_classes  # leaves ignored pixels out
-    onehot = np.stack([((tiles == c) & valid).sum(1) for c in range(num_classes)], 1)
-    major = onehot.argmax(1)
-    has = onehot.max(1) > 0
-    flat = r.reshape(-1)
-    sums = np.bincount(major[has], weights=flat[has], minlength=num_classes)
+    tiles = tiles.reshape(B * r.shape[1], -1)  # (B N, patch^2)
+    counts = np.stack([(tiles == c).sum(1) for c in range(num_classes)], 1)  # ignored: none
+    major, has = counts.argmax(1), counts.max(1) > 0
+    sums = np.bincount(major[has], weights=r.reshape(-1)[has], minlength=num_classes)
     return sums, np.bincount(major[has], minlength=num_classes)
 
 
 def track_extremes(extremes, means, idx, k):
-    """Keep the k images of highest and of lowest mean score in two min-heaps of (key, index)."""
-    for m, i in zip(means.tolist(), idx):
-        for heap, key in ((extremes["most"], m), (extremes["least"], -m)):
-            if len(heap) < k:
-                heapq.heappush(heap, (key, i))
-            elif (key, i) > heap[0]:
-                heapq.heapreplace(heap, (key, i))
+    """Keep the k images of highest ("most") and of lowest ("least") mean score so far as
+    (key, index) pairs, most extreme first; the key is the score, or minus it for "least"."""
+    for name, sign in (("most", 1), ("least", -1)):
+        pairs = [(sign * m, i) for m, i in zip(means.tolist(), idx)]
+        extremes[name] = heapq.nlargest(k, extremes[name] + pairs)
+
+
+def spread(values):
+    """{"mean", "min", "max"} of a list of per-image values, as floats."""
+    return {"mean": float(np.mean(values)), "min": float(np.min(values)),
+            "max": float(np.max(values))}
 
 
 def second_pass(ds, args, tf, vit, spaces, taus, thresholds, N):
-    """Per-image kept share of the dynamic rule at each mask ratio's threshold, the fill
-    error of every strategy (see `fill_error`), per space and mask ratio, and per space and
-    threshold the share of each image's patches scoring above it (mean, min, max)."""
+    """Per space, over the images: the share of each image's patches scoring above each
+    threshold ("share_above"), the kept share of the dynamic rule at each mask ratio's
+    threshold ("dynamic_kept_share") and every rule's fill error (`fill_error`)."""
     floor = dynamic_floor(N)
     shares = {s: {m: [] for m in args.mask} for s in spaces}
     above = {s: [[] for _ in thresholds[s]] for s in spaces}
@@ -217,40 +205,32 @@ def second_pass(ds, args, tf, vit, spaces, taus, thresholds, N):
                     errors[s][st + "+merge"][m] += merged.tolist()
     out = {}
     for s in spaces:
-        out[s] = {}
-        for m in args.mask:
-            v = np.array(shares[s][m])
-            out[s][m] = {"tau": taus[s][m], "mean": float(v.mean()), "min": float(v.min()),
-                         "max": float(v.max()), "std": float(v.std()),
-                         "similarity_share": num_keep(N, m) / N}
-    fill = {s: {rule: {f"{m:g}": float(np.mean(errors[s][rule][m])) for m in args.mask}
-                for rule in rules} for s in spaces}
-    above = {s: [{"quantile": q, "threshold": t, "mean": float(np.mean(v)),
-                  "min": float(np.min(v)), "max": float(np.max(v))}
-                 for (q, t), v in zip(thresholds[s], above[s])] for s in spaces}
-    return out, fill, above
+        out[s] = {"share_above": [{"quantile": q, "threshold": t, **spread(v)}
+                                  for (q, t), v in zip(thresholds[s], above[s])],
+                  "dynamic_kept_share": {f"{m:g}": {"tau": taus[s][m], **spread(v),
+                                                    "std": float(np.std(v)),
+                                                    "similarity_share": num_keep(N, m) / N}
+                                         for m, v in shares[s].items()},
+                  "fill_error": {rule: {f"{m:g}": float(np.mean(v)) for m, v in by_mask.items()}
+                                 for rule, by_mask in errors[s].items()}}
+    return out
 
 
 def strategy_error(feats, r, strategy, m, tau, seed, draws=5):
-    """(2, B) fill errors of one strategy at mask ratio m, without and with merging, selecting
-    on `feats` exactly as the masker does (`rvit.masking.select`); random: the mean of `draws`
-    seeded draws."""
+    """(2, B) fill errors of one strategy at mask ratio m, without and with merging (one
+    assignment for both), selecting on `feats` exactly as the masker does
+    (`rvit.masking.select`); random: the mean of `draws` seeded draws."""
     B, N, _ = feats.shape
     if m == 0:
         return torch.zeros(2, B)
-    if strategy != "random":
-        return both_fill_errors(feats, select(strategy, feats, m, r, tau))
-    g = torch.Generator().manual_seed(int(seed))
-    return torch.stack([both_fill_errors(feats, select("random", feats, m,
-                                                       noise=torch.rand(B, N, generator=g)))
-                        for _ in range(draws)]).mean(0)
-
-
-def both_fill_errors(feats, keep):
-    """(2, B): `fill_error` of a selection without and with merging (one assignment)."""
-    src = restore_index(keep, feats.shape[1], feats)
-    return torch.stack([fill_error(feats, keep, src=src),
-                        fill_error(feats, keep, merge=True, src=src)])
+    g, errors = torch.Generator().manual_seed(int(seed)), []
+    for _ in range(draws if strategy == "random" else 1):
+        noise = torch.rand(B, N, generator=g) if strategy == "random" else None
+        keep = select(strategy, feats, m, r, tau, noise)
+        src = restore_index(keep, N, feats)
+        errors.append(torch.stack([fill_error(feats, keep, src=src),
+                                   fill_error(feats, keep, merge=True, src=src)]))
+    return torch.stack(errors).mean(0)
 
 
 def fill_error(feats, keep, merge=False, src=None):
@@ -313,16 +293,14 @@ def main(argv=None):
 
 def run(args):
     result, ds, tf = analyse(args)
-    os.makedirs(args.out, exist_ok=True)
     result["figures"] = figures(result, ds, tf, args)  # rvit/redundancy_report.py
-    path = os.path.join(args.out, "redundancy.json")
+    path, md = os.path.join(args.out, "redundancy.json"), os.path.join(args.out, "report.md")
     write_json(result, path)
     text = markdown(result)
-    with atomic_write(os.path.join(args.out, "report.md")) as tmp, open(tmp, "w") as f:
+    with atomic_write(md) as tmp, open(tmp, "w") as f:
         f.write(text)
     print(text)
-    print(f"wrote {path}, {os.path.join(args.out, 'report.md')}"
-          + "".join(f", {f}" for f in result["figures"]))
+    print("wrote " + ", ".join([path, md, *result["figures"]]))
 
 
 if __name__ == "__main__":

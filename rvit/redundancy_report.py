@@ -50,9 +50,7 @@ def markdown(result):
 
 
 def figures(result, ds, tf, args):
-    """Score histograms, fill error and band correlation (matplotlib), and the most / least
-    redundant images with their dropped patches greyed at --show-mask (matplotlib, else
-    Pillow). Returns the files written."""
+    """The PNGs of the module docstring, written to --out; returns their paths."""
     written = []
     plt = pyplot("the histogram, fill error and correlation plots")
     if plt is not None:

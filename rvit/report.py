@@ -2,15 +2,11 @@
 
     python -m rvit.report runs/bigearthnet-* --out report/
 
-Reads every `eval-*.json` below the given run folders (or the given JSON files): one object, or a
-list of them from an `evaluate.py --mask a,b,c` sweep. For each dataset, split and strategy it
-writes a Markdown table: the dataset's metrics (config.yaml `metrics`, else the defaults of the
-task its records name, rvit/tasks.py), each also as a share of the full-token baseline (the
-record at inference mask 0, from a model trained at mask 0 where there is one), kept share,
-encoder GFLOPs per image, the FLOP reduction, images/s and the speed-up over the same trained
-model and strategy at mask 0 (none for a split too small to time). With matplotlib installed
-(optional, imported only for the plots) it also draws each metric against kept share per
-trained model and strategy, each model's full-token score as a horizontal line.
+Reads every `eval-*.json` below the given run folders (or the given JSON files): one record, or
+a list from an `evaluate.py --mask a,b,c` sweep. Per dataset, a Markdown table: its metrics
+(`metrics_of`), each also as a share of the full-token baseline (`baseline`), kept share,
+encoder GFLOPs per image, FLOP reduction, images/s and the speed-up over the same trained model
+and strategy at mask 0. With matplotlib (optional), a plot of each metric against kept share.
 """
 import glob
 import json
@@ -56,8 +52,7 @@ def baseline(records, rec):
     """The full-token record of rec's dataset and split, or None."""
     full = [r for r in records if r["dataset"] == rec["dataset"] and r["split"] == rec["split"]
             and r["mask_ratio"] == 0]
-    full.sort(key=lambda r: trained_at(r) != "0")  # trained at mask 0 first
-    return full[0] if full else None
+    return min(full, key=lambda r: trained_at(r) != "0", default=None)  # trained at 0 first
 
 
 def trained_at(r):
@@ -83,8 +78,8 @@ def model_of(r):
 
 
 def model_label(r):
-    """'model trained at mask 0', 'model trained with similarity at mask 0.6', or '... at masks
-    0-0.9' for a model trained over a mask range."""
+    """'model trained at mask 0', 'model trained with similarity at mask 0.6' or '... at masks
+    0-0.9' (a mask range)."""
     m, strategy = trained_at(r), r.get("train_strategy")
     at = f"masks {m}" if r.get("train_mask_range") else f"mask {m}"
     return f"model trained {f'with {strategy} ' if m != '0' and strategy else ''}at {at}"
@@ -125,11 +120,10 @@ def table(records, dataset, metrics):
         for m in metrics:
             share = f" ({100 * r[m] / base[m]:.1f}%)" if base and base.get(m) else ""
             cells.append(f"{100 * r[m]:.2f}{share}")
-        cells.append(f"{r['gflops']:.3f}")
-        cells.append(f"{base['gflops'] / r['gflops']:.2f}x" if base else "")
         rate = r.get("images_per_s")
-        cells.append(f"{rate:.1f}" if rate is not None else "n/a (untimed)")
-        cells.append(speed_up(r, full_tokens(records, r)))
+        cells += [f"{r['gflops']:.3f}", f"{base['gflops'] / r['gflops']:.2f}x" if base else "",
+                  "n/a (untimed)" if rate is None else f"{rate:.1f}",
+                  speed_up(r, full_tokens(records, r))]
         lines.append("| " + " | ".join(cells) + " |")
     devices = sorted({str(r.get("device", "unknown device")) for r in rows})
     lines += ["", "% of full and FLOP reduction: against the full-token record (mask 0, from a "
@@ -203,7 +197,6 @@ def run(args):
         metrics = metrics_of(dataset, records, args.config)
         parts.append(f"## {dataset}\n\n{table(records, dataset, metrics)}\n")
         if args.out:
-            os.makedirs(args.out, exist_ok=True)
             for m in metrics:
                 if plot(records, dataset, m, os.path.join(args.out, f"{dataset}_{m}.png")):
                     parts.append(f"![{dataset} {m}]({dataset}_{m}.png)\n")
