@@ -1,10 +1,8 @@
 """Files that appear whole or not at all: written under a temporary name, renamed when complete.
 
-The one home of RViT's write-then-rename rule, used by checkpoints, JSON records, the HDF5
-splits and split lists of prepare_data.py, and predict.py's maps. A crash at any moment leaves
-either the previous file or the complete new one, never half of one; a `.tmp` file beside the
-final name is the only trace of a killed run. Standard library only, so prepare_data.py can use
-it without importing torch.
+The one home of RViT's write-then-rename rule: a crash at any moment leaves either the previous
+file or the complete new one; a `.tmp` file beside the final name is the only trace of a killed
+run. Standard library only, so prepare_data.py can use it without importing torch.
 """
 import contextlib
 import os
