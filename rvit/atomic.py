@@ -9,14 +9,10 @@ import os
 
 
 class AtomicFiles:
-    """Output files written under temporary names (`final + ".tmp"`) and renamed together.
-
-    As a context manager: commit on success, discard (remove the temporaries, leave the final
-    files as they were) on any exception, KeyboardInterrupt included.
-
-    Args:
-        durable: fsync each file and its folder at commit (checkpoints: survives a power loss).
-    """
+    """Output files written under temporary names (`final + ".tmp"`) and renamed together; with
+    `durable`, each file and its folder are fsynced at commit (survives a power loss). As a
+    context manager: commit on success, discard (remove the temporaries, leave the final files
+    as they were) on any exception, KeyboardInterrupt included."""
 
     def __init__(self, durable=False):
         self.durable, self.files = durable, []

@@ -23,23 +23,16 @@ SMALL_BYTES = 1 << 16  # ring-batch targets up to this size travel by value
 
 class BatchBuffers:
     """Where one loader's batches are read: `take` the arrays, fill them, `pack` the batch.
-
-    Args:
-        workers: the loader's worker processes (0: batches are read in the main process).
-        pin: read into pinned memory (CUDA with 0 workers), so the copy to the GPU overlaps.
-    """
+    `workers`: the loader's worker processes (0: batches are read in the main process); `pin`:
+    read into pinned memory (CUDA with 0 workers), so the copy to the GPU overlaps."""
 
     def __init__(self, workers=0, pin=False):
         self.pin, self.recycler = pin, Recycler()
         self.ring = WorkerRing(workers) if workers > 0 else None
 
     def take(self, specs):
-        """Empty arrays for one batch, one per (shape, numpy dtype) of `specs`.
-
-        Returns:
-            (list of uninitialised CPU tensors, ticket): pass the ticket to `pack` (or to
-            `give_back` when the batch cannot be read).
-        """
+        """(uninitialised CPU tensors, one per (shape, numpy dtype) of `specs`; a ticket to pass
+        to `pack`, or to `give_back` when the batch cannot be read)."""
         worker = torch.utils.data.get_worker_info()
         slot = self.ring.claim(worker.id) if worker is not None and self.ring else None
         if slot is None:

@@ -19,9 +19,9 @@ from rvit.vit import MODELS
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                               "config.yaml")
 TRAIN_KEYS = {"model", "img_size", "patch_size", "mask", "mask_range", "merge", "prop_attn",
-              "strategy", "score_space",
-              "score_reduce", "epochs", "batch_size", "lr", "weight_decay", "warmup_epochs",
-              "workers", "seed", "fill", "decoder_channels", "aux", "out_indices"}
+              "strategy", "score_space", "score_reduce", "epochs", "batch_size", "lr",
+              "weight_decay", "warmup_epochs", "workers", "seed", "fill", "decoder_channels",
+              "aux", "out_indices"}
 DATASET_KEYS = TRAIN_KEYS | {"main_metric", "metrics"}  # the HDF5 file says the task
 
 
@@ -199,14 +199,10 @@ def run_tag(args):
     return f"m{trained_mask(args.mask, args.mask_range)}" + ("-merge" if args.merge else "")
 
 
-MASK_KEYS = ("mask", "strategy", "score_space", "score_reduce", "merge", "prop_attn")
-
-
 def masking_from_run(args, cfg, as_list=False):
-    """Fill the masking flags left out with a run's own (`cfg`, its resolved config); with
-    `as_list`, --mask becomes a one-element list, as a sweep's is. Runs older than merging
-    did not merge."""
-    for key in MASK_KEYS:
+    """Fill the masking flags left out with a run's own (`cfg`, its resolved config; a key it
+    lacks is False); with `as_list`, --mask becomes a one-element list, as a sweep's is."""
+    for key in ("mask", "strategy", "score_space", "score_reduce", "merge", "prop_attn"):
         if getattr(args, key) is None:
             value = cfg.get(key, False)
             setattr(args, key, [value] if key == "mask" and as_list else value)

@@ -12,10 +12,8 @@ import torch.distributed as dist
 
 
 def setup(device: str):
-    """Join the torchrun process group if there is one; returns (rank, world_size, torch.device).
-
-    Args:
-        device: "cuda" or "cpu". Under torchrun on CUDA each process takes GPU LOCAL_RANK.
+    """Join the torchrun process group if there is one; returns (rank, world_size, torch.device)
+    for `device` "cuda" or "cpu" (under torchrun on CUDA each process takes GPU LOCAL_RANK).
 
     Raises:
         RuntimeError: device "cuda" asked for but CUDA is not available.

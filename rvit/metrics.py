@@ -67,11 +67,9 @@ def multilabel_counts(preds, targets):
 
 
 def confusion_matrix(preds, targets, num_classes: int, ignore_index=None):
-    """(C, C) int64 confusion matrix, rows = target class, columns = predicted class.
-
-    Args:
-        preds, targets: integer tensors of one shape, e.g. (B, H, W) class maps.
-        ignore_index: target value left out (nodata), or None.
+    """(C, C) int64 confusion matrix, rows target class, columns predicted class, of integer
+    `preds` and `targets` of one shape (e.g. (B, H, W) class maps); targets equal to
+    `ignore_index` (nodata) are left out.
 
     Raises:
         ValueError: when a counted target or prediction lies outside [0, num_classes).
