@@ -50,17 +50,14 @@ def make_masker(args, m, ckpt, model, data_dir, transform, device):
         masker.load_state_dict(ckpt["masker"])
         return masker, "checkpoint"
     train = H5Dataset(os.path.join(data_dir, "train.h5"), cfg["dataset"])
-    batches = calibrate_dynamic(model, masker, eval_loader(train, args.batch_size or
-                                                           cfg["batch_size"], 0, device),
-                                transform)
-    return masker, f"train split, {batches} batches"
+    loader = eval_loader(train, args.batch_size or cfg["batch_size"], 0, device)
+    return masker, f"train split, {calibrate_dynamic(model, masker, loader, transform)} batches"
 
 
 def main(args):
     ckpt, model = load_run(args.checkpoint)
     cfg, meta = ckpt["config"], ckpt["meta"]
-    # the names the table prints, checked before any data is read (runs trained before
-    # train.py checked them can hold any)
+    # the names the table prints, checked before any data is read (an older run may hold any)
     metrics = report_metrics(meta["task"], cfg.get("metrics"), where=f"{args.checkpoint}: "
                              f"config (from {cfg.get('config')}) datasets.{cfg.get('dataset')}.")[1]
     masking_from_run(args, cfg, as_list=True)
@@ -119,9 +116,9 @@ def print_table(record, metrics, classes):
           f"mask {trained}), "
           f"kept share {record['kept_share']:.3f}, {record['gflops']:.3f} GFLOPs/image, "
           f"{rate_text(record['images_per_s'])}")
-    for key in list(metrics) + [k for k in record if k.startswith(("mAP", "F1", "mIoU", "OA",
-                                                                   "jaccard"))
-                                if k not in metrics and isinstance(record[k], float)]:
+    extra = [k for k in record if k.startswith(("mAP", "F1", "mIoU", "OA", "jaccard"))
+             and k not in metrics and isinstance(record[k], float)]
+    for key in list(metrics) + extra:
         print(f"  {key:<18} {100 * record[key]:7.2f}")
     per_class = [k for k in ("F1_per_class", "IoU_per_class") if k in record]
     if per_class:

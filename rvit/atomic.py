@@ -1,24 +1,18 @@
 """Files that appear whole or not at all: written under a temporary name, renamed when complete.
 
-The one home of RViT's write-then-rename rule, used by checkpoints, JSON records, the HDF5
-splits and split lists of prepare_data.py, and predict.py's maps. A crash at any moment leaves
-either the previous file or the complete new one, never half of one; a `.tmp` file beside the
-final name is the only trace of a killed run. Standard library only, so prepare_data.py can use
-it without importing torch.
+The one home of RViT's write-then-rename rule: a crash at any moment leaves either the previous
+file or the complete new one; a `.tmp` file beside the final name is the only trace of a killed
+run. Standard library only, so prepare_data.py can use it without importing torch.
 """
 import contextlib
 import os
 
 
 class AtomicFiles:
-    """Output files written under temporary names (`final + ".tmp"`) and renamed together.
-
-    As a context manager: commit on success, discard (remove the temporaries, leave the final
-    files as they were) on any exception, KeyboardInterrupt included.
-
-    Args:
-        durable: fsync each file and its folder at commit (checkpoints: survives a power loss).
-    """
+    """Output files written under temporary names (`final + ".tmp"`) and renamed together; with
+    `durable`, each file and its folder are fsynced at commit (survives a power loss). As a
+    context manager: commit on success, discard (remove the temporaries, leave the final files
+    as they were) on any exception, KeyboardInterrupt included."""
 
     def __init__(self, durable=False):
         self.durable, self.files = durable, []

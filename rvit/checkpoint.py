@@ -20,15 +20,14 @@ from rvit.atomic import atomic_write
 
 
 def atomic_save(obj, path):
-    """torch.save through a temporary file, fsynced and renamed over `path` (rvit/atomic.py):
-    a crash at any moment leaves either the previous file or the complete new one.
+    """torch.save through a temporary file, fsynced and renamed over `path` (rvit/atomic.py).
 
     Raises:
         OSError naming `path` (disk full, permission); the previous file is left intact.
     """
     try:
-        # through a Python file: a full disk then raises OSError (ENOSPC), where torch.save to
-        # a path raises RuntimeError from its C++ writer without naming the file
+        # into a Python file: a full disk then raises OSError (ENOSPC), where torch.save to a
+        # path raises RuntimeError from its C++ writer without naming the file
         with atomic_write(path, durable=True) as tmp, open(tmp, "wb") as f:
             torch.save(obj, f)
     except OSError as e:
@@ -37,7 +36,7 @@ def atomic_save(obj, path):
 
 
 def write_json(obj, path):
-    """Write JSON through a temporary file renamed into place, so readers never see half."""
+    """Write JSON atomically (rvit/atomic.py): readers never see half a file."""
     with atomic_write(path) as tmp, open(tmp, "w") as f:
         json.dump(obj, f, indent=2)
 
@@ -99,9 +98,8 @@ def _npz_to_state_dict(path):
 
 
 def read_state_dict(path):
-    """A state dict from .pth / .pt / .bin (torch, weights only), .npz (Google) or .safetensors.
-
-    A dict holding the weights under "model" or "state_dict" (DeiT, RViT checkpoints) is unwrapped.
+    """A state dict from .pth / .pt / .bin (torch, weights only), .npz (Google) or .safetensors;
+    a dict holding it under "model" or "state_dict" (DeiT, RViT checkpoints) is unwrapped.
 
     Raises:
         FileNotFoundError, ValueError (unknown suffix or unreadable file), ImportError (a
@@ -135,11 +133,10 @@ def resize_pos_embed(pos_embed, grid: tuple):
     side = math.isqrt(patches.shape[1])
     if side * side != patches.shape[1]:
         raise ValueError(f"pos_embed of {patches.shape[1]} patches is not a square grid")
-    dtype = patches.dtype
     # (1, n*n, D) -> (1, D, n, n) for interpolation, then back
     img = patches.reshape(1, side, side, -1).permute(0, 3, 1, 2).float()
     img = F.interpolate(img, size=grid, mode="bicubic", align_corners=False, antialias=True)
-    patches = img.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], -1).to(dtype)
+    patches = img.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], -1).to(cls.dtype)
     return torch.cat([cls, patches], dim=1)
 
 
@@ -156,11 +153,8 @@ def adapt_input_conv(weight, in_chans: int):
 
 
 def load_pretrained(model, path):
-    """Load timm / DeiT / Google ViT weights into `model`, adapting them to its shapes.
-
-    Args:
-        model: a `rvit.vit.VisionTransformer`.
-        path: local weights file (.pth, .pt, .bin, .npz or .safetensors).
+    """Load timm / DeiT / Google ViT weights from a local file (see `read_state_dict`) into a
+    `rvit.vit.VisionTransformer`, adapting them to its shapes.
 
     Returns:
         list of str: what was adapted or dropped, for the log.

@@ -8,9 +8,8 @@ from tqdm import tqdm
 
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """--help appends each flag's default, except where there is nothing to show: a default of
-    None (the help says where the value comes from), an off switch (store_true) or an empty
-    list."""
+    """--help appends each flag's default, unless it is None (the help says where the value
+    comes from), False (an off switch) or an empty list."""
 
     def _get_help_string(self, action):
         if action.default is None or action.default is False or action.default == []:
@@ -34,11 +33,8 @@ def progress_bar(iterable=None, show=True, **kwargs):
 
 def run_cli(name, main, args, errors=(ValueError, OSError, ImportError, RuntimeError)):
     """Run an entry point's main(args): a bad file, flag or input ends as one line naming it
-    (exit 1), with the traceback only under --debug.
-
-    Only the first line of a message is shown: a library's multi-line explanation (torch,
-    GDAL) follows it under --debug.
-    """
+    (exit 1), the first of its message; the rest (a library's multi-line explanation) and the
+    traceback only under --debug."""
     try:
         main(args)
     except errors as e:

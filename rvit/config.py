@@ -19,9 +19,9 @@ from rvit.vit import MODELS
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                               "config.yaml")
 TRAIN_KEYS = {"model", "img_size", "patch_size", "mask", "mask_range", "merge", "prop_attn",
-              "strategy", "score_space",
-              "score_reduce", "epochs", "batch_size", "lr", "weight_decay", "warmup_epochs",
-              "workers", "seed", "fill", "decoder_channels", "aux", "out_indices"}
+              "strategy", "score_space", "score_reduce", "epochs", "batch_size", "lr",
+              "weight_decay", "warmup_epochs", "workers", "seed", "fill", "decoder_channels",
+              "aux", "out_indices"}
 DATASET_KEYS = TRAIN_KEYS | {"main_metric", "metrics"}  # the HDF5 file says the task
 
 
@@ -69,9 +69,9 @@ def mask_list(text):
 
 def add_masking_args(p, mask_type=float):
     p.add_argument("--mask", type=mask_type, default=None,
-                   help="mask ratio m in [0, 1): share of patch tokens dropped per image; "
-                        "0 runs the plain ViT" + (" (several, comma-separated: one row each)"
-                                                  if mask_type is mask_list else ""))
+                   help="mask ratio m in [0, 1): share of patch tokens dropped per image; 0 "
+                        "runs the plain ViT" + (" (several, comma-separated: one row each)"
+                                                if mask_type is mask_list else ""))
     p.add_argument("--strategy", choices=STRATEGIES, default=None,
                    help="which tokens to drop: similarity (the most redundant), dynamic "
                         "(those above a learned redundancy threshold), random, coverage "
@@ -93,13 +93,12 @@ def add_examples_args(p, what):
     """--save-examples DIR and --num-examples: PNGs of the first `what` (samples, tiles)."""
     p.add_argument("--save-examples", default=None, metavar="DIR",
                    help=f"write PNGs of the first {what} (image, kept tokens, prediction, "
-                        "reference where there is one) to DIR; needs matplotlib (or Pillow: "
-                        "plainer)")
+                        "reference if any) to DIR; needs matplotlib (or Pillow: plainer)")
     p.add_argument("--num-examples", type=int, default=4, help="how many with --save-examples")
 
 
 def add_runtime_args(p, loader=True):
-    """Batch size, device, precision and --debug; with `loader`, also --workers, --preload."""
+    """Batch size, device, precision and --debug; with `loader`, --workers and --preload."""
     p.add_argument("--batch-size", type=int, default=None, help="images per step per process")
     p.add_argument("--device", choices=("cuda", "cpu"), default=None,
                    help="default: cuda when available, else cpu")
@@ -108,8 +107,7 @@ def add_runtime_args(p, loader=True):
     if loader:
         p.add_argument("--workers", type=int, default=None, help="DataLoader worker processes")
         p.add_argument("--preload", action="store_true",
-                       help="read each split into memory once (when it fits) instead of from "
-                            "disk")
+                       help="read each split into memory once (when it fits), not from disk")
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
 
 
@@ -118,8 +116,7 @@ def train_parser():
                "defaults from config.yaml.")
     p.epilog = (f"Exit status: 0 trained (or nothing left to train); 1 an error, named in one "
                 f"line; 2 a bad flag; {EXIT_PREEMPTED} (EX_TEMPFAIL) stopped by a signal of "
-                "--preempt-signals after writing OUT/last.pt: run the same command with "
-                "--resume auto to continue.")
+                "--preempt-signals after writing OUT/last.pt: continue with --resume auto.")
     p.add_argument("--dataset", required=True, help="dataset name, a section of config.yaml")
     p.add_argument("--data-dir", default=None,
                    help="folder with train.h5 / val.h5 from prepare_data.py (default data/DATASET)")
@@ -132,9 +129,8 @@ def train_parser():
     p.add_argument("--patch-size", type=int, default=None, help="patch side in pixels")
     add_masking_args(p)
     p.add_argument("--mask-range", type=float, nargs=2, default=None, metavar=("LO", "HI"),
-                   help="draw each training batch's mask ratio from U[LO, HI) (the same on "
-                        "every process), so one model serves every ratio; --mask is then the "
-                        "validation ratio")
+                   help="draw each training batch's mask ratio from U[LO, HI) (alike on every "
+                        "process): one model for every ratio; --mask is the validation ratio")
     seg = p.add_argument_group("segmentation (RUPerNet)")
     seg.add_argument("--fill", choices=FILLS, default=None,
                      help="dropped grid positions take the feature of the most similar kept "
@@ -162,10 +158,10 @@ def train_parser():
     run = p.add_argument_group("run folder and cluster jobs")
     run.add_argument("--resume", nargs="?", const=True, default=False, type=resume_mode,
                      metavar="auto",
-                     help="continue from OUT/last.pt, at the batch after the one it was saved "
-                          "at (it must exist); '--resume auto' continues it when it exists and "
-                          "starts fresh in an empty OUT: one command line that starts a job and "
-                          "continues it after a restart (torchrun --max-restarts, a requeue)")
+                     help="continue from OUT/last.pt (it must exist) at the batch after the "
+                          "one it was saved at; '--resume auto' also starts fresh in an empty "
+                          "OUT: one command line for a job and its restarts (torchrun "
+                          "--max-restarts, a requeue)")
     run.add_argument("--overwrite", action="store_true",
                      help="replace the run OUT holds: its config.yaml, log.jsonl, last.pt and "
                           "best.pt are removed (other files stay); without --resume or this, "
@@ -203,14 +199,10 @@ def run_tag(args):
     return f"m{trained_mask(args.mask, args.mask_range)}" + ("-merge" if args.merge else "")
 
 
-MASK_KEYS = ("mask", "strategy", "score_space", "score_reduce", "merge", "prop_attn")
-
-
 def masking_from_run(args, cfg, as_list=False):
-    """Fill the masking flags left out with a run's own (`cfg`, its resolved config); with
-    `as_list`, --mask becomes a one-element list, as a sweep's is. Runs older than merging
-    did not merge."""
-    for key in MASK_KEYS:
+    """Fill the masking flags left out with a run's own (`cfg`, its resolved config; a key it
+    lacks is False); with `as_list`, --mask becomes a one-element list, as a sweep's is."""
+    for key in ("mask", "strategy", "score_space", "score_reduce", "merge", "prop_attn"):
         if getattr(args, key) is None:
             value = cfg.get(key, False)
             setattr(args, key, [value] if key == "mask" and as_list else value)

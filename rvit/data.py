@@ -84,12 +84,10 @@ def _plain(v):
 
 
 class H5Dataset(torch.utils.data.Dataset):
-    """One split file. Item i: (image (C, H, W) native dtype, target, i).
-
-    target: (classes,) uint8 multi-hot (one-hot for multiclass), or (H, W) uint8 class map. The
-    file is opened lazily in each DataLoader worker (h5py handles must not cross a fork). Loaders
-    fetch whole batches through `__getitems__`, which reads every sample straight into one
-    preallocated array. With `preload`, the whole split is read into memory once.
+    """One split file. Item i: (image (C, H, W) native dtype, target, i), target (classes,)
+    uint8 multi-hot (one-hot for multiclass) or (H, W) uint8 class map; loaders fetch whole
+    batches through `__getitems__`. The file is opened lazily in each DataLoader worker (h5py
+    handles must not cross a fork); with `preload`, the whole split is read into memory once.
 
     Raises:
         see `read_meta`; ValueError when a preloaded split would not fit in free memory.
@@ -121,9 +119,7 @@ class H5Dataset(torch.utils.data.Dataset):
         return self.meta["length"]
 
     def _datasets(self):
-        """(images, targets) h5py datasets of this process's handle, each with a flag: True
-        when every sample is one unfiltered chunk in native byte order, so its stored bytes
-        are the array's bytes and can be read without HDF5's selection machinery."""
+        """(images, targets) h5py datasets of this process's handle; `_raw` flags each."""
         if self._file is None:
             self._file = h5py.File(self.path, "r")
             self._raw = [_one_raw_chunk_per_sample(self._file[k])
@@ -135,9 +131,8 @@ class H5Dataset(torch.utils.data.Dataset):
         return images[0], targets[0], i
 
     def __getitems__(self, indices):
-        """A whole batch: (images (B, C, H, W) native dtype, targets (B, ...), index (B,) int64),
-        samples in the order of `indices`, read straight into one preallocated array per field
-        (shared memory in a DataLoader worker, so it crosses to the main process uncopied).
+        """A batch (images (B, C, H, W) native dtype, targets (B, ...), index (B,) int64) in the
+        order of `indices`, read straight into one array per field (rvit/buffers.py).
 
         Raises:
             ValueError naming the file and sample when a stored chunk is unreadable.
@@ -168,8 +163,9 @@ class H5Dataset(torch.utils.data.Dataset):
 
 
 def _one_raw_chunk_per_sample(ds):
-    """True when `ds` stores each sample as one chunk with no filter (no compression), in this
-    machine's byte order: the layout prepare_data.py writes."""
+    """True when `ds` stores each sample as one unfiltered (uncompressed) chunk in this machine's
+    byte order, as prepare_data.py writes: its stored bytes are the array's, read without
+    HDF5's selection machinery."""
     return (ds.chunks == (1, *ds.shape[1:]) and ds.id.get_create_plist().get_nfilters() == 0
             and ds.dtype.isnative)
 
@@ -193,8 +189,7 @@ class ResumableSampler(DistributedSampler):
 
 
 def for_loader(ds, workers, device):
-    """A shallow copy of `ds` for one loader: its own batch buffers (a worker ring with
-    workers, pinned reads on CUDA without)."""
+    """A shallow copy of `ds` with its own batch buffers for one loader."""
     ds = copy.copy(ds)
     ds.buffers = BatchBuffers(workers, pin=device.type == "cuda" and workers == 0)
     if workers > 0:
@@ -224,13 +219,9 @@ def eval_loader(ds, batch_size, workers, device):
 
 
 class DeviceTransform:
-    """Moves a native-dtype batch to the device, normalises per band, resizes, augments.
-
-    Args:
-        mean, std: per-band statistics (C,), native units (e.g. reflectance x 10000).
-        img_size: side in pixels the model expects; images are resized bilinearly (masks: nearest).
-        device: torch device.
-    """
+    """Moves a native-dtype batch to `device`, normalises by the per-band `mean`, `std` (C,) in
+    native units (e.g. reflectance x 10000), resizes to `img_size` pixels (bilinear; masks
+    nearest), augments."""
 
     def __init__(self, mean, std, img_size, device):
         self.mean = torch.tensor(mean, dtype=torch.float32, device=device)[:, None, None]

@@ -12,10 +12,8 @@ import torch.distributed as dist
 
 
 def setup(device: str):
-    """Join the torchrun process group if there is one; returns (rank, world_size, torch.device).
-
-    Args:
-        device: "cuda" or "cpu". Under torchrun on CUDA each process takes GPU LOCAL_RANK.
+    """Join the torchrun process group if there is one; returns (rank, world_size, torch.device)
+    for `device` "cuda" or "cpu" (under torchrun on CUDA each process takes GPU LOCAL_RANK).
 
     Raises:
         RuntimeError: device "cuda" asked for but CUDA is not available.
@@ -24,14 +22,11 @@ def setup(device: str):
         raise RuntimeError("--device cuda: CUDA is not available on this machine")
     if "RANK" not in os.environ:
         return 0, 1, torch.device(device)
-    local_rank = int(os.environ["LOCAL_RANK"])
-    if device == "cuda":
-        torch.cuda.set_device(local_rank)
-        dev = torch.device("cuda", local_rank)
-    else:
-        dev = torch.device("cpu")
-    dist.init_process_group("nccl" if device == "cuda" else "gloo", device_id=dev
-                            if device == "cuda" else None)
+    cuda = device == "cuda"
+    dev = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(dev)
+    dist.init_process_group("nccl" if cuda else "gloo", device_id=dev if cuda else None)
     if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0 and os.environ.get(
             "TORCHELASTIC_USE_AGENT_STORE") == "True":
         # torchrun keeps its store across restarts, so a restarted group can read the addresses
@@ -42,8 +37,8 @@ def setup(device: str):
 
 
 def cleanup():
-    """Leave the process group at the end of a run. A barrier first: a rank that tears its gloo
-    group down while a peer's last collective is still in flight can die in C++ at exit
+    """Leave the process group at the end of a run, after a barrier: a rank that tears its gloo
+    group down while a peer's last collective is in flight can die in C++ at exit
     ("terminate called without an active exception", cf. pytorch/pytorch#179291)."""
     if is_initialized():
         dist.barrier()
@@ -79,16 +74,12 @@ def shard(n: int) -> range:
     return range(rank(), n, world_size())
 
 
-def _comm_device():
-    on_nccl = is_initialized() and dist.get_backend() == "nccl"
-    return torch.device("cuda", torch.cuda.current_device()) if on_nccl else torch.device("cpu")
-
-
 def all_reduce(t, op="sum"):
     """Sum (exact for integers), "min" or "max" of a tensor over ranks, on t's device."""
     if not is_initialized():
         return t
-    out = t.to(_comm_device())
+    nccl = dist.get_backend() == "nccl"
+    out = t.to(torch.device("cuda", torch.cuda.current_device()) if nccl else "cpu")
     dist.all_reduce(out, {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN,
                           "max": dist.ReduceOp.MAX}[op])
     return out.to(t.device)

@@ -20,8 +20,7 @@ from rvit import distributed
 def _binary_average_precision(scores, targets):
     """AP of one ranking: sum over distinct thresholds of (R_n - R_{n-1}) P_n (scikit-learn's)."""
     order = torch.argsort(scores, descending=True, stable=True)
-    s, t = scores[order], targets[order].double()
-    tps = t.cumsum(0)
+    s, tps = scores[order], targets[order].double().cumsum(0)
     # one operating point per distinct score: the last sample of each tie group
     last = torch.ones_like(s, dtype=torch.bool)
     last[:-1] = s[1:] != s[:-1]
@@ -61,20 +60,16 @@ def average_precision(scores, targets, average: str = "macro") -> float:
 
 
 def multilabel_counts(preds, targets):
-    """Per-class true positives, false positives, false negatives of multi-label predictions.
-
-    preds, targets: (N, C) {0, 1}. Returns (3, C) int64: rows tp, fp, fn.
-    """
+    """(3, C) int64 per-class counts, rows tp, fp, fn, of multi-label predictions `preds` against
+    `targets`, both (N, C) {0, 1}."""
     p, t = preds.bool(), targets.bool()
     return torch.stack([(p & t).sum(0), (p & ~t).sum(0), (~p & t).sum(0)]).long()
 
 
 def confusion_matrix(preds, targets, num_classes: int, ignore_index=None):
-    """(C, C) int64 confusion matrix, rows = target class, columns = predicted class.
-
-    Args:
-        preds, targets: integer tensors of one shape, e.g. (B, H, W) class maps.
-        ignore_index: target value left out (nodata), or None.
+    """(C, C) int64 confusion matrix, rows target class, columns predicted class, of integer
+    `preds` and `targets` of one shape (e.g. (B, H, W) class maps); targets equal to
+    `ignore_index` (nodata) are left out.
 
     Raises:
         ValueError: when a counted target or prediction lies outside [0, num_classes).
@@ -96,8 +91,21 @@ def counts_from_confusion(cm):
     return torch.stack([tp, cm.sum(0) - tp, cm.sum(1) - tp]).long()
 
 
-def _average(per_class, counts, average):
+def _ratio(num, den):
+    num, den = num.double(), den.double()
+    return torch.where(den > 0, num / den.clamp_min(1), torch.zeros_like(num))
+
+
+def _score(num, den, counts, average):
+    """num / den of (C,) counts: pooled over classes ("micro"), per class ("none": (C,)
+    float64, 0 where den is 0), or a mean over the classes present ("macro") or weighted by
+    target support ("weighted"). Raises ValueError for another `average`."""
+    if average == "micro":
+        return float(_ratio(num.sum(), den.sum()))
+    per_class = _ratio(num, den)
     tp, fp, fn = counts
+    if average == "none":
+        return per_class
     if average == "macro":
         present = (tp + fp + fn) > 0
         return float(per_class[present].mean()) if present.any() else float("nan")
@@ -107,38 +115,22 @@ def _average(per_class, counts, average):
     raise ValueError(f"unknown average {average!r}; choose 'micro', 'macro' or 'weighted'")
 
 
-def _ratio(num, den):
-    num, den = num.double(), den.double()
-    return torch.where(den > 0, num / den.clamp_min(1), torch.zeros_like(num))
-
-
 def f1_from_counts(counts, average: str = "macro"):
     """F1 = 2 tp / (2 tp + fp + fn) from (3, C) int64 counts; average micro, macro or weighted,
     or "none" for the (C,) float64 per-class F1s (0 for a class with no count)."""
     tp, fp, fn = counts
-    if average == "micro":
-        tp, fp, fn = tp.sum(), fp.sum(), fn.sum()
-        return float(_ratio(2 * tp, 2 * tp + fp + fn))
-    f1 = _ratio(2 * tp, 2 * tp + fp + fn)
-    return f1 if average == "none" else _average(f1, counts, average)
+    return _score(2 * tp, 2 * tp + fp + fn, counts, average)
 
 
 def jaccard_from_counts(counts, average: str = "macro"):
     """IoU = tp / (tp + fp + fn) from (3, C) counts; "macro" is mIoU, "none" gives (C,) IoUs."""
     tp, fp, fn = counts
-    iou = _ratio(tp, tp + fp + fn)
-    if average == "none":
-        return iou
-    if average == "micro":
-        return float(_ratio(tp.sum(), (tp + fp + fn).sum()))
-    return _average(iou, counts, average)
+    return _score(tp, tp + fp + fn, counts, average)
 
 
 class MultiLabelMeter:
     """Collects logits and targets over an evaluation; `compute` gives the study's metrics.
-
-    Predictions are sigmoid(logit) >= 0.5, i.e. logit >= 0.
-    """
+    Predictions are sigmoid(logit) >= 0.5, i.e. logit >= 0."""
 
     # the scalar metrics `compute` returns (besides num_samples): names config.yaml may use
     METRICS = ("mAP_macro", "mAP_micro", "F1_micro", "F1_macro", "F1_weighted")
@@ -165,15 +157,10 @@ class MultiLabelMeter:
 
 
 class ConfusionMeter:
-    """Accumulates a confusion matrix of argmax predictions over images (multiclass) or pixels
-    (segmentation); `compute` gives overall accuracy, F1, Jaccard / IoU and the matrix itself.
+    """Accumulates a (C, C) confusion matrix of argmax predictions over images (multiclass) or
+    pixels (segmentation), leaving out targets equal to `ignore_index` (unlabelled pixels);
+    `compute` gives overall accuracy, F1, Jaccard / IoU and the matrix itself."""
 
-    Args:
-        num_classes: C.
-        ignore_index: target value left out of the counts (unlabelled pixels), or None.
-    """
-
-    # the scalar metrics `compute` returns (besides num_samples): names config.yaml may use
     METRICS = ("OA", "F1_micro", "F1_macro", "F1_weighted", "jaccard_weighted", "mIoU")
 
     def __init__(self, num_classes: int, ignore_index=None):

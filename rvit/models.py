@@ -5,17 +5,9 @@ from rvit.vit import MODELS
 
 
 def build_model(cfg, meta):
-    """Model for `meta["task"]` from a resolved config: one ViT classifier for both
-    classification tasks ("multilabel", "multiclass"), RUPerNet for "segmentation".
-
-    Args:
-        cfg: dict with model, img_size, patch_size and, for segmentation, out_indices,
-            decoder_channels, fill, aux.
-        meta: split attributes with task, bands and classes.
-
-    Returns:
-        `VisionTransformer` with len(classes) logits, or `RUPerNet` on a headless ViT.
-    """
+    """A `VisionTransformer` with len(meta["classes"]) logits for both classification tasks,
+    or an `RUPerNet` on a headless ViT for segmentation, as a resolved config says (model,
+    img_size, patch_size; for segmentation out_indices, decoder_channels, fill, aux)."""
     seg = meta["task"] == "segmentation"
     vit = MODELS[cfg["model"]](img_size=cfg["img_size"], patch_size=cfg["patch_size"],
                                in_chans=len(meta["bands"]),
@@ -27,10 +19,7 @@ def build_model(cfg, meta):
 
 
 def load_run(path):
-    """A training run's checkpoint and its model with the trained weights, in eval mode.
-
-    Returns:
-        (checkpoint dict with config, meta, model, masker, ...; the model on the CPU).
+    """(checkpoint dict, its model with the trained weights on the CPU in eval mode).
 
     Raises:
         FileNotFoundError: no file at `path`.

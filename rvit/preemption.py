@@ -21,11 +21,8 @@ DEFAULT_SIGNALS = "SIGTERM,SIGUSR1"
 
 
 class Preempted(Exception):
-    """Raised by the training loop after the step at which every rank agreed to stop.
-
-    Args:
-        batch: batches of the epoch done (last.pt was written at this point).
-    """
+    """Raised by the training loop after the step at which every rank agreed to stop; `batch`:
+    batches of the epoch done (last.pt was written at this point)."""
 
     def __init__(self, batch):
         super().__init__(f"preempted after batch {batch}")
@@ -50,13 +47,9 @@ def signal_names(text) -> str:
 
 
 class Preemption:
-    """Records the listed signals; `requested()` tells every rank at once that one arrived.
-
-    Construct it on every rank after `distributed.setup` (under NCCL it makes a gloo group).
-
-    Args:
-        signals: comma-separated names as `signal_names` returns them; "" handles none.
-    """
+    """Records the `signals` (names as `signal_names` returns them; "": none); `requested()`
+    tells every rank at once that one arrived. Construct it on every rank after
+    `distributed.setup` (under NCCL it makes a gloo group)."""
 
     def __init__(self, signals):
         self.received = 0  # the last signal number this process got; 0: none
@@ -75,12 +68,9 @@ class Preemption:
         self.received = signum
 
     def requested(self) -> bool:
-        """Whether any rank has received one of the signals. Collective: every rank must call it
-        at the same steps; it returns the same answer on all of them.
-
-        Returns:
-            bool; `name` then names the signal (the highest number, if ranks got different ones).
-        """
+        """Whether any rank has received one of the signals; `name` then names it (the highest
+        number, if ranks got different ones). Collective: every rank must call it at the same
+        steps; it returns the same answer on all of them."""
         if not self.handled:  # --preempt-signals none, on every rank alike: nothing to ask
             return False
         self.flag[0] = self.received

@@ -4,8 +4,7 @@ Task names are torchmetrics': `multilabel` (multi-hot `labels` (N, C): sigmoid p
 `multiclass` (one class per image, stored one-hot in `labels` (N, C): softmax over classes) and
 `segmentation` (`masks` (N, H, W): softmax per pixel). The model is the same ViT for both
 classification tasks; they differ in the loss, the meter, the activation that turns logits into
-predict.py's output, and the metrics a run reports unless config.yaml lists others. This table
-is the one place those differences live.
+predict.py's output, and the metrics a run reports unless config.yaml lists others: `TASKS`.
 """
 from functools import partial
 from typing import Callable, NamedTuple
@@ -58,14 +57,10 @@ def task_of(meta) -> Task:
 
 
 def criterion(meta, label_smoothing=0.0):
-    """The training loss of meta's task: a function (output, targets) -> scalar tensor.
-
-    Args:
-        meta: split attributes with task (and ignore_index for segmentation).
-        label_smoothing: in [0, 1); multiclass only.
+    """The training loss (output, targets) -> scalar tensor of meta's task (and ignore_index).
 
     Raises:
-        ValueError: label smoothing asked for another task.
+        ValueError: `label_smoothing` (in [0, 1)) asked for a task other than multiclass.
     """
     if label_smoothing and meta["task"] != "multiclass":
         raise ValueError(f"--label-smoothing {label_smoothing:g} applies to single-label "
@@ -80,21 +75,14 @@ def meter(meta):
 
 
 def report_metrics(task, metrics=None, main_metric=None, where="config.yaml: "):
-    """(main metric, metrics) a run reports: config.yaml's when its section lists them, else
-    the task's defaults; the main metric defaults to the first. Cheap: call it before reading
-    any data, so that a misspelt name stops a run before its first epoch.
-
-    Args:
-        task: a key of TASKS (the split file's `task` attribute).
-        metrics: list of names from config.yaml, or None.
-        main_metric: the name best.pt is chosen by, or None.
-        where: prefix of the error's key: the file and the section the names come from, as
-            'config.yaml: datasets.bigearthnet.'.
+    """(main metric, metrics) a run reports: config.yaml's `metrics` list, else the task's
+    defaults; the main metric (best.pt's) defaults to the first. Call it before reading any
+    data, so that a misspelt name stops a run before its first epoch.
 
     Raises:
-        ValueError: in one line naming `where`, the key and the task's names, when a name is
-            not one the task's meter computes (bookkeeping such as gflops or num_samples is
-            not a metric), or `metrics` is not a list.
+        ValueError: naming `where` (file and section, as 'config.yaml: datasets.x.'), the key
+            and the task's names, for a name the task's meter does not compute (gflops or
+            num_samples is no metric), or `metrics` that is not a list.
     """
     names = TASKS[task].names
     if metrics is not None and not isinstance(metrics, list):
@@ -110,12 +98,9 @@ def report_metrics(task, metrics=None, main_metric=None, where="config.yaml: "):
 
 
 def label_columns(meta, threshold=0.5):
-    """predictions.csv's label columns for one sample's probabilities: multiclass, the top class
-    and its probability; multilabel, the labels above `threshold`, joined by ';'.
-
-    Returns:
-        (header list of str, function from probabilities (C,) float numpy to a list of str).
-    """
+    """predictions.csv's label columns: (header list, function from one sample's probabilities
+    (C,) float numpy to a list of str): multiclass, the top class and its probability;
+    multilabel, the labels above `threshold`, joined by ';'."""
     classes = meta["classes"]
     if meta["task"] == "multiclass":
         return ["class", "probability"], lambda p: [classes[int(p.argmax())], f"{p.max():.6f}"]
