@@ -19,7 +19,7 @@ def draw_curves(out, main_metric):
     kept share of patch tokens (mean, and the min-max range over images) and training images/s,
     each per epoch. Returns the path, or None when matplotlib is missing or no epoch is logged.
     """
-    plt = pyplot("curves.png", quiet=True)
+    plt = pyplot()  # quietly: every epoch would say so
     records = epoch_records(os.path.join(out, "log.jsonl"))
     if plt is None or not records:
         return None
