@@ -24,7 +24,8 @@ def draw_curves(out, main_metric):
     if plt is None or not records:
         return None
     epochs = [r["epoch"] for r in records]
-    fig, axes = plt.subplots(1, 4, figsize=(14, 3), layout="constrained")
+    fig, axes = plt.subplots(1, 4, figsize=(14, 3.2))
+    fig.subplots_adjust(left=0.04, right=0.99, bottom=0.16, top=0.8, wspace=0.25)
     panels = [("training loss", [r["loss"] for r in records]),
               (f"validation {main_metric} (%)", [100 * r["val"][main_metric] for r in records]),
               ("kept share of patch tokens", [r["kept_share"] for r in records]),
@@ -33,6 +34,7 @@ def draw_curves(out, main_metric):
         ax.plot(epochs, values, marker="o", markersize=3)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("epoch")
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
     axes[2].fill_between(epochs, [r["kept_share_min"] for r in records],
                          [r["kept_share_max"] for r in records], alpha=0.2, label="min-max")

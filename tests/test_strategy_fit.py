@@ -30,22 +30,34 @@ def test_study_reports_every_cell_and_continues_where_it_stopped(tmp_path):
     run("prepare_data.py", "--dataset", "folder", "--root", tmp_path / "tree", "--out", data,
         "--val-fraction", "0.2", "--test-fraction", "0.4")
     argv = ["--data-dir", str(data), "--dataset", "folder", "--out", str(out), "--split", "test",
-            "--rules", "random", "--train-masks", "0.5", "--eval-masks", "0,0.5", "--seeds", "1",
+            "--rules", "random", "--train-masks", "0.5", "--no-range", "--eval-masks", "0,0.5",
+            "--seeds", "1",
             "--img-size", "32", "--patch-size", "8", "--epochs", "1", "--batch-size", "4"]
     strategy_fit.main(argv)
     report = (out / "report.md").read_text()
     assert "Chance: 33.3 % OA." in report and "Colour-histogram baseline" in report
     rows = [line for line in report.splitlines() if line.startswith("| ") and "| 0" in line]
-    assert len(rows) == 3 * 2  # mask 0, mask 0.5 and the mask-range model, at masks 0 and 0.5
+    assert len(rows) == 2 * 2  # the mask-0 and mask-0.5 models, at masks 0 and 0.5
     assert "| mask 0 | any |" in report and "| 1.00x |" in report  # the speed-up's reference
     assert "(m0-s0/curves.png)" in report and (out / "m0-s0" / "curves.png").exists()
     assert (out / "oa_vs_kept.png").exists()
     results = json.loads((out / "results.json").read_text())
     assert {(r["trained"], r["eval_mask"]) for r in results} == {
-        (t, m) for t in ("mask 0", "mask 0.5", "m ~ U[0, 0.9]") for m in (0.0, 0.5)}
+        (t, m) for t in ("mask 0", "mask 0.5") for m in (0.0, 0.5)}
     half = next(r for r in results if r["trained"] == "mask 0.5" and r["eval_mask"] == 0.5)
     assert half["per_seed"][0]["kept_share"] == pytest.approx(0.5)  # 8 of 16 patches
     before = {p: os.path.getmtime(p) for p in out.glob("*/last.pt")}
     strategy_fit.main(argv)  # an interrupted study's rerun: nothing is trained again
     assert {p: os.path.getmtime(p) for p in out.glob("*/last.pt")} == before
     assert (out / "report.md").read_text() == report
+
+
+def test_models_train_each_rule_at_each_ratio_and_the_range_with_its_own_rules():
+    from benchmarks.strategy_fit import models, parse_args
+    args = parse_args(["--data-dir", "d", "--out", "o", "--range-rules", "random,kmedoids+merge"])
+    got = [(label, rule, tag) for label, rule, _, tag in models(args, ["similarity", "random"])]
+    assert got == [("mask 0", None, "m0"),
+                   ("mask 0.75", "similarity", "m0.75-similarity"),
+                   ("mask 0.75", "random", "m0.75-random"),
+                   ("m ~ U[0, 0.9]", "random", "range0-0.9-random"),
+                   ("m ~ U[0, 0.9]", "kmedoids+merge", "range0-0.9-kmedoids+merge")]
