@@ -163,9 +163,12 @@ def train_parser():
                           "OUT: one command line for a job and its restarts (torchrun "
                           "--max-restarts, a requeue)")
     run.add_argument("--overwrite", action="store_true",
-                     help="replace the run OUT holds: its config.yaml, log.jsonl, last.pt and "
-                          "best.pt are removed (other files stay); without --resume or this, "
-                          "train.py refuses a folder that holds a run")
+                     help="replace the run OUT holds: its config.yaml, log.jsonl, last.pt, "
+                          "best.pt and curves.png are removed (other files stay); without "
+                          "--resume or this, train.py refuses a folder that holds a run")
+    run.add_argument("--curves", action=argparse.BooleanOptionalAction, default=True,
+                     help="draw OUT/curves.png (loss, validation metric, kept share, images/s "
+                          "per epoch) after every epoch; needs matplotlib, about a second a run")
     run.add_argument("--checkpoint-every", type=int, default=500,
                      help="also write OUT/last.pt every this many batches within an epoch "
                           "(0: only at epoch ends)")

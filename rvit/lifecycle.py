@@ -307,7 +307,8 @@ class Run:
         curves.png from the log (when matplotlib is installed)."""
         if self.rank == 0:
             append_log(self.args.out, {**record, **self.info})
-            draw_curves(self.args.out, self.args.main_metric)
+            if self.args.curves:
+                draw_curves(self.args.out, self.args.main_metric)
 
     def stop_requested(self) -> bool:
         """Collective: whether any rank got a preemption signal (see rvit/preemption.py)."""

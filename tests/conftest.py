@@ -16,8 +16,12 @@ MLRS_LABELS = os.path.join(DATA, "mlrsnet", "labels")
 
 
 def run(script, *args, env=None, check=True):
-    """Run one of the project's entry points in a fresh interpreter; returns CompletedProcess."""
+    """Run one of the project's entry points in a fresh interpreter; returns CompletedProcess.
+    train.py draws no curves.png unless a test asks (--curves): importing matplotlib and
+    plotting cost about a second a run, a minute over the suite."""
     target = [script] if script == "-m" else [os.path.join(ROOT, script)]
+    if script == "train.py" and "--curves" not in args:
+        args = (*args, "--no-curves")
     proc = subprocess.run([sys.executable, *target, *map(str, args)], timeout=900,
                           cwd=ROOT, capture_output=True, text=True, env=env)
     if check and proc.returncode != 0:
@@ -67,7 +71,8 @@ def ben_run(ben_v1, tmp_path_factory):
     tests that only need a checkpoint: its run folder. Copy it before changing anything."""
     out = tmp_path_factory.mktemp("ben_run")
     run("train.py", "--dataset", "bigearthnet", "--data-dir", ben_v1, "--out", out,
-        "--img-size", "64", "--batch-size", "2", "--epochs", "1", "--mask", "0.5", *CPU)
+        "--img-size", "64", "--batch-size", "2", "--epochs", "1", "--mask", "0.5", "--curves",
+        *CPU)
     return out
 
 

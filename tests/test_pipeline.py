@@ -64,7 +64,7 @@ def train(data, out, *extra):
 
 def test_train_then_evaluate_end_to_end(ben_v1, tmp_path):
     out = tmp_path / "run"
-    train(ben_v1, out, "--mask", "0.6", "--epochs", "2")
+    train(ben_v1, out, "--mask", "0.6", "--epochs", "2", "--curves")
     assert {"config.yaml", "log.jsonl", "last.pt", "best.pt", "curves.png"} <= set(os.listdir(out))
     from PIL import Image
     with Image.open(out / "curves.png") as png:  # four panels side by side, one per curve
