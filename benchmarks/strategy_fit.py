@@ -35,7 +35,7 @@ import h5py
 import numpy as np
 
 from rvit.atomic import atomic_write
-from rvit.checkpoint import write_json
+from rvit.checkpoint import load_checkpoint, write_json
 from rvit.cli import parser
 from rvit.data import read_meta
 from rvit.figures import pyplot, save_figure
@@ -88,8 +88,11 @@ def rule_flags(rule):
 
 
 def train(args, folder, rule, seed, mask_flags):
-    """Fit one model, or finish an interrupted fit (--resume auto: a complete one returns at
-    once); returns its checkpoint."""
+    """Fit one model, or finish an interrupted fit (--resume auto); returns its checkpoint. A
+    complete fit is not started again."""
+    ckpt = os.path.join(folder, "last.pt")
+    if os.path.exists(ckpt) and load_checkpoint(ckpt)["epoch"] >= args.epochs:
+        return ckpt
     extra = [] if args.warmup_epochs is None else ["--warmup-epochs", args.warmup_epochs]
     if args.label_smoothing:
         extra += ["--label-smoothing", args.label_smoothing]
@@ -99,7 +102,7 @@ def train(args, folder, rule, seed, mask_flags):
          args.batch_size, "--lr", args.lr, *extra, "--workers", 0, "--device", args.device,
          "--resume", "auto")
     print(f"trained {folder}", flush=True)
-    return os.path.join(folder, "last.pt")
+    return ckpt
 
 
 def evaluate(args, ckpt, rule, masks, out):
