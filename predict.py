@@ -25,10 +25,9 @@ import h5py
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from rvit.atomic import AtomicFiles
-from rvit.cli import parser, run_cli
+from rvit.cli import parser, progress_bar, run_cli
 from rvit.config import (add_examples_args, add_masking_args, add_runtime_args, check,
                          device_and_amp, masker_from_args, masking_from_run, trained_mask)
 from rvit.data import DeviceTransform
@@ -167,8 +166,8 @@ def predict_h5(args, pred, files):
             head, cells = label_columns(pred.meta, args.threshold)
             rows.writerow(["name", "kept_share", *head, *pred.meta["classes"]])
         with out:
-            for start in tqdm(range(0, n, args.batch_size), desc="predict", unit="batch",
-                              disable=None):  # None: no bar unless stderr is a terminal
+            for start in progress_bar(range(0, n, args.batch_size), desc="predict",
+                                      unit="batch"):
                 stop = min(n, start + args.batch_size)
                 y, kept = pred(torch.from_numpy(images[start:stop]), torch.arange(start, stop),
                                [f"sample_{i:06d}" for i in range(start, stop)])
@@ -218,7 +217,7 @@ def predict_scene(args, pred, files):
         # a block cache sized to a strip, for this scene only: memory stays flat however tall
         with rasterio.Env(GDAL_CACHEMAX=scene.strip_cache_mb(src, S)):
             sink = scene.open_sink(files, src, grid, pred.meta, args)
-            with tqdm(total=len(grid), desc="predict", unit="tile", disable=None) as bar:
+            with progress_bar(total=len(grid), desc="predict", unit="tile") as bar:
                 for batch in batched(scene.read_tiles(src, grid, radiometry=radiometry),
                                      args.batch_size):
                     results = predict_tiles(pred, grid, batch)

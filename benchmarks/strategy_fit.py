@@ -37,6 +37,7 @@ import numpy as np
 from rvit.atomic import atomic_write
 from rvit.checkpoint import load_checkpoint, write_json
 from rvit.cli import parser
+from rvit.curves import epoch_records
 from rvit.data import read_meta
 from rvit.figures import pyplot, save_figure
 
@@ -71,7 +72,10 @@ def parse_args(argv=None):
                    help="single-label data: train.py's --label-smoothing")
     p.add_argument("--split", default="train", help="split to evaluate on")
     p.add_argument("--device", default="cpu", help="cuda or cpu")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    # the children run from the repository root; this process reads the same files
+    args.data_dir, args.out = os.path.abspath(args.data_dir), os.path.abspath(args.out)
+    return args
 
 
 def call(script, *args):
@@ -106,15 +110,25 @@ def train(args, folder, rule, seed, mask_flags):
 
 
 def evaluate(args, ckpt, rule, masks, out):
-    """{mask ratio: evaluate.py's record} of a checkpoint with a rule's selection; an existing
-    record file is read back (a study continued after an interruption)."""
-    if not os.path.exists(out):
+    """{mask ratio: evaluate.py's record} of a checkpoint with a rule's selection. A record file
+    newer than the checkpoint and holding every ratio is read back (a study continued after an
+    interruption); any other is made again."""
+    if not fresh(out, ckpt, masks):
         call("evaluate.py", "--checkpoint", ckpt, "--data-dir", args.data_dir, "--split",
              args.split, *rule_flags(rule), "--mask", ",".join(f"{m:g}" for m in masks),
              "--batch-size", 64, "--workers", 0, "--device", args.device, "--out", out)
     with open(out) as f:
         rows = json.load(f)
     return {r["mask_ratio"]: r for r in (rows if isinstance(rows, list) else [rows])}
+
+
+def fresh(out, ckpt, masks):
+    """Whether evaluation records `out` were made from `ckpt` as it is, at every ratio."""
+    if not os.path.exists(out) or os.path.getmtime(out) < os.path.getmtime(ckpt):
+        return False
+    with open(out) as f:
+        rows = json.load(f)
+    return set(masks) <= {r["mask_ratio"] for r in (rows if isinstance(rows, list) else [rows])}
 
 
 def models(args, rules):
@@ -132,9 +146,8 @@ def models(args, rules):
 
 def train_rate(folder):
     """Median training images/s over a fit's epochs (log.jsonl)."""
-    with open(os.path.join(folder, "log.jsonl")) as f:
-        rates = [r["images_per_s"] for r in map(json.loads, f) if "event" not in r]
-    return float(np.median(rates))
+    records = epoch_records(os.path.join(folder, "log.jsonl"))
+    return float(np.median([r["images_per_s"] for r in records]))
 
 
 def main(argv=None):
@@ -158,23 +171,34 @@ def main(argv=None):
     meta = read_meta(os.path.join(args.data_dir, f"{args.split}.h5"))
     task, classes = meta["task"], meta["classes"]
     baseline = colour_baseline(args) if task == "multiclass" else None
-    figure = oa_figure(args, cells, 1 / len(classes))
+    figure = oa_figure(args, cells, 1 / len(classes) if task == "multiclass" else None,
+                       METRICS[task][0])
     report = markdown(args, cells, fits, masks, task, len(classes), baseline, figure)
     with atomic_write(os.path.join(args.out, "report.md")) as tmp, open(tmp, "w") as f:
         f.write(report)
     print(report)
 
 
-def colour_histograms(path, bins=32):
-    """(N, 3 * bins) per-band histograms of a split's first three bands, each band's summing to
-    1, and (N,) class indices: what a model that sees colours alone has to go on."""
+def colour_histograms(path, value_range, bins=32):
+    """(N, 3 * bins) per-band histograms over `value_range` of a split's first three bands, each
+    band's summing to 1, and (N,) class indices: what a model that sees colours alone has."""
     with h5py.File(path) as f:
         images, labels = f["images"], f["labels"][:].argmax(1)
-        lo, hi = float(images[:64].min()), float(images[:64].max()) + 1
-        feats = np.stack([np.concatenate([np.histogram(img[c], bins, (lo, hi))[0] / img[c].size
+        feats = np.stack([np.concatenate([np.histogram(img[c], bins, value_range)[0] / img[c].size
                                           for c in range(min(3, img.shape[0]))])
                           for img in images])
     return feats, labels
+
+
+def value_range(path):
+    """(lowest, highest + 1) pixel value of a split, read in blocks: the histograms' range."""
+    lo, hi = np.inf, -np.inf
+    with h5py.File(path) as f:
+        images = f["images"]
+        for start in range(0, len(images), 256):
+            block = images[start:start + 256]
+            lo, hi = min(lo, float(block.min())), max(hi, float(block.max()))
+    return lo, hi + 1
 
 
 def colour_baseline(args):
@@ -188,9 +212,11 @@ def colour_baseline(args):
     except ImportError:
         print("the colour-histogram baseline needs scikit-learn; skipped", flush=True)
         return None
-    x, y = colour_histograms(os.path.join(args.data_dir, "train.h5"))
+    train = os.path.join(args.data_dir, "train.h5")
+    bins = value_range(train)  # the train split's: the same bins for both splits
+    x, y = colour_histograms(train, bins)
     clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)).fit(x, y)
-    x, y = colour_histograms(os.path.join(args.data_dir, f"{args.split}.h5"))
+    x, y = colour_histograms(os.path.join(args.data_dir, f"{args.split}.h5"), bins)
     return float((clf.predict(x) == y).mean())
 
 
@@ -200,17 +226,23 @@ def stat(records, key, scale=1.0):
     return float(np.mean(values)), float(np.std(values))
 
 
-def full_token_oa(cells):
-    """The mask-0 model's OA with every token (its cells come first), or None when mask 0 was
-    not evaluated."""
+# the score each cell is read by, and the second metric beside it, per task
+METRICS = {"multiclass": ("OA", "F1_macro"), "segmentation": ("OA", "mIoU"),
+           "multilabel": ("mAP_macro", "F1_macro")}
+
+
+def full_token_score(cells, metric):
+    """The mask-0 model's `metric` with every token (its cells come first), or None when mask 0
+    was not evaluated."""
     first = next(iter(cells.values()))
-    return stat(first[0.0], "OA")[0] if 0.0 in first else None
+    return stat(first[0.0], metric)[0] if 0.0 in first else None
 
 
-def oa_figure(args, cells, chance):
-    """OUT/oa_vs_kept.png: OA (%) against the kept share of patch tokens, a line per trained
-    model and rule with a band of +- 1 SD over seeds, the mask-0 model's full-token OA as a grey
-    line and chance dotted. Returns the file name, or None without matplotlib."""
+def oa_figure(args, cells, chance, metric="OA"):
+    """OUT/oa_vs_kept.png: `metric` (%, OA for single-label data) against the kept share of
+    patch tokens, a line per trained model and rule with a band of +- 1 SD over seeds, the
+    mask-0 model's full-token score as a grey line and chance dotted (single-label data).
+    Returns the file name, or None without matplotlib."""
     plt = pyplot("oa_vs_kept.png")
     if plt is None:
         return None
@@ -218,18 +250,19 @@ def oa_figure(args, cells, chance):
     for (trained, rule), c in cells.items():
         ms = sorted(c, reverse=True)  # rising kept share
         kept = [stat(c[m], "kept_share")[0] for m in ms]
-        mean, sd = np.array([stat(c[m], "OA", 100) for m in ms]).T
+        mean, sd = np.array([stat(c[m], metric, 100) for m in ms]).T
         line, = ax.plot(kept, mean, marker="o", markersize=3, label=f"{trained}, {rule}",
                         linestyle="--" if trained == "mask 0" else "-")
         ax.fill_between(kept, mean - sd, mean + sd, color=line.get_color(), alpha=0.15)
-    full = full_token_oa(cells)
+    full = full_token_score(cells, metric)
     if full is not None:
         ax.axhline(100 * full, color="grey", linewidth=1,
                    label=f"mask-0 model, all tokens ({100 * full:.1f})")
-    ax.axhline(100 * chance, color="black", linestyle=":", linewidth=1,
-               label=f"chance ({100 * chance:.1f})")
+    if chance is not None:
+        ax.axhline(100 * chance, color="black", linestyle=":", linewidth=1,
+                   label=f"chance ({100 * chance:.1f})")
     ax.set_xlabel("kept share of patch tokens")
-    ax.set_ylabel(f"OA on the {args.split} split (%)")
+    ax.set_ylabel(f"{metric} on the {args.split} split (%)")
     ax.grid(alpha=0.3)
     fig.legend(fontsize=7, loc="outside right upper")
     save_figure(fig, plt, os.path.join(args.out, "oa_vs_kept.png"), dpi=120)
@@ -238,22 +271,24 @@ def oa_figure(args, cells, chance):
 
 def markdown(args, cells, fits, masks, task, num_classes, baseline, figure):
     """report.md: the protocol, chance and baseline, the evaluation table, the training table."""
-    second = "mIoU" if task == "segmentation" else "F1_macro"
-    full = full_token_oa(cells)
+    first, second = METRICS[task]
+    full = full_token_score(cells, first)
     lines = [f"# Selection rules across token budgets: {args.dataset}, {args.split} split", "",
              f"`{args.data_dir}`, {args.img_size} px, patch {args.patch_size}, {args.epochs} "
              f"epochs, batch {args.batch_size}, lr {args.lr:g}, seeds 0-{args.seeds - 1}; "
-             f"mean +- SD over seeds. Chance: {100 / num_classes:.1f} % OA."]
+             "mean +- SD over seeds." + (f" Chance: {100 / num_classes:.1f} % OA."
+                                         if task == "multiclass" else "")]
     if baseline is not None:
         lines.append(f"Colour-histogram baseline (logistic regression on per-band histograms "
                      f"of the train split): {100 * baseline:.1f} % OA.")
     if figure:
-        lines += ["", f"![OA against kept share]({figure})"]
-    lines += ["", f"| trained at | rule | eval mask | OA (%) | {second} (%) | % of full-token OA "
+        lines += ["", f"![{first} against kept share]({figure})"]
+    lines += ["", f"| trained at | rule | eval mask | {first} (%) | {second} (%) | "
+              f"% of full-token {first} "
               "| kept share | GFLOPs |", "|---|---|---|---|---|---|---|---|"]
     for (trained, rule), c in cells.items():
         for m in masks:
-            oa, oa_sd = stat(c[m], "OA", 100)
+            oa, oa_sd = stat(c[m], first, 100)
             s2, s2_sd = stat(c[m], second, 100)
             share = f"{oa / full:.1f}" if full else "n/a"  # oa in %, full a fraction
             lines.append(f"| {trained} | {rule} | {m:g} | {oa:.1f} +- {oa_sd:.1f} | {s2:.1f} +- "

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from benchmarks.environment import device_name, timm_version
 from benchmarks.timing import (add_speedups, cell, device_parser, markdown, part_status,
                                peak_mib, reset_peak, run_settings, sig, time_steps)
-from rvit.engine import mask_ratio_at
+from rvit.engine import autocast, mask_ratio_at
 from rvit.masking import STRATEGIES, TokenMasker, num_keep
 from rvit.models import build_model, encoder
 from rvit.upernet import segmentation_loss
@@ -71,7 +71,7 @@ def training_step(model, select, amp, device, encoder_only=False):
     under autocast to `amp` ("bf16", "fp16" or "none"). Loss: pixel cross-entropy (RUPerNet's
     auxiliary head included) for (B, H, W) targets, binary cross-entropy for (B, K) ones;
     `encoder_only`: the mean of RUPerNet's encoder features (the decoder left out)."""
-    ctx, kwargs = autocast(amp, device), {} if select is None else {"select": select}
+    ctx, kwargs = autocast(device, amp), {} if select is None else {"select": select}
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
 
     def step(x, y):
@@ -89,11 +89,6 @@ def training_step(model, select, amp, device, encoder_only=False):
     return step
 
 
-def autocast(amp, device):
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-
-
 def measure(model, select, args, device, train, steps=None, deadline=None, varying=False):
     """Training steps or inference forwards on a fixed random batch, timed by `time_steps`
     (`steps` defaults to args.steps; see there for a function and the deadline); `varying`:
@@ -109,7 +104,7 @@ def measure(model, select, args, device, train, steps=None, deadline=None, varyi
     y = torch.randint(0, args.classes, (B, S, S), device=device) if args.task == \
         "segmentation" else (torch.rand(B, args.classes, device=device) < 0.2).float()
     train_step = training_step(model, select, args.amp, device, args.encoder_only)
-    ctx, kwargs = autocast(args.amp, device), {} if select is None else {"select": select}
+    ctx, kwargs = autocast(device, args.amp), {} if select is None else {"select": select}
 
     @torch.no_grad()
     def infer_step():
@@ -140,13 +135,14 @@ class CountedSelect:
         if self.mask_range is not None:
             self.masker.mask_ratio = mask_ratio_at(self.calls, self.mask_range, 0)
         keep = self.masker(z, x, index)
-        kept = z.shape[1] if keep is None else float(keep.num_kept.float().mean())
+        # a device tensor, read once at the end: a read per call would sync the GPU mid-step
+        kept = z.shape[1] if keep is None else keep.num_kept.float().mean()
         self.calls, self.kept = self.calls + 1, self.kept + kept
         return keep
 
     @property
     def mean_kept(self):
-        return self.kept / max(self.calls, 1)
+        return float(self.kept) / max(self.calls, 1)
 
 
 def rvit_model(args, rule, m, train, device):

@@ -36,9 +36,11 @@ PROGRESS = ("last.pt", "best.pt", "log.jsonl")  # config.yaml alone: a start tha
 
 def job_id() -> str:
     """The torchrun job of this process: its rendezvous id, the same on every rank and in every
-    restart of one torchrun command (a fresh uuid under --standalone or on one node, the
-    --rdzv-id given otherwise); "" outside torchrun."""
-    return os.environ.get("TORCHELASTIC_RUN_ID", "")
+    restart of one torchrun command (a fresh uuid under --standalone or on one node without
+    --master-port, the --rdzv-id given otherwise); "" outside torchrun and for torchrun's
+    default id "none", which names no job in particular."""
+    job = os.environ.get("TORCHELASTIC_RUN_ID", "")
+    return "" if job == "none" else job
 
 
 def plan(out, resume, overwrite) -> str:
@@ -126,6 +128,11 @@ RESUME_FLAGS = ("mask", "mask_range", "strategy", "score_space", "score_reduce",
                 "prop_attn", "lr", "weight_decay", "warmup_epochs")
 
 
+# with RESUME_FLAGS, what makes a last.pt the run this command line started
+SAME_RUN_KEYS = ("dataset", "data_dir", "model", "img_size", "patch_size", "epochs",
+                 "batch_size", "seed", "label_smoothing")
+
+
 def flag_text(key, value):
     """A flag as a command line spells it: '--mask 0.5', '--mask-range 0 0.9', '--no-merge'."""
     flag = "--" + key.replace("_", "-")
@@ -164,8 +171,9 @@ def this_job(ckpt, args):
     torchrun reruns an --overwrite command after a failure: such a last.pt is the replacement
     to continue; any other is the run --overwrite was asked to replace, left there because the
     failed attempt died before removing it."""
-    job = job_id()
-    return bool(job) and ckpt.get("torchrun_id") == job and not changed_flags(ckpt, args)
+    job, cfg = job_id(), ckpt.get("config", {})
+    same = all(cfg.get(k) == getattr(args, k, None) for k in SAME_RUN_KEYS)
+    return bool(job) and ckpt.get("torchrun_id") == job and same and not changed_flags(ckpt, args)
 
 
 def check_resume(ckpt, args, meta, path):
@@ -308,7 +316,10 @@ class Run:
         if self.rank == 0:
             append_log(self.args.out, {**record, **self.info})
             if self.args.curves:
-                draw_curves(self.args.out, self.args.main_metric)
+                try:
+                    draw_curves(self.args.out, self.args.main_metric)
+                except Exception as e:  # a figure is never worth a stopped run
+                    print(f"curves.png not drawn: {type(e).__name__}: {e}", flush=True)
 
     def stop_requested(self) -> bool:
         """Collective: whether any rank got a preemption signal (see rvit/preemption.py)."""

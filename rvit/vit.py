@@ -17,7 +17,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from rvit.masking import merge_tokens
-from rvit.packing import Packed
 
 
 class PatchEmbed(nn.Module):
@@ -188,7 +187,8 @@ class VisionTransformer(nn.Module):
         if keep is not None and keep.prop_attn:
             # log(size) per key: 0 for the class token and unmerged tokens, -inf at padding
             bias = torch.log(F.pad(keep.sizes(), (1, 0), value=1.0))  # (B, 1 + K)
-        if keep is not None and keep.valid is not None:
+        if keep is not None and keep.valid is not None:  # ragged: run packed, a speed path
+            from rvit.packing import Packed
             packed = Packed.of(F.pad(keep.valid, (1, 0), value=True), bias)  # cls token real
             x = packed.pack(x)  # (B, L, D) -> (T, D)
         unpack = (lambda t: t) if packed is None else packed.unpack

@@ -300,3 +300,16 @@ def test_cluster_page_sbatch_script_is_valid_bash(tmp_path):
     proc = subprocess.run(["bash", "-n", str(tmp_path / "train.sbatch")], capture_output=True,
                           text=True, timeout=30)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_a_restart_knows_its_own_run_only_by_a_real_job_id_and_the_same_command(monkeypatch):
+    """torchrun's default id "none" names no job, and a last.pt of another seed or data folder
+    is another run, whatever its id: --overwrite replaces both."""
+    import argparse
+    args = argparse.Namespace(**{k: 1 for k in lifecycle.RESUME_FLAGS + lifecycle.SAME_RUN_KEYS})
+    ckpt = {"torchrun_id": "job-1", "meta": {"task": "multilabel"}, "config": dict(vars(args))}
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-1")
+    assert lifecycle.this_job(ckpt, args)
+    assert not lifecycle.this_job({**ckpt, "config": {**ckpt["config"], "seed": 2}}, args)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    assert not lifecycle.this_job({**ckpt, "torchrun_id": "none"}, args)

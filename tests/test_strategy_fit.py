@@ -61,3 +61,30 @@ def test_models_train_each_rule_at_each_ratio_and_the_range_with_its_own_rules()
                    ("mask 0.75", "random", "m0.75-random"),
                    ("m ~ U[0, 0.9]", "random", "range0-0.9-random"),
                    ("m ~ U[0, 0.9]", "kmedoids+merge", "range0-0.9-kmedoids+merge")]
+
+
+def test_records_older_than_their_checkpoint_or_short_of_a_ratio_are_made_again(tmp_path):
+    from benchmarks.strategy_fit import fresh
+    ckpt, out = tmp_path / "last.pt", tmp_path / "eval.json"
+    ckpt.write_bytes(b"x")
+    out.write_text(json.dumps([{"mask_ratio": 0.0}, {"mask_ratio": 0.5}]))
+    os.utime(ckpt, (1, 1))
+    assert fresh(str(out), str(ckpt), [0.0, 0.5]) and not fresh(str(out), str(ckpt), [0.0, 0.9])
+    os.utime(ckpt, None)  # the fit went on after the records were made
+    os.utime(out, (1, 1))
+    assert not fresh(str(out), str(ckpt), [0.0, 0.5])
+    assert not fresh(str(tmp_path / "none.json"), str(ckpt), [0.0])
+
+
+def test_multilabel_report_reads_mAP_and_names_no_chance(tmp_path):
+    from benchmarks.strategy_fit import markdown, parse_args
+    args = parse_args(["--data-dir", str(tmp_path), "--out", str(tmp_path), "--seeds", "2"])
+    fit = tmp_path / "m0-s0"
+    fit.mkdir()
+    (fit / "log.jsonl").write_text(json.dumps({"epoch": 1, "images_per_s": 10.0}) + "\n")
+    record = {"mAP_macro": 0.5, "F1_macro": 0.4, "kept_share": 1.0, "gflops": 1.0}
+    cells = {("mask 0", "random"): {0.0: [record, {**record, "mAP_macro": 0.7}]}}
+    text = markdown(args, cells, {("mask 0", None): [str(fit)]}, [0.0], "multilabel", 19,
+                    None, None)
+    assert "| mask 0 | random | 0 | 60.0 +- 10.0 | 40.0 +- 0.0 | 100.0 |" in text
+    assert "mAP_macro (%)" in text and "Chance" not in text
