@@ -6,11 +6,13 @@ import os
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 import torch
 
 from benchmarks.suite import WEIGHTS, allot
+from benchmarks import timing
 from benchmarks.timing import plan_steps, run_settings
 from conftest import ROOT, run
 
@@ -129,9 +131,12 @@ def test_allot_shares_the_time_left_by_weight_and_passes_on_what_a_part_leaves()
     assert left == pytest.approx(0.0, abs=1e-9)
 
 
-def test_run_settings_shares_the_time_left_and_reports_those_that_did_not_run(capsys):
+def test_run_settings_shares_the_time_left_and_reports_those_that_did_not_run(capsys,
+                                                                              monkeypatch):
     """Each setting's steps fill an equal share of the time left; one whose kind costs more
     than is left is skipped, one that fails ends only itself."""
+    # a stopped clock: on a loaded machine the real one moved past a step boundary mid-test
+    monkeypatch.setattr(timing, "time", types.SimpleNamespace(perf_counter=lambda: 1000.0))
     costs = {"huge": 1e4}  # a guess set beforehand, as for a compile never measured
     asked = {}
 
@@ -141,9 +146,8 @@ def test_run_settings_shares_the_time_left_and_reports_those_that_did_not_run(ca
         asked[setting] = steps(2.0)  # its warm-up step took 2 s
         return {"steps": 0 if setting == "warm" else asked[setting], "step_s": 2.0}
 
-    # 61 s: the settings take microseconds, so each sees 61 s and a bit left
-    results = run_settings(["a", "bad", "warm", "b", "huge"], measure,
-                           time.perf_counter() + 61.0, 3, 100, costs, kind=lambda s: s)
+    results = run_settings(["a", "bad", "warm", "b", "huge"], measure, 1000.0 + 61.0, 3, 100,
+                           costs, kind=lambda s: s)
     assert [r["status"] for r in results] == [
         "ok", "failed: RuntimeError: out of memory", "stopped: budget spent in the warm-up",
         "ok", "skipped: budget spent"]
