@@ -220,10 +220,15 @@ def colour_baseline(args):
     return float((clf.predict(x) == y).mean())
 
 
+def sd(values):
+    """Sample standard deviation (n - 1 in the denominator) over seeds; 0 for one seed."""
+    return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
 def stat(records, key, scale=1.0):
     """(mean, SD) over seeds of one field of evaluate.py's records."""
     values = [scale * r[key] for r in records]
-    return float(np.mean(values)), float(np.std(values))
+    return float(np.mean(values)), sd(values)
 
 
 # the score each cell is read by, and the second metric beside it, per task
@@ -302,7 +307,7 @@ def markdown(args, cells, fits, masks, task, num_classes, baseline, figure):
         links = " ".join(f"[s{i}]({os.path.basename(f)}/curves.png)"
                          for i, f in enumerate(folders))
         lines.append(f"| {trained} | {rule or 'any'} | {np.mean(rates):.1f} +- "
-                     f"{np.std(rates):.1f} | {np.mean(rates) / base:.2f}x | {links} |")
+                     f"{sd(rates):.1f} | {np.mean(rates) / base:.2f}x | {links} |")
     return "\n".join(lines) + "\n"
 
 

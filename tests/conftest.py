@@ -6,6 +6,13 @@ import sys
 import time
 
 import pytest
+import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Under `pytest -n 2` (pytest-xdist) two workers share the cores: one intra-op thread each,
+    # for the worker and the entry points it starts, or four spinning threads fight over two.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, "tests", "data")  # real samples; sources and licences in its README
