@@ -11,8 +11,8 @@ import types
 import pytest
 import torch
 
-from benchmarks.suite import WEIGHTS, allot
 from benchmarks import timing
+from benchmarks.suite import WEIGHTS, allot
 from benchmarks.timing import plan_steps, run_settings
 from conftest import ROOT, run
 
